@@ -1,0 +1,93 @@
+"""The Patch Detailer Head: a per-patch convolutional U-Net (arXiv 2511.18822), applied to all
+B*N patches as one batch.
+
+patches (M, 3, P, P), P in {16, 32}; tokens (M, D), the global token of each patch;
+weights: the 28 tensors named by HEAD_WEIGHT_NAMES, in that order (nn.Conv2d / nn.ConvTranspose2d
+layouts). Encoder: conv3x3+SiLU then 2x2 max-pool at 4 levels (3->64->128->256->512). Bottleneck:
+conv1x1 over concat(pooled, token) + SiLU (the token repeated over a 2x2 bottleneck when P=32).
+Decoder: ConvTranspose2d(2, stride 2), concat(upsampled, skip), conv3x3+SiLU at each level.
+Output: conv1x1 64->3.
+"""
+import torch
+import torch.nn.functional as F
+
+from ._autograd import grads_by_recompute
+
+ENCODER_CHANNELS = (64, 128, 256, 512)
+DECODER_CHANNELS = (256, 128, 64, 64)  # dec4, dec3, dec2, dec1 outputs
+HEAD_WEIGHT_NAMES = (
+    "enc1.weight", "enc1.bias", "enc2.weight", "enc2.bias",
+    "enc3.weight", "enc3.bias", "enc4.weight", "enc4.bias",
+    "bottleneck.weight", "bottleneck.bias",
+    "up4.weight", "up4.bias", "dec4.weight", "dec4.bias",
+    "up3.weight", "up3.bias", "dec3.weight", "dec3.bias",
+    "up2.weight", "up2.bias", "dec2.weight", "dec2.bias",
+    "up1.weight", "up1.bias", "dec1.weight", "dec1.bias",
+    "out.weight", "out.bias",
+)
+
+
+def head_weight_shapes(token_dim, in_channels=3):
+    """Expected shape of each head weight, in HEAD_WEIGHT_NAMES order."""
+    e1, e2, e3, e4 = ENCODER_CHANNELS
+    d4, d3, d2, d1 = DECODER_CHANNELS
+    conv = lambda co, ci, k: [(co, ci, k, k), (co,)]  # noqa: E731
+    up = lambda c: [(c, c, 2, 2), (c,)]  # noqa: E731
+    shapes = conv(e1, in_channels, 3) + conv(e2, e1, 3) + conv(e3, e2, 3) + conv(e4, e3, 3)
+    shapes += conv(e4, e4 + token_dim, 1)
+    shapes += up(e4) + conv(d4, e4 + e4, 3)
+    shapes += up(d4) + conv(d3, d4 + e3, 3)
+    shapes += up(d3) + conv(d2, d3 + e2, 3)
+    shapes += up(d2) + conv(d1, d2 + e1, 3)
+    shapes += conv(in_channels, d1, 1)
+    return [tuple(s) for s in shapes]
+
+
+def patch_detailer(patches, tokens, weights):
+    w = dict(zip(HEAD_WEIGHT_NAMES, weights))
+    h = patches
+    skips = []
+    for level in range(1, 5):
+        h = F.silu(F.conv2d(h, w[f"enc{level}.weight"], w[f"enc{level}.bias"], padding=1))
+        skips.append(h)
+        h = F.max_pool2d(h, 2)
+    tok = tokens[:, :, None, None].expand(-1, -1, h.shape[2], h.shape[3])
+    h = F.silu(F.conv2d(torch.cat([h, tok], dim=1), w["bottleneck.weight"], w["bottleneck.bias"]))
+    for level in range(4, 0, -1):
+        h = F.conv_transpose2d(h, w[f"up{level}.weight"], w[f"up{level}.bias"], stride=2)
+        h = torch.cat([h, skips[level - 1]], dim=1)
+        h = F.silu(F.conv2d(h, w[f"dec{level}.weight"], w[f"dec{level}.bias"], padding=1))
+    return F.conv2d(h, w["out.weight"], w["out.bias"])
+
+
+def patch_detailer_forward(patches, tokens, weights):
+    return patch_detailer(patches, tokens, weights)
+
+
+def patch_detailer_backward(grad_out, patches, tokens, weights):
+    n = len(weights)
+    fn = lambda p, t, *ws: patch_detailer(p, t, list(ws))  # noqa: E731
+    grads = grads_by_recompute(fn, [patches, tokens, *weights], grad_out)
+    return grads[0], grads[1], list(grads[2:2 + n])
+
+
+def flops_per_patch(patch_size, token_dim):
+    """Forward FLOPs (2 x multiply-accumulates) of one patch through the head."""
+    macs = 0
+    s = patch_size
+    shapes = head_weight_shapes(token_dim)
+    sizes = [s, s // 2, s // 4, s // 8]
+    for i in range(4):  # encoder
+        co, ci, k, _ = shapes[2 * i]
+        macs += co * ci * k * k * sizes[i] ** 2
+    bs = s // 16
+    co, ci, _, _ = shapes[8]
+    macs += co * ci * bs * bs
+    for j, level in enumerate(range(4, 0, -1)):
+        up_w = shapes[10 + 4 * j]
+        dec_w = shapes[12 + 4 * j]
+        out_size = sizes[level - 1]
+        macs += up_w[0] * up_w[1] * 4 * (out_size // 2) ** 2
+        macs += dec_w[0] * dec_w[1] * 9 * out_size ** 2
+    macs += 3 * 64 * s * s
+    return 2 * macs
