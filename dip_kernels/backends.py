@@ -45,13 +45,18 @@ def _parse_env(value):
 
 
 def set_backend(name, op=None):
-    """Select backend ``name`` for ``op`` (every op when None). Raises if it cannot run at all here."""
+    """Select backend ``name`` for ``op``; with ``op=None``, for every op that has that backend.
+    Raises BackendUnavailableError, saying what is missing, if it cannot run here at all."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    ops = OPS if op is None else (op,)
+    if op is None:
+        # every op that has this backend; the others keep their choice
+        ops = tuple(o for o in OPS if name in ("auto", "eager") or name in _MODULES[o])
+    elif op not in _MODULES:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    else:
+        ops = (op,)
     for o in ops:
-        if o not in _MODULES:
-            raise ValueError(f"op must be one of {OPS}, got {o!r}")
         if name != "auto":
             problem = _unavailable_reason(o, name)
             if problem:

@@ -1,0 +1,48 @@
+# Quick start: `make demo` (set-up + the main job) and `make test` (set-up + the test suite).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch 2.14.1 is the newest the local mirror serves; any torch >= 2.6 works.
+TORCH_SPEC ?= torch==2.14.1
+
+# The `nvcc` on PATH may be a wrapper script, so torch would guess the wrong toolkit: take
+# CUDA_HOME from where nvcc itself says it runs (empty when there is no nvcc: CPU-only build).
+CUDA_HOME ?= $(shell nvcc --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's|^#\$$ _HERE_=\(.*\)/bin$$|\1|p' | head -n 1)
+export CUDA_HOME
+export MAX_JOBS ?= 2
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0a
+
+STAMP := $(VENV)/.dip-installed
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/*.h)
+
+.PHONY: setup demo test test-gpu bench build-cmake clean
+
+setup: $(STAMP)
+
+$(STAMP): $(SOURCES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)" ninja setuptools wheel
+	$(PIP) install -q --no-build-isolation -e ".[test,triton]"
+	$(PY) -c "import dip_kernels, torch; print('dip_kernels._C built with CUDA:', torch.ops.dip_C.built_with_cuda())"
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/dip-demo --out demo_out
+
+test: setup
+	$(PY) -m pytest tests bench -q -m "not gpu" -p no:cacheprovider --benchmark-disable
+
+test-gpu: setup
+	$(PY) -m pytest tests -q -m gpu
+
+bench: setup
+	$(PY) -m pytest bench -q --benchmark-json=bench/results/latest.json
+
+build-cmake: setup
+	cmake -S . -B cmake-build -G Ninja -DPython_EXECUTABLE=$(abspath $(PY)) -DCMAKE_BUILD_TYPE=Release
+	cmake --build cmake-build -j $(MAX_JOBS)
+
+clean:
+	rm -rf build cmake-build *.egg-info dip_kernels/_C*.so

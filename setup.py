@@ -1,0 +1,68 @@
+"""Builds dip_kernels._C from csrc/: CUDA sources when nvcc and a CUDA build of torch are present,
+a CPU-only module otherwise. Environment:
+  DIP_KERNELS_BUILD_CUDA=0   skip the CUDA sources
+  TORCH_CUDA_ARCH_LIST       architectures (default "8.0;9.0a": A100 and H100/H200)
+  MAX_JOBS                   parallel compile jobs (ninja)
+  CUDA_HOME                  the CUDA toolkit; derived from nvcc's real location when unset
+"""
+import glob
+import os
+import re
+import shutil
+import subprocess
+
+from setuptools import setup
+
+
+def _derive_cuda_home():
+    # `nvcc` on PATH may be a wrapper script, so the toolkit is where nvcc says it runs from.
+    nvcc = shutil.which("nvcc")
+    if not nvcc:
+        return None
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"^#\$ _HERE_=(.*)/bin\s*$", out.stderr + out.stdout, re.M)
+    return m.group(1) if m else None
+
+
+if not os.environ.get("CUDA_HOME") and os.environ.get("DIP_KERNELS_BUILD_CUDA", "1") != "0":
+    home = _derive_cuda_home()
+    if home:
+        os.environ["CUDA_HOME"] = home
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _relative(paths):
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+def extensions():
+    cpp_sources = _relative(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
+    cuda_sources = _relative(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    build_cuda = (os.environ.get("DIP_KERNELS_BUILD_CUDA", "1") != "0" and torch.version.cuda is not None
+                  and CUDA_HOME is not None and bool(cuda_sources))
+    cxx = ["-O3"]  # the C++ standard comes from torch (C++17 or C++20 by version)
+    if not build_cuda:
+        reason = ("DIP_KERNELS_BUILD_CUDA=0" if os.environ.get("DIP_KERNELS_BUILD_CUDA") == "0"
+                  else "torch is a CPU build" if torch.version.cuda is None else "no CUDA toolkit (nvcc/CUDA_HOME)")
+        print(f"dip-kernels: building dip_kernels._C without CUDA ({reason})")
+        return [CppExtension("dip_kernels._C", cpp_sources, extra_compile_args={"cxx": cxx})]
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    print(f"dip-kernels: building CUDA kernels with {CUDA_HOME} for {os.environ['TORCH_CUDA_ARCH_LIST']}")
+    nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
+            "-DDIP_KERNELS_WITH_CUDA"]
+    if os.environ.get("DIP_KERNELS_PTXAS_VERBOSE") == "1":
+        nvcc.append("-Xptxas=-v")
+    return [CUDAExtension("dip_kernels._C", cpp_sources + cuda_sources,
+                          define_macros=[("DIP_KERNELS_WITH_CUDA", None)],
+                          extra_compile_args={"cxx": cxx, "nvcc": nvcc})]
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExtension})
