@@ -26,14 +26,18 @@ def rope_table(grid_h, grid_w, head_dim, device=None, scale=16.0, theta=1e4):
 
 
 def qk_norm_rope(qkv, q_norm_weight, k_norm_weight, rope_cos, rope_sin, num_heads, eps=1e-6):
-    """q, k, v as (B, H, N, d) in qkv's dtype; normalisation and rotation computed in float32."""
+    """q, k, v as (B, H, N, d) in qkv's dtype; normalisation and rotation computed in float32
+    (float64 for float64 input)."""
     b, n, three_hd = qkv.shape
     d = three_hd // (3 * num_heads)
     q, k, v = qkv.reshape(b, n, 3, num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)
 
+    ct = torch.promote_types(qkv.dtype, torch.float32)
+    rope_cos, rope_sin = rope_cos.to(ct), rope_sin.to(ct)
+
     def norm_rope(x, w):
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w.float()
+        xf = x.to(ct)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w.to(ct)
         x1, x2 = xf[..., 0::2], xf[..., 1::2]
         out = torch.stack([x1 * rope_cos - x2 * rope_sin, x1 * rope_sin + x2 * rope_cos], dim=-1)
         return out.flatten(-2).to(qkv.dtype)
@@ -51,8 +55,9 @@ def attention(qkv, q_norm_weight, k_norm_weight, rope_cos, rope_sin, num_heads, 
 def attention_lse(qkv, q_norm_weight, k_norm_weight, rope_cos, rope_sin, num_heads, eps=1e-6):
     """Log-sum-exp of each query's scaled scores, (B, H, N) float32 (natural log)."""
     q, k, _ = qk_norm_rope(qkv, q_norm_weight, k_norm_weight, rope_cos, rope_sin, num_heads, eps)
-    scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    return torch.logsumexp(scores, dim=-1)
+    ct = torch.promote_types(qkv.dtype, torch.float32)
+    scores = (q.to(ct) @ k.to(ct).transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    return torch.logsumexp(scores, dim=-1).float()
 
 
 def attention_forward(qkv, q_norm_weight, k_norm_weight, rope_cos, rope_sin, num_heads, eps):

@@ -1,4 +1,4 @@
-"""The elementwise parts of a DiP block, computed in float32:
+"""The elementwise parts of a DiP block, computed in float32 (float64 for float64 inputs):
 rmsnorm_modulate: rmsnorm(x)*weight*(1+scale)+shift   x (B,N,D); weight (D,); shift, scale (B,D)
 gated_residual:   x + gate*f                           x, f (B,N,D); gate (B,D)
 swiglu:           silu(a)*b with (a, b) the two halves of the last dim of ab (..., 2H) -> (..., H)
@@ -9,19 +9,25 @@ import torch.nn.functional as F
 from ._autograd import grads_by_recompute
 
 
+def _compute_dtype(t):
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 def rmsnorm_modulate(x, weight, shift, scale, eps=1e-6, out_dtype=None):
-    xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
-    y = y * (1 + scale.float()[:, None, :]) + shift.float()[:, None, :]
+    ct = _compute_dtype(x)
+    xf = x.to(ct)
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.to(ct)
+    y = y * (1 + scale.to(ct)[:, None, :]) + shift.to(ct)[:, None, :]
     return y.to(out_dtype or x.dtype)
 
 
 def gated_residual(x, gate, f):
-    return (x.float() + gate.float()[:, None, :] * f.float()).to(x.dtype)
+    ct = _compute_dtype(x)
+    return (x.to(ct) + gate.to(ct)[:, None, :] * f.to(ct)).to(x.dtype)
 
 
 def swiglu(ab):
-    a, b = ab.float().chunk(2, dim=-1)
+    a, b = ab.to(_compute_dtype(ab)).chunk(2, dim=-1)
     return (F.silu(a) * b).to(ab.dtype)
 
 

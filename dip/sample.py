@@ -1,0 +1,292 @@
+"""Samplers for DiP: Euler and Heun ODE solvers for the flow-matching (velocity) model, DDIM and
+ancestral DDPM for the noise-prediction model, classifier-free guidance, seeded sampling and
+image / .npz output.
+
+Time runs from t = 0 (noise) to t = 1 (data), the model's convention (see dip.diffusion). Guidance
+follows the official DiP sampler: v = v_uncond + scale * (v_cond - v_uncond) while the model's
+time t satisfies lo < t <= hi for ``guidance_interval = (lo, hi)`` (official default (0.1, 1.0); the
+paper's best ImageNet 256 setting uses scale 2.9), the plain conditional prediction elsewhere.
+Whether a step is guided is decided on the host from the (host-side) time grid, so no sampler step
+reads a GPU value back, and a CUDA-graph sampler can capture one graph per branch.
+"""
+import contextlib
+import math
+import os
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .diffusion import DDPM, null_class_id
+
+try:
+    from tqdm.auto import tqdm
+except ImportError:  # pragma: no cover - tqdm is a dependency, but progress bars are optional
+    tqdm = None
+
+METHODS = ("euler", "heun", "ddim", "ddpm")
+
+
+def guidance_active(t: float, cfg_scale: float, interval: Tuple[float, float]) -> bool:
+    """True when a model evaluation at time ``t`` (host float) runs both branches: scale != 1 and
+    lo < t <= hi."""
+    lo, hi = interval
+    return cfg_scale != 1.0 and lo < t <= hi
+
+
+def cfg_combine(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    """uncond + scale * (cond - uncond), float32, for any prediction that is linear in the score
+    (velocity or noise)."""
+    pred_uncond = pred_uncond.float()
+    return pred_uncond + cfg_scale * (pred_cond.float() - pred_uncond)
+
+
+def guided_velocity(model: nn.Module, x: torch.Tensor, t: float, y: torch.Tensor, cfg_scale: float = 1.0,
+                    interval: Tuple[float, float] = (0.1, 1.0), null_id: Optional[int] = None) -> torch.Tensor:
+    """The model's (guided) prediction at one time step.
+
+    x (B, C, H, W); t a host float in [0, 1] (the same time for the whole batch); y (B,) int64.
+    Inside the guidance interval the conditional and null-class branches run as ONE batch of 2B
+    (conditional first); outside it, or for cfg_scale == 1, only the conditional batch of B runs.
+    Works for any linear prediction (velocity for flow matching, eps for DDPM).
+    Returns float32 (B, C, H, W)."""
+    b = x.shape[0]
+    if guidance_active(t, cfg_scale, interval):
+        if null_id is None:
+            null_id = null_class_id(model)
+        x_in = torch.cat([x, x], 0)
+        y_in = torch.cat([y, torch.full_like(y, null_id)], 0)
+        t_in = torch.full((2 * b,), t, device=x.device, dtype=torch.float32)
+        pred_cond, pred_uncond = model(x_in, t_in, y_in).chunk(2, 0)
+        return cfg_combine(pred_cond, pred_uncond, cfg_scale)
+    t_in = torch.full((b,), t, device=x.device, dtype=torch.float32)
+    return model(x, t_in, y).float()
+
+
+def flow_time_grid(steps: int) -> list:
+    """Uniform grid of steps + 1 host floats from 0 to exactly 1: [0, 1/steps, ..., 1]."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return [i / steps for i in range(steps)] + [1.0]
+
+
+def _progress(iterable, enabled: bool, desc: str):
+    if enabled and tqdm is not None:
+        return tqdm(iterable, desc=desc, leave=False)
+    return iterable
+
+
+def _check(noise: torch.Tensor, y: torch.Tensor):
+    if not isinstance(noise, torch.Tensor) or noise.dim() != 4 or not noise.is_floating_point():
+        raise ValueError(f"noise must be a floating (B, C, H, W) tensor, got "
+                         f"{tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__}")
+    if not isinstance(y, torch.Tensor) or tuple(y.shape) != (noise.shape[0],):
+        raise ValueError(f"y must be a ({noise.shape[0]},) tensor of class ids")
+
+
+@torch.no_grad()
+def euler_sample(model: nn.Module, noise: torch.Tensor, y: torch.Tensor, steps: int = 100, cfg_scale: float = 1.0,
+                 guidance_interval: Tuple[float, float] = (0.1, 1.0), generator: Optional[torch.Generator] = None,
+                 progress: bool = False) -> torch.Tensor:
+    """Euler ODE solve of dx/dt = v(x, t) from t = 0 (``noise``, (B, C, H, W)) to t = 1 on the uniform
+    grid of ``flow_time_grid(steps)`` (the last step lands exactly on t = 1): ``steps`` model
+    evaluations. ``generator`` is unused (deterministic) and accepted for a uniform signature.
+    Returns float32 (B, C, H, W), not clamped."""
+    _check(noise, y)
+    grid = flow_time_grid(steps)
+    null_id = null_class_id(model) if cfg_scale != 1.0 else None
+    x = noise.float()
+    for i in _progress(range(steps), progress, "euler"):
+        t0, t1 = grid[i], grid[i + 1]
+        v = guided_velocity(model, x.to(noise.dtype), t0, y, cfg_scale, guidance_interval, null_id)
+        x = x + (t1 - t0) * v
+    return x
+
+
+@torch.no_grad()
+def heun_sample(model: nn.Module, noise: torch.Tensor, y: torch.Tensor, steps: int = 50, cfg_scale: float = 1.0,
+                guidance_interval: Tuple[float, float] = (0.1, 1.0), generator: Optional[torch.Generator] = None,
+                progress: bool = False) -> torch.Tensor:
+    """Heun (2nd-order) ODE solve on the same grid as ``euler_sample``; the last step (ending at
+    t = 1) is a plain Euler step, as in the official sampler, so it costs 2 * steps - 1 model
+    evaluations. Guidance is decided per evaluation from that evaluation's own time.
+    Returns float32 (B, C, H, W), not clamped."""
+    _check(noise, y)
+    grid = flow_time_grid(steps)
+    null_id = null_class_id(model) if cfg_scale != 1.0 else None
+    x = noise.float()
+    for i in _progress(range(steps), progress, "heun"):
+        t0, t1 = grid[i], grid[i + 1]
+        dt = t1 - t0
+        v0 = guided_velocity(model, x.to(noise.dtype), t0, y, cfg_scale, guidance_interval, null_id)
+        x_pred = x + dt * v0
+        if i == steps - 1:
+            x = x_pred
+        else:
+            v1 = guided_velocity(model, x_pred.to(noise.dtype), t1, y, cfg_scale, guidance_interval, null_id)
+            x = x + dt * 0.5 * (v0 + v1)
+    return x
+
+
+def ddim_steps(num_train_steps: int, steps: int) -> list:
+    """Descending discrete steps used by DDIM/DDPM sampling: ``steps`` values spread evenly over
+    [0, num_train_steps), starting at num_train_steps - 1 and ending at 0."""
+    if not 1 <= steps <= num_train_steps:
+        raise ValueError(f"steps must be in 1..{num_train_steps}, got {steps}")
+    if steps == 1:
+        return [num_train_steps - 1]
+    ks = np.round(np.linspace(num_train_steps - 1, 0, steps)).astype(np.int64)
+    return sorted(set(int(k) for k in ks), reverse=True)
+
+
+@torch.no_grad()
+def _eps_sampler(model, noise, y, steps, cfg_scale, guidance_interval, generator, progress, schedule, eta,
+                 clip_denoised, desc):
+    _check(noise, y)
+    schedule = schedule or DDPM()
+    null_id = null_class_id(model) if cfg_scale != 1.0 else None
+    abar = schedule.alphas_cumprod.tolist()  # host floats: no device reads inside the loop
+    ks = ddim_steps(schedule.num_steps, steps)
+    x = noise.float()
+    for i in _progress(range(len(ks)), progress, desc):
+        k = ks[i]
+        a_t = abar[k]
+        a_prev = abar[ks[i + 1]] if i + 1 < len(ks) else 1.0
+        t = 1.0 - k / schedule.num_steps
+        eps = guided_velocity(model, x.to(noise.dtype), t, y, cfg_scale, guidance_interval, null_id)
+        x0 = (x - math.sqrt(1.0 - a_t) * eps) / math.sqrt(a_t)
+        if clip_denoised:
+            x0 = x0.clamp(-1.0, 1.0)
+            eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1.0 - a_t)
+        # eta = 1 gives the DDPM posterior q(x_prev | x_t, x0) of the (respaced) chain
+        sigma = eta * math.sqrt(max((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev), 0.0))
+        x = math.sqrt(a_prev) * x0 + math.sqrt(max(1.0 - a_prev - sigma ** 2, 0.0)) * eps
+        if sigma > 0.0 and i + 1 < len(ks):
+            device = generator.device if generator is not None else x.device
+            z = torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32).to(x.device)
+            x = x + sigma * z
+    return x
+
+
+def ddim_sample(model: nn.Module, noise: torch.Tensor, y: torch.Tensor, steps: int = 50, cfg_scale: float = 1.0,
+                guidance_interval: Tuple[float, float] = (0.1, 1.0), generator: Optional[torch.Generator] = None,
+                progress: bool = False, schedule: Optional[DDPM] = None, eta: float = 0.0,
+                clip_denoised: bool = True) -> torch.Tensor:
+    """DDIM (Song et al.) for an eps-predicting model trained with ``schedule`` (default DDPM()).
+    ``steps`` evaluations on ``ddim_steps``; model time t = 1 - k / num_steps; eta = 0 is
+    deterministic, eta > 0 draws noise from ``generator``. noise (B, C, H, W) ~ N(0, I).
+    Returns float32 (B, C, H, W) (the final x0 estimate, in [-1, 1] when clip_denoised)."""
+    return _eps_sampler(model, noise, y, steps, cfg_scale, guidance_interval, generator, progress, schedule, eta,
+                        clip_denoised, "ddim")
+
+
+def ddpm_sample(model: nn.Module, noise: torch.Tensor, y: torch.Tensor, steps: int = 1000, cfg_scale: float = 1.0,
+                guidance_interval: Tuple[float, float] = (0.1, 1.0), generator: Optional[torch.Generator] = None,
+                progress: bool = False, schedule: Optional[DDPM] = None,
+                clip_denoised: bool = True) -> torch.Tensor:
+    """Ancestral DDPM sampling (posterior variance of Ho et al.), respaced to ``steps`` evaluations
+    when steps < num_steps; stochastic, driven by ``generator``. Returns float32 (B, C, H, W)."""
+    return _eps_sampler(model, noise, y, steps, cfg_scale, guidance_interval, generator, progress, schedule, 1.0,
+                        clip_denoised, "ddpm")
+
+
+_SAMPLERS = {"euler": euler_sample, "heun": heun_sample, "ddim": ddim_sample, "ddpm": ddpm_sample}
+
+
+def sample(model: nn.Module, labels: Union[Sequence[int], torch.Tensor], image_size: Union[int, Tuple[int, int]],
+           steps: int = 100, cfg_scale: float = 1.0, seed: int = 0, method: str = "euler",
+           device: Union[str, torch.device, None] = None, progress: bool = True,
+           guidance_interval: Tuple[float, float] = (0.1, 1.0), channels: int = 3,
+           schedule: Optional[DDPM] = None, autocast_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Class-conditional images from ``model``, reproducibly.
+
+    labels: B class ids; image_size: S or (H, W); method: "euler" | "heun" (velocity models) or
+    "ddim" | "ddpm" (eps models, with ``schedule``). The starting noise is drawn from a CPU
+    torch.Generator seeded with ``seed`` (the same on every device); the stochastic DDPM steps use a
+    generator on ``device`` seeded with seed + 1. Same seed, same images (on the same device).
+    The model runs in eval mode for the call (its previous mode is restored) and without autograd;
+    ``autocast_dtype`` (e.g. torch.bfloat16) runs it under torch.autocast, while the solver state
+    stays float32. Returns float32 (B, channels, H, W) on ``device``, clamped to [-1, 1]."""
+    if method not in _SAMPLERS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = torch.device(device)
+    y = torch.as_tensor(labels, dtype=torch.int64).reshape(-1).to(device)
+    if y.numel() == 0:
+        raise ValueError("labels must hold at least one class id")
+    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    noise_gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    noise = torch.randn((y.shape[0], channels, h, w), generator=noise_gen, dtype=torch.float32).to(device)
+    step_gen = torch.Generator(device=device).manual_seed(int(seed) + 1)
+    kwargs = dict(steps=steps, cfg_scale=cfg_scale, guidance_interval=guidance_interval, generator=step_gen,
+                  progress=progress)
+    if method in ("ddim", "ddpm"):
+        kwargs["schedule"] = schedule
+    was_training = model.training
+    model.eval()
+    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                else contextlib.nullcontext())
+    try:
+        with autocast:
+            images = _SAMPLERS[method](model, noise, y, **kwargs)
+    finally:
+        model.train(was_training)
+    return images.clamp(-1.0, 1.0)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, C, H, W) tensor in [-1, 1] -> uint8 (B, H, W, C) numpy, value = round((x + 1) * 127.5)
+    clamped to [0, 255]."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise ValueError("images must be a (B, C, H, W) tensor in [-1, 1]")
+    x = ((images.detach().float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def make_grid(images: Union[torch.Tensor, np.ndarray], nrow: int = 8, padding: int = 2, pad_value: int = 255) -> np.ndarray:
+    """Tiles images ((B, C, H, W) tensor in [-1, 1], or uint8 (B, H, W, C) numpy) into one uint8
+    (rows * (H + padding) + padding, nrow * (W + padding) + padding, C) array, ``nrow`` per row."""
+    arr = to_uint8(images) if isinstance(images, torch.Tensor) else np.asarray(images)
+    if arr.dtype != np.uint8 or arr.ndim != 4:
+        raise ValueError("images must be a (B, C, H, W) tensor or a uint8 (B, H, W, C) array")
+    b, h, w, c = arr.shape
+    ncol = max(1, min(nrow, b))
+    nrows = math.ceil(b / ncol)
+    grid = np.full((nrows * (h + padding) + padding, ncol * (w + padding) + padding, c), pad_value, np.uint8)
+    for i in range(b):
+        r, q = divmod(i, ncol)
+        top, left = padding + r * (h + padding), padding + q * (w + padding)
+        grid[top:top + h, left:left + w] = arr[i]
+    return grid
+
+
+def save_grid(images: Union[torch.Tensor, np.ndarray], path: str, nrow: int = 8, padding: int = 2) -> str:
+    """Saves ``make_grid(images, nrow, padding)`` as a PNG at ``path`` (parent folders created);
+    returns the path."""
+    from PIL import Image
+
+    grid = make_grid(images, nrow, padding)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path, format="PNG")
+    return path
+
+
+def save_npz(path: str, images_uint8: np.ndarray, labels: Optional[Union[np.ndarray, Sequence[int]]] = None) -> str:
+    """Writes samples in the ADM evaluation-suite format: ``arr_0`` uint8 (N, H, W, 3) and, when given,
+    ``arr_1`` int64 (N,) labels. Returns the file path (np.savez appends .npz if missing)."""
+    images_uint8 = np.asarray(images_uint8)
+    if images_uint8.dtype != np.uint8 or images_uint8.ndim != 4 or images_uint8.shape[-1] != 3:
+        raise ValueError(f"images_uint8 must be uint8 (N, H, W, 3), got {images_uint8.dtype} {images_uint8.shape}")
+    arrays = [images_uint8]
+    if labels is not None:
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if labels.shape[0] != images_uint8.shape[0]:
+            raise ValueError(f"labels must have {images_uint8.shape[0]} entries, got {labels.shape[0]}")
+        arrays.append(labels)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    np.savez(path, *arrays)
+    return path if path.endswith(".npz") else path + ".npz"

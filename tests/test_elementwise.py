@@ -1,0 +1,308 @@
+"""rmsnorm_modulate, gated_residual, swiglu: op-layer checks (opcheck, gradcheck, fake shapes,
+torch.compile), bad inputs, and the Triton backend against the eager reference, forward and
+backward, with tolerances anchored on an independent float64 computation."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import dip_kernels
+from dip_kernels.reference import elementwise as ref
+from dip_kernels.testing import assert_close_to_fp64, poisoned_outputs
+
+EPS = 1e-6
+# (B, N, D): N = 7 and a D that is no power of two; N = 37 with D = 1000 spans two partial-sum
+# chunks, the second one partly masked
+SHAPES = [(2, 7, 48), (2, 37, 1000), (3, 5, 300)]
+DTYPES = [torch.float32, torch.float16]
+
+
+# ---------------------------------------------------------------- float64 ground truth
+def _fp64_grads(fn, inputs, grad_out):
+    leaves = [t.detach().double().requires_grad_(True) for t in inputs]
+    out = fn(*leaves)
+    return out.detach(), torch.autograd.grad(out, leaves, grad_out.double())
+
+
+def rmsnorm_modulate_fp64(x, w, shift, scale):
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS) * w
+    return y * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+def gated_residual_fp64(x, gate, f):
+    return x + gate[:, None, :] * f
+
+
+def swiglu_fp64(ab):
+    a, b = ab.chunk(2, dim=-1)
+    return F.silu(a) * b
+
+
+def _check(actual, same_dtype, fp64, names):
+    for name, a, r, r64 in zip(names, actual, same_dtype, fp64):
+        assert a.dtype == r.dtype, f"{name}: dtype {a.dtype} != {r.dtype}"
+        assert_close_to_fp64(a, r, r64, name)
+
+
+# ---------------------------------------------------------------- inputs
+def _rms_inputs(b, n, d, dtype, weight_dtype=None, noncontiguous=False):
+    x = torch.randn(b, n, d).to(dtype)
+    weight = (1 + 0.5 * torch.randn(d)).to(weight_dtype or dtype)
+    shift = (0.5 * torch.randn(b, d)).to(dtype)
+    scale = (0.5 * torch.randn(b, d)).to(dtype)
+    if noncontiguous:
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+        weight = torch.stack([weight, torch.randn_like(weight)], -1)[:, 0]
+        shift = torch.cat([shift, torch.randn_like(shift)], -1)[:, :d]
+    return x, weight, shift, scale
+
+
+def _gated_inputs(b, n, d, dtype, f_dtype, noncontiguous=False):
+    x = torch.randn(b, n, d).to(dtype)
+    gate = torch.randn(b, d).to(dtype)
+    f = torch.randn(b, n, d).to(f_dtype)
+    if noncontiguous:
+        f = f.transpose(1, 2).contiguous().transpose(1, 2)
+        gate = torch.cat([torch.randn_like(gate), gate], -1)[:, d:]
+    return x, gate, f
+
+
+def _swiglu_input(shape, dtype, noncontiguous=False):
+    if noncontiguous:  # the first 2/3 of a wider projection's output
+        h = shape[-1] // 2
+        return (2 * torch.randn(*shape[:-1], 3 * h)).to(dtype)[..., :2 * h]
+    return (2 * torch.randn(shape)).to(dtype)
+
+
+# ---------------------------------------------------------------- op-layer checks
+@pytest.mark.parametrize("name", ["eager", "triton"])
+def test_opcheck(backend, name):
+    for op in ("rmsnorm_modulate", "gated_residual", "swiglu"):
+        backend(name, op)
+    x, w, shift, scale = _rms_inputs(2, 3, 8, torch.float32)
+    torch.library.opcheck(torch.ops.dip.rmsnorm_modulate.default, (x, w, shift, scale, EPS, None))
+    torch.library.opcheck(torch.ops.dip.rmsnorm_modulate.default, (x, w, shift, scale, EPS, torch.float16))
+    torch.library.opcheck(torch.ops.dip.rmsnorm_modulate_backward.default,
+                          (torch.randn_like(x), x, w, shift, scale, EPS))
+    x, gate, f = _gated_inputs(2, 3, 8, torch.float32, torch.float16)
+    torch.library.opcheck(torch.ops.dip.gated_residual.default, (x, gate, f))
+    torch.library.opcheck(torch.ops.dip.gated_residual_backward.default, (torch.randn_like(x), x, gate, f))
+    ab = torch.randn(2, 3, 10)
+    torch.library.opcheck(torch.ops.dip.swiglu.default, (ab,))
+    torch.library.opcheck(torch.ops.dip.swiglu_backward.default, (torch.randn(2, 3, 5), ab))
+
+
+# The ops compute in float32 by contract, even for float64 tensors, so finite differences need a
+# step far above float32 rounding: eps=1e-3 makes the difference quotient's rounding error ~1e-4.
+_GRADCHECK_TOL = dict(eps=1e-3, atol=2e-3, rtol=2e-3)
+
+
+def test_gradcheck():
+    x, w, shift, scale = (t.double().requires_grad_(True) for t in _rms_inputs(2, 3, 5, torch.float32))
+    assert torch.autograd.gradcheck(lambda *a: dip_kernels.rmsnorm_modulate(*a, eps=EPS), (x, w, shift, scale),
+                                    **_GRADCHECK_TOL)
+    x, gate, f = (t.double().requires_grad_(True) for t in _gated_inputs(2, 3, 5, torch.float32, torch.float32))
+    assert torch.autograd.gradcheck(dip_kernels.gated_residual, (x, gate, f), **_GRADCHECK_TOL)
+    ab = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(dip_kernels.swiglu, (ab,), **_GRADCHECK_TOL)
+
+
+def test_fake_shapes():
+    with FakeTensorMode():
+        x = torch.empty(2, 16, 64, dtype=torch.float32)
+        w = torch.empty(64, dtype=torch.bfloat16)
+        mod = torch.empty(2, 64)
+        y = dip_kernels.rmsnorm_modulate(x, w, mod, mod, out_dtype=torch.bfloat16)
+        assert y.shape == x.shape and y.dtype == torch.bfloat16
+        r = dip_kernels.gated_residual(x, mod, torch.empty(2, 16, 64, dtype=torch.bfloat16))
+        assert r.shape == x.shape and r.dtype == torch.float32
+        s = dip_kernels.swiglu(torch.empty(2, 16, 6, 128, dtype=torch.float16))
+        assert s.shape == (2, 16, 6, 64) and s.dtype == torch.float16
+
+
+@pytest.mark.parametrize("name", ["eager", "triton"])
+def test_compile_no_graph_break(backend, name):
+    for op in ("rmsnorm_modulate", "gated_residual", "swiglu"):
+        backend(name, op)
+    torch._dynamo.reset()
+
+    def block(x, w, shift, scale, gate):
+        h = dip_kernels.rmsnorm_modulate(x, w, shift, scale, EPS, torch.float16)
+        return dip_kernels.gated_residual(x, gate, dip_kernels.swiglu(torch.cat([h, h * 2], -1)))
+
+    x, w, shift, scale = _rms_inputs(2, 5, 8, torch.float32)
+    gate = torch.randn(2, 8)
+    leaves = [t.requires_grad_(True) for t in (x, w, shift, scale, gate)]
+    out = torch.compile(block, fullgraph=True, backend="aot_eager")(*leaves)
+    grads = torch.autograd.grad(out.sum(), leaves)
+    eager = [t.detach().requires_grad_(True) for t in leaves]
+    expected = block(*eager)
+    torch.testing.assert_close(out, expected)
+    for g, e in zip(grads, torch.autograd.grad(expected.sum(), eager)):
+        torch.testing.assert_close(g, e)
+
+
+# ---------------------------------------------------------------- bad inputs
+def _bad_calls():
+    x, w, shift, scale = _rms_inputs(2, 3, 8, torch.float32)
+    xg, gate, f = _gated_inputs(2, 3, 8, torch.float32, torch.float16)
+    rms = dip_kernels.rmsnorm_modulate
+    return [
+        (lambda: rms(x[0], w, shift, scale), "x must have rank 3"),
+        (lambda: rms(x, w[:4], shift, scale), "weight"),
+        (lambda: rms(x, w, shift[:1], scale), "shift"),
+        (lambda: rms(x, w, shift, scale[:, :4]), "scale"),
+        (lambda: rms(x, w, shift.double(), scale), "shift"),
+        (lambda: rms(x, w, shift, scale.half()), "scale"),
+        (lambda: dip_kernels.gated_residual(xg[0], gate, f[0]), "x must have rank 3"),
+        (lambda: dip_kernels.gated_residual(xg, gate[:1], f), "gate"),
+        (lambda: dip_kernels.gated_residual(xg, gate.half(), f), "gate"),
+        (lambda: dip_kernels.gated_residual(xg, gate, f[:, :2]), "f must have shape"),
+        (lambda: dip_kernels.swiglu(torch.randn(2, 3, 7)), "ab"),
+        (lambda: dip_kernels.swiglu(torch.randint(0, 5, (2, 4))), "ab"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(_bad_calls())))
+def test_bad_inputs(index):
+    call, match = _bad_calls()[index]
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+# ---------------------------------------------------------------- Triton backend vs reference
+def _run_op(fn, inputs, grad_out):
+    """Forward and backward through the public op (so the op layer's wiring is exercised too)."""
+    leaves = [t.detach().requires_grad_(True) for t in inputs]
+    with poisoned_outputs():
+        out = fn(*leaves)
+        grads = torch.autograd.grad(out, leaves, grad_out)
+    return out, grads
+
+
+@pytest.mark.parametrize("noncontiguous", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,n,d", SHAPES)
+def test_triton_rmsnorm_modulate(backend, b, n, d, dtype, noncontiguous):
+    backend("triton", "rmsnorm_modulate")
+    # float16 activations with a float32 weight, as under autocast; and an output dtype change
+    inputs = _rms_inputs(b, n, d, dtype, torch.float32 if dtype == torch.float16 else None, noncontiguous)
+    out_dtype = torch.float16 if dtype == torch.float32 else None
+    y_dtype = out_dtype or dtype
+    grad_y = torch.randn(b, n, d).to(y_dtype)
+    y, grads = _run_op(lambda *t: dip_kernels.rmsnorm_modulate(*t, EPS, out_dtype), inputs, grad_y)
+    y_ref = ref.rmsnorm_modulate_forward(*inputs, EPS, out_dtype)
+    grads_ref = ref.rmsnorm_modulate_backward(grad_y, *inputs, EPS)
+    y64, grads64 = _fp64_grads(rmsnorm_modulate_fp64, inputs, grad_y)
+    _check([y, *grads], [y_ref, *grads_ref], [y64, *grads64], ["y", "gx", "gweight", "gshift", "gscale"])
+
+
+@pytest.mark.parametrize("dtype,f_dtype,noncontiguous", [
+    (torch.float32, torch.float32, False), (torch.float16, torch.float16, False),
+    (torch.float32, torch.float16, True),  # float32 residual stream, half-precision branch output
+    (torch.float16, torch.float16, True)])
+@pytest.mark.parametrize("b,n,d", SHAPES)
+def test_triton_gated_residual(backend, b, n, d, dtype, f_dtype, noncontiguous):
+    backend("triton", "gated_residual")
+    inputs = _gated_inputs(b, n, d, dtype, f_dtype, noncontiguous)
+    grad_y = torch.randn(b, n, d).to(dtype)
+    y, grads = _run_op(dip_kernels.gated_residual, inputs, grad_y)
+    y_ref = ref.gated_residual_forward(*inputs)
+    grads_ref = ref.gated_residual_backward(grad_y, *inputs)
+    y64, grads64 = _fp64_grads(gated_residual_fp64, inputs, grad_y)
+    _check([y, *grads], [y_ref, *grads_ref], [y64, *grads64], ["y", "gx", "ggate", "gf"])
+
+
+@pytest.mark.parametrize("noncontiguous", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 7, 96), (37, 2000), (2, 3, 5, 600), (6,)])
+def test_triton_swiglu(backend, shape, dtype, noncontiguous):
+    backend("triton", "swiglu")
+    ab = _swiglu_input(shape, dtype, noncontiguous)
+    grad_y = torch.randn(*shape[:-1], shape[-1] // 2).to(dtype)
+    y, (g_ab,) = _run_op(dip_kernels.swiglu, [ab], grad_y)
+    y64, (g64,) = _fp64_grads(swiglu_fp64, [ab], grad_y)
+    _check([y, g_ab], [ref.swiglu_forward(ab), ref.swiglu_backward(grad_y, ab)], [y64, g64], ["y", "g_ab"])
+
+
+def test_triton_backward_fresh_and_deterministic():
+    from dip_kernels.triton import elementwise as tri
+    x, gate, f = _gated_inputs(2, 37, 1000, torch.float16, torch.float16)
+    grad_y = torch.randn_like(x)
+    gx, ggate, gf = tri.gated_residual_backward(grad_y, x, gate, f)
+    assert gx.data_ptr() != grad_y.data_ptr() and torch.equal(gx, grad_y)
+    # partial sums + torch.sum, no atomics: bitwise repeatable
+    assert all(torch.equal(a, b) for a, b in zip((gx, ggate, gf), tri.gated_residual_backward(grad_y, x, gate, f)))
+    inputs = _rms_inputs(2, 37, 1000, torch.float32)
+    first = tri.rmsnorm_modulate_backward(grad_y.float(), *inputs, EPS)
+    assert all(torch.equal(a, b) for a, b in zip(first, tri.rmsnorm_modulate_backward(grad_y.float(), *inputs, EPS)))
+
+
+# ---------------------------------------------------------------- GPU: real sizes, bf16, CUDA graphs
+def _cuda(ts):
+    return [t.cuda() for t in ts]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+def test_gpu_rmsnorm_modulate_real_size(backend, x_dtype):
+    # float32 residual stream with bf16 output is the autocast case; bf16 in and out the pure one
+    backend("triton", "rmsnorm_modulate")
+    b, n, d = 32, 256, 1152
+    inputs = _cuda(_rms_inputs(b, n, d, x_dtype, torch.float32))
+    grad_y = torch.randn(b, n, d, device="cuda", dtype=torch.bfloat16)
+    y, grads = _run_op(lambda *t: dip_kernels.rmsnorm_modulate(*t, EPS, torch.bfloat16), inputs, grad_y)
+    y_ref = ref.rmsnorm_modulate_forward(*inputs, EPS, torch.bfloat16)
+    grads_ref = ref.rmsnorm_modulate_backward(grad_y, *inputs, EPS)
+    y64, grads64 = _fp64_grads(rmsnorm_modulate_fp64, inputs, grad_y)
+    _check([y, *grads], [y_ref, *grads_ref], [y64, *grads64], ["y", "gx", "gweight", "gshift", "gscale"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+def test_gpu_gated_residual_real_size(backend, x_dtype):
+    backend("triton", "gated_residual")
+    b, n, d = 32, 256, 1152
+    inputs = _cuda(_gated_inputs(b, n, d, x_dtype, torch.bfloat16))
+    grad_y = torch.randn(b, n, d, device="cuda", dtype=x_dtype)
+    y, grads = _run_op(dip_kernels.gated_residual, inputs, grad_y)
+    y_ref, grads_ref = ref.gated_residual_forward(*inputs), ref.gated_residual_backward(grad_y, *inputs)
+    y64, grads64 = _fp64_grads(gated_residual_fp64, inputs, grad_y)
+    _check([y, *grads], [y_ref, *grads_ref], [y64, *grads64], ["y", "gx", "ggate", "gf"])
+
+
+@pytest.mark.gpu
+def test_gpu_swiglu_real_size(backend):
+    backend("triton", "swiglu")
+    ab = torch.randn(32, 256, 2 * 3072, device="cuda", dtype=torch.bfloat16)
+    grad_y = torch.randn(32, 256, 3072, device="cuda", dtype=torch.bfloat16)
+    y, (g_ab,) = _run_op(dip_kernels.swiglu, [ab], grad_y)
+    y64, (g64,) = _fp64_grads(swiglu_fp64, [ab], grad_y)
+    _check([y, g_ab], [ref.swiglu_forward(ab), ref.swiglu_backward(grad_y, ab)], [y64, g64], ["y", "g_ab"])
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture():
+    from dip_kernels.triton import elementwise as tri
+    b, n, d = 4, 256, 1152
+    x, w, shift, scale = _cuda(_rms_inputs(b, n, d, torch.bfloat16, torch.float32))
+    gate, f, grad_y = torch.randn_like(shift), torch.randn_like(x), torch.randn_like(x)
+    ab = torch.randn(b, n, 2 * d, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        return (tri.rmsnorm_modulate_forward(x, w, shift, scale, EPS, None),
+                *tri.rmsnorm_modulate_backward(grad_y, x, w, shift, scale, EPS),
+                tri.gated_residual_forward(x, gate, f), *tri.gated_residual_backward(grad_y, x, gate, f),
+                tri.swiglu_forward(ab), tri.swiglu_backward(grad_y, ab))
+
+    step()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for t in (x, shift, scale, gate, f, grad_y, ab):
+        t.copy_(torch.randn_like(t))
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, expected in zip(captured, step()):
+        assert torch.equal(got, expected)

@@ -1,0 +1,213 @@
+"""patchify / unpatchify: op-layer checks (opcheck, gradcheck, fake shapes, torch.compile), the token
+ordering against F.unfold, bad inputs, and the Triton backend against the eager reference.
+
+The ops are pure copies (plus an optional cast), so kernel results must match the reference
+bit for bit; exact equality is the tolerance here (stricter than assert_close_to_fp64)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import dip_kernels
+from dip_kernels.reference import patchify as ref
+from dip_kernels.testing import assert_close_to_fp64, poisoned_outputs
+
+BACKENDS = ["eager", "triton"]
+# (B, C, H, W, P): square and non-square images, P = 16, 32, a small even P and an odd one
+SHAPES = [(2, 3, 32, 48, 16), (1, 3, 64, 32, 32), (2, 5, 12, 20, 4), (1, 2, 15, 10, 5)]
+
+
+def unfold_tokens(images, p):
+    """Independent ground truth for the token layout: F.unfold orders each patch (c, row, col)
+    and patches row-major over the grid."""
+    return F.unfold(images.double(), kernel_size=p, stride=p).transpose(1, 2).to(images.dtype)
+
+
+def _noncontiguous(images, kind):
+    if kind == "channels_last":
+        return images.contiguous(memory_format=torch.channels_last)
+    if kind == "transposed":  # H and W strides swapped
+        return images.transpose(2, 3).contiguous().transpose(2, 3)
+    if kind == "sliced":  # every other column of a wider image
+        b, c, h, w = images.shape
+        wide = torch.randn(b, c, h, 2 * w, dtype=images.dtype)
+        wide[..., ::2] = images
+        return wide[..., ::2]
+    return images
+
+
+# ---------------------------------------------------------------- layout and round trip
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("b,c,h,w,p", SHAPES)
+def test_patchify_matches_unfold(backend, name, b, c, h, w, p):
+    backend(name, "patchify")
+    images = torch.randn(b, c, h, w)
+    tokens = dip_kernels.patchify(images, p)
+    assert tokens.shape == (b, (h // p) * (w // p), c * p * p)
+    assert torch.equal(tokens, unfold_tokens(images, p))
+    # the same memory viewed (B*N, C, P, P) is the head's patch layout
+    patches = tokens.view(-1, c, p, p)
+    gw = w // p
+    k = gw + gw - 1 if h // p > 1 else gw - 1  # batch 0, the last patch of grid row 1 (or 0)
+    gy, gx = divmod(k, gw)
+    assert torch.equal(patches[k], images[0, :, gy * p:(gy + 1) * p, gx * p:(gx + 1) * p])
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("b,c,h,w,p", SHAPES)
+def test_unpatchify_inverts_patchify(backend, name, b, c, h, w, p):
+    backend(name, "patchify")
+    images = torch.randn(b, c, h, w)
+    assert torch.equal(dip_kernels.unpatchify(dip_kernels.patchify(images, p), p, h, w), images)
+    tokens = torch.randn(b, (h // p) * (w // p), c * p * p)
+    assert torch.equal(dip_kernels.patchify(dip_kernels.unpatchify(tokens, p, h, w), p), tokens)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_cast_in_the_same_pass(backend, name):
+    backend(name, "patchify")
+    images = torch.randn(2, 3, 32, 16)
+    tokens = dip_kernels.patchify(images, 16, torch.float16)
+    assert tokens.dtype == torch.float16
+    assert torch.equal(tokens, unfold_tokens(images, 16).half())
+    back = dip_kernels.unpatchify(tokens, 16, 32, 16, torch.float32)
+    assert back.dtype == torch.float32
+    assert torch.equal(back, images.half().float())
+
+
+# ---------------------------------------------------------------- op-layer checks
+@pytest.mark.parametrize("name", BACKENDS)
+def test_opcheck(backend, name):
+    backend(name, "patchify")
+    images = torch.randn(2, 3, 8, 12)
+    torch.library.opcheck(torch.ops.dip.patchify.default, (images, 4, None))
+    torch.library.opcheck(torch.ops.dip.patchify.default, (images, 4, torch.float16))
+    tokens = torch.randn(2, 6, 3 * 16)
+    torch.library.opcheck(torch.ops.dip.unpatchify.default, (tokens, 4, 8, 12, None))
+    torch.library.opcheck(torch.ops.dip.unpatchify.default, (tokens, 4, 8, 12, torch.float64))
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_gradcheck(backend, name):
+    # the copy is exact in float64 on the Triton path too, so both backends can be gradchecked
+    # (fast mode for Triton: every interpreted launch costs tens of milliseconds)
+    backend(name, "patchify")
+    fast = name == "triton"
+    images = torch.randn(1, 2, 4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: dip_kernels.patchify(x, 2), (images,), fast_mode=fast)
+    tokens = torch.randn(1, 6, 2 * 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: dip_kernels.unpatchify(t, 2, 4, 6), (tokens,), fast_mode=fast)
+
+
+def test_fake_shapes():
+    with FakeTensorMode():
+        images = torch.empty(2, 3, 64, 32)
+        tokens = dip_kernels.patchify(images, 16, torch.bfloat16)
+        assert tokens.shape == (2, 8, 768) and tokens.dtype == torch.bfloat16
+        out = dip_kernels.unpatchify(tokens, 16, 64, 32, torch.float32)
+        assert out.shape == (2, 3, 64, 32) and out.dtype == torch.float32
+
+
+def test_compile_no_graph_break():
+    torch._dynamo.reset()
+
+    def fn(images):
+        tokens = dip_kernels.patchify(images, 4, torch.float64)
+        return dip_kernels.unpatchify(tokens * 2, 4, 8, 12, torch.float32)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    images = torch.randn(2, 3, 8, 12, requires_grad=True)
+    out = compiled(images)
+    assert torch.equal(out, 2 * images.detach())
+    out.backward(torch.ones_like(out))
+    assert torch.equal(images.grad, torch.full_like(images, 2.0))
+
+
+# ---------------------------------------------------------------- bad inputs
+@pytest.mark.parametrize("call,match", [
+    (lambda: dip_kernels.patchify(torch.randn(3, 8, 8), 4), "images"),
+    (lambda: dip_kernels.patchify(torch.randn(1, 3, 10, 8), 4), "images height and width"),
+    (lambda: dip_kernels.patchify(torch.randn(1, 3, 8, 10), 4), "images height and width"),
+    (lambda: dip_kernels.patchify(torch.randn(1, 3, 8, 8), 0), "patch_size"),
+    (lambda: dip_kernels.patchify(torch.randint(0, 9, (1, 3, 8, 8)), 4), "images"),
+    (lambda: dip_kernels.unpatchify(torch.randn(2, 48), 4, 8, 8), "tokens"),
+    (lambda: dip_kernels.unpatchify(torch.randn(1, 3, 48), 4, 8, 8), "tokens must have 4 tokens"),
+    (lambda: dip_kernels.unpatchify(torch.randn(1, 4, 50), 4, 8, 8), "tokens last dim"),
+    (lambda: dip_kernels.unpatchify(torch.randn(1, 4, 48), 4, 8, 10), "height and width"),
+])
+def test_bad_inputs(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+# ---------------------------------------------------------------- Triton backend vs reference
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed", "sliced"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("b,c,h,w,p", SHAPES)
+def test_triton_forward_backward(backend, b, c, h, w, p, dtype, layout):
+    backend("triton", "patchify")
+    images = _noncontiguous(torch.randn(b, c, h, w).to(dtype), layout).requires_grad_(True)
+    grad_tokens = torch.randn(b, (h // p) * (w // p), c * p * p, dtype=dtype)
+    with poisoned_outputs():
+        tokens = dip_kernels.patchify(images, p)
+        tokens.backward(grad_tokens)  # the backward is the unpatchify kernel
+    assert torch.equal(tokens, ref.patchify(images.detach(), p))
+    assert torch.equal(images.grad, ref.unpatchify(grad_tokens, p, h, w))
+
+    # unpatchify from non-contiguous tokens (transposed token axis), its backward is patchify
+    tokens_in = grad_tokens.transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(True)
+    grad_images = torch.randn(b, c, h, w, dtype=dtype)
+    with poisoned_outputs():
+        images_out = dip_kernels.unpatchify(tokens_in, p, h, w)
+        images_out.backward(grad_images)
+    assert torch.equal(images_out, ref.unpatchify(grad_tokens, p, h, w))
+    assert torch.equal(tokens_in.grad, ref.patchify(grad_images, p))
+
+
+@pytest.mark.parametrize("b,c,h,w,p", SHAPES[:2])
+def test_triton_casting(backend, b, c, h, w, p):
+    from dip_kernels.triton import patchify as tri
+    images = _noncontiguous(torch.randn(b, c, h, w), "channels_last")
+    with poisoned_outputs():
+        tokens = tri.patchify_forward(images, p, torch.float16)
+        back = tri.unpatchify_forward(tokens, p, h, w, torch.float32)
+    expected = ref.patchify(images, p, torch.float16)
+    assert_close_to_fp64(tokens, expected, ref.patchify(images.double(), p), "tokens")
+    assert torch.equal(tokens, expected)
+    assert torch.equal(back, ref.unpatchify(expected, p, h, w, torch.float32))
+
+
+# ---------------------------------------------------------------- GPU: real sizes, bf16, CUDA graphs
+@pytest.mark.gpu
+@pytest.mark.parametrize("p", [16, 32])
+def test_gpu_real_size_bf16(backend, p):
+    backend("triton", "patchify")
+    images = torch.randn(64, 3, 256, 256, device="cuda")
+    with poisoned_outputs():
+        tokens = dip_kernels.patchify(images.bfloat16(), p)
+        cast_tokens = dip_kernels.patchify(images, p, torch.bfloat16)
+        back = dip_kernels.unpatchify(tokens, p, 256, 256, torch.float32)
+    expected = ref.patchify(images, p).bfloat16()  # float32 reference, then the one rounding
+    assert torch.equal(tokens, expected)
+    assert torch.equal(cast_tokens, expected)
+    assert torch.equal(back, images.bfloat16().float())
+    channels_last = images.bfloat16().contiguous(memory_format=torch.channels_last)
+    assert torch.equal(dip_kernels.patchify(channels_last, p), expected)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture():
+    from dip_kernels.triton import patchify as tri
+    images = torch.randn(8, 3, 256, 256, device="cuda")
+    # warm up (compiles) outside the capture
+    tri.unpatchify_forward(tri.patchify_forward(images, 16, torch.bfloat16), 16, 256, 256, torch.float32)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tokens = tri.patchify_forward(images, 16, torch.bfloat16)
+        back = tri.unpatchify_forward(tokens, 16, 256, 256, torch.float32)
+    images.copy_(torch.randn_like(images))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(tokens, ref.patchify(images, 16, torch.bfloat16))
+    assert torch.equal(back, images.bfloat16().float())
