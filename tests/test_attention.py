@@ -1,0 +1,317 @@
+"""The attention op (qk-RMSNorm + 2D RoPE + non-causal attention): the eager reference against an
+independent naive implementation, the custom-op layer (opcheck, gradcheck, fake shapes,
+torch.compile), and the Triton backend against the reference (interpreter on CPU; bf16 at real
+sizes, opcheck and CUDA-graph capture on a GPU)."""
+import math
+
+import pytest
+import torch
+
+import dip_kernels
+from dip_kernels.reference import attention as ref
+from dip_kernels.testing import assert_close_to_fp64, poisoned_outputs
+
+EPS = 1e-6
+
+
+def _grid(n):
+    """A grid_h x grid_w factorisation of n tokens for rope_table (as square as possible)."""
+    h = int(math.isqrt(n))
+    while n % h:
+        h -= 1
+    return h, n // h
+
+
+def make_inputs(b, h, n, d, dtype=torch.float32, weight_dtype=None, device="cpu", requires_grad=False):
+    """Fresh random inputs: qkv with a non-unit scale, norm weights near but not at 1, the real
+    2D RoPE table."""
+    qkv = (torch.randn(b, n, 3 * h * d, device=device) * 1.5).to(dtype)
+    weight_dtype = weight_dtype or dtype
+    qw = (1 + 0.3 * torch.randn(d, device=device)).to(weight_dtype)
+    kw = (1 + 0.3 * torch.randn(d, device=device)).to(weight_dtype)
+    cos, sin = dip_kernels.rope_table(*_grid(n), d, device=device)
+    if requires_grad:
+        qkv.requires_grad_(True)
+        qw.requires_grad_(True)
+        kw.requires_grad_(True)
+    return qkv, qw, kw, cos, sin
+
+
+# ---------------------------------------------------------------- reference sanity
+def naive_attention(qkv, qw, kw, cos, sin, num_heads, eps):
+    """float64, loops over batch and head, RoPE as a complex multiply, softmax written out;
+    differentiable, so autograd through it checks the reference's backward too."""
+    b, n, three_hd = qkv.shape
+    d = three_hd // (3 * num_heads)
+    rot = torch.complex(cos.double(), sin.double())  # (N, d/2)
+    outs, lses = [], []
+    for bi in range(b):
+        head_outs, head_lses = [], []
+        for hi in range(num_heads):
+            def head(slot, w):
+                x = qkv[bi, :, (slot * num_heads + hi) * d:(slot * num_heads + hi + 1) * d].double()
+                if w is None:
+                    return x
+                x = x / torch.sqrt((x * x).sum(-1, keepdim=True) / d + eps) * w.double()
+                z = torch.complex(x[:, 0::2], x[:, 1::2]) * rot
+                return torch.stack([z.real, z.imag], dim=-1).reshape(n, d)
+            q, k, v = head(0, qw), head(1, kw), head(2, None)
+            scores = q @ k.T / math.sqrt(d)
+            row_max = scores.max(-1, keepdim=True).values.detach()
+            e = torch.exp(scores - row_max)
+            total = e.sum(-1, keepdim=True)
+            head_outs.append((e / total) @ v)
+            head_lses.append((row_max + torch.log(total)).squeeze(-1))
+        outs.append(torch.cat(head_outs, dim=-1))
+        lses.append(torch.stack(head_lses))
+    return torch.stack(outs), torch.stack(lses)
+
+
+@pytest.mark.parametrize("b,h,n,d", [(2, 2, 12, 8), (1, 3, 20, 16)])
+def test_reference_matches_naive_fp64(b, h, n, d):
+    qkv, qw, kw, cos, sin = make_inputs(b, h, n, d, torch.float64, requires_grad=True)
+    want_out, want_lse = naive_attention(qkv, qw, kw, cos, sin, h, EPS)
+    out, lse = ref.attention_forward(qkv, qw, kw, cos, sin, h, EPS)
+    torch.testing.assert_close(out, want_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=1e-6, atol=1e-6)  # lse is stored as float32
+    go = torch.randn_like(want_out)
+    want_grads = torch.autograd.grad(want_out, (qkv, qw, kw), go)
+    grads = ref.attention_backward(go, qkv, qw, kw, cos, sin, out, lse, h, EPS)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+
+
+# ---------------------------------------------------------------- op layer (eager backend on CPU)
+def _op_args(b=1, h=2, n=8, d=8, dtype=torch.float32, requires_grad=True):
+    qkv, qw, kw, cos, sin = make_inputs(b, h, n, d, dtype, requires_grad=requires_grad)
+    return (qkv, qw, kw, cos, sin, h, EPS)
+
+
+def test_opcheck_cpu():
+    torch.library.opcheck(torch.ops.dip.attention, _op_args(b=2, h=2, n=6, d=12))
+
+
+def test_gradcheck_fp64():
+    qkv, qw, kw, cos, sin, h, eps = _op_args(b=1, h=2, n=6, d=8, dtype=torch.float64)
+    fn = lambda x, a, c: dip_kernels.attention(x, a, c, cos, sin, h, eps)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (qkv, qw, kw), fast_mode=True)
+
+
+def test_fake_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        qkv = torch.empty(3, 24, 3 * 4 * 72, dtype=torch.bfloat16)
+        qw, kw = torch.empty(72), torch.empty(72)
+        cos, sin = torch.empty(24, 36), torch.empty(24, 36)
+        out, lse = torch.ops.dip.attention(qkv, qw, kw, cos, sin, 4, EPS)
+        g_qkv, g_qw, g_kw = torch.ops.dip.attention_backward(out, qkv, qw, kw, cos, sin, out, lse, 4, EPS)
+    assert out.shape == (3, 24, 4 * 72) and out.dtype == torch.bfloat16
+    assert lse.shape == (3, 4, 24) and lse.dtype == torch.float32
+    assert g_qkv.shape == qkv.shape and g_qkv.dtype == qkv.dtype
+    assert g_qw.shape == (72,) and g_qw.dtype == torch.float32 and g_kw.shape == (72,)
+
+
+def test_bad_input_names_argument():
+    qkv, qw, kw, cos, sin, h, eps = _op_args(requires_grad=False)
+    with pytest.raises(ValueError, match="rope_cos"):
+        dip_kernels.attention(qkv, qw, kw, cos[:-1], sin, h, eps)
+    with pytest.raises(ValueError, match="k_norm_weight"):
+        dip_kernels.attention(qkv, qw, kw[:-1], cos, sin, h, eps)
+
+
+def test_torch_compile_fullgraph():
+    qkv, qw, kw, cos, sin, h, eps = _op_args(b=2, h=2, n=8, d=8)
+
+    def block(x, a, c):
+        return dip_kernels.attention(x * 2.0, a, c, cos, sin, h, eps).sum(-1)
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    got = compiled(qkv, qw, kw)
+    want = block(qkv, qw, kw)
+    torch.testing.assert_close(got, want)
+    g_got = torch.autograd.grad(got.square().sum(), (qkv, qw, kw))
+    g_want = torch.autograd.grad(want.square().sum(), (qkv, qw, kw))
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------- triton backend vs the reference
+def _fp64_anchor(qkv, qw, kw, cos, sin, h, go):
+    """out, lse and (g_qkv, g_qw, g_kw) of the reference in float64."""
+    q64, qw64, kw64 = (t.detach().double() for t in (qkv, qw, kw))
+    out64 = ref.attention(q64, qw64, kw64, cos, sin, h, EPS)
+    q, k, _ = ref.qk_norm_rope(q64, qw64, kw64, cos, sin, h, EPS)
+    lse64 = torch.logsumexp(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)  # not rounded to fp32
+    grads64 = ref.attention_backward(go.double(), q64, qw64, kw64, cos, sin, out64, lse64, h, EPS)
+    return out64, lse64, grads64
+
+
+# The kernel rounds P and dS to the input dtype for its tensor-core matmuls, as FA2 does; the CPU
+# reference keeps them in float32. Over 200 fp16 cases (50 seeds x SHAPES_CPU) the kernel's error
+# reached 1.7x (out) and 2.2x (gradients) the reference's own error, which at these small shapes is
+# a noisy max; hence 3x for out and gradients in half precision (lse stays at 2x).
+def _half_factor(dtype):
+    return 3.0 if dtype in (torch.float16, torch.bfloat16) else 2.0
+
+
+def _check_against_reference(qkv, qw, kw, cos, sin, h, out, lse, go, grads):
+    """Compare a backend's forward and backward with the reference in the same dtype and in fp64."""
+    ref_out, ref_lse = ref.attention_forward(qkv, qw, kw, cos, sin, h, EPS)
+    out64, lse64, grads64 = _fp64_anchor(qkv, qw, kw, cos, sin, h, go)
+    assert out.dtype == qkv.dtype and lse.dtype == torch.float32
+    assert_close_to_fp64(out, ref_out, out64, "out", factor=_half_factor(qkv.dtype))
+    assert_close_to_fp64(lse, ref_lse, lse64, "lse")
+    ref_grads = ref.attention_backward(go, qkv, qw, kw, cos, sin, ref_out, ref_lse, h, EPS)
+    for name, g, rg, g64, like in zip(("g_qkv", "g_qw", "g_kw"), grads, ref_grads, grads64, (qkv, qw, kw)):
+        assert g.dtype == like.dtype, f"{name} dtype {g.dtype} != {like.dtype}"
+        assert_close_to_fp64(g, rg, g64, name, factor=_half_factor(qkv.dtype))
+
+
+SHAPES_CPU = [(1, 2, 100, 72), (2, 2, 16, 64), (1, 2, 16, 128), (1, 2, 100, 64)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("b,h,n,d", SHAPES_CPU)
+def test_triton_matches_reference(backend, b, h, n, d, dtype):
+    backend("triton", "attention")
+    # fp16 runs with fp32 norm weights (as under autocast), fp32 with fp16 weights: the weight
+    # gradients must come back in the weights' own dtype either way
+    weight_dtype = torch.float32 if dtype == torch.float16 else torch.float16
+    qkv, qw, kw, cos, sin = make_inputs(b, h, n, d, dtype, weight_dtype)
+    go = torch.randn(b, n, h * d).to(dtype)
+    with poisoned_outputs():
+        out, lse = torch.ops.dip.attention(qkv, qw, kw, cos, sin, h, EPS)
+        grads = torch.ops.dip.attention_backward(go, qkv, qw, kw, cos, sin, out, lse, h, EPS)
+    _check_against_reference(qkv, qw, kw, cos, sin, h, out, lse, go, grads)
+
+
+def test_triton_256_tokens(backend):
+    backend("triton", "attention")
+    qkv, qw, kw, cos, sin = make_inputs(1, 1, 256, 72)
+    go = torch.randn(1, 256, 72)
+    with poisoned_outputs():
+        out, lse = torch.ops.dip.attention(qkv, qw, kw, cos, sin, 1, EPS)
+        grads = torch.ops.dip.attention_backward(go, qkv, qw, kw, cos, sin, out, lse, 1, EPS)
+    _check_against_reference(qkv, qw, kw, cos, sin, 1, out, lse, go, grads)
+
+
+def test_triton_autograd_through_public_function(backend):
+    backend("triton", "attention")
+    qkv, qw, kw, cos, sin = make_inputs(1, 2, 20, 72, requires_grad=True)
+    out = dip_kernels.attention(qkv, qw, kw, cos, sin, 2)
+    go = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (qkv, qw, kw), go)
+    want = ref.attention(qkv, qw, kw, cos, sin, 2)
+    want_grads = torch.autograd.grad(want, (qkv, qw, kw), go)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["row_padded", "channel_strided"])
+def test_triton_non_contiguous_qkv(backend, layout):
+    """A strided view of qkv runs without a copy and gives exactly the contiguous result."""
+    backend("triton", "attention")
+    b, h, n, d = 1, 2, 20, 72
+    _, qw, kw, cos, sin = make_inputs(b, h, n, d)
+    if layout == "row_padded":  # e.g. a slice of a fused projection's output
+        qkv = torch.randn(b, n, 3 * h * d + 40)[..., 8:8 + 3 * h * d]
+    else:
+        qkv = torch.randn(b, n, 2 * 3 * h * d)[..., ::2]
+    assert not qkv.is_contiguous()
+    go = torch.randn(b, n, h * d)
+    out, lse = torch.ops.dip.attention(qkv, qw, kw, cos, sin, h, EPS)
+    grads = torch.ops.dip.attention_backward(go, qkv, qw, kw, cos, sin, out, lse, h, EPS)
+    dense = qkv.contiguous()
+    out_c, lse_c = torch.ops.dip.attention(dense, qw, kw, cos, sin, h, EPS)
+    grads_c = torch.ops.dip.attention_backward(go, dense, qw, kw, cos, sin, out_c, lse_c, h, EPS)
+    assert torch.equal(out, out_c) and torch.equal(lse, lse_c)
+    for g, gc in zip(grads, grads_c):
+        assert torch.equal(g, gc)
+
+
+def test_triton_backward_deterministic(backend):
+    backend("triton", "attention")
+    qkv, qw, kw, cos, sin = make_inputs(2, 2, 36, 64, torch.float16)
+    go = torch.randn(2, 36, 2 * 64).half()
+    out, lse = torch.ops.dip.attention(qkv, qw, kw, cos, sin, 2, EPS)
+    first = torch.ops.dip.attention_backward(go, qkv, qw, kw, cos, sin, out, lse, 2, EPS)
+    second = torch.ops.dip.attention_backward(go, qkv, qw, kw, cos, sin, out, lse, 2, EPS)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_triton_opcheck_interpreted(backend):
+    if not dip_kernels.backends.triton_interpreted():
+        pytest.skip("the interpreter run; the GPU has its own opcheck test")
+    backend("triton", "attention")
+    torch.library.opcheck(torch.ops.dip.attention, _op_args(b=1, h=2, n=16, d=16))
+
+
+# ---------------------------------------------------------------- GPU: real sizes, bf16
+def _check_low_precision_against_fp32(b, h, n, d, dtype, device):
+    """The kernel in ``dtype`` against the reference in ``dtype``, anchored on the reference in
+    float32 (float64 costs too much at real sizes)."""
+    qkv, qw, kw, cos, sin = make_inputs(b, h, n, d, dtype, torch.float32, device=device)
+    go = torch.randn(b, n, h * d, device=device).to(dtype)
+    with poisoned_outputs():
+        out, lse = torch.ops.dip.attention(qkv, qw, kw, cos, sin, h, EPS)
+        grads = torch.ops.dip.attention_backward(go, qkv, qw, kw, cos, sin, out, lse, h, EPS)
+    ref_out, ref_lse = ref.attention_forward(qkv, qw, kw, cos, sin, h, EPS)
+    q32, go32 = qkv.float(), go.float()
+    out32, lse32 = ref.attention_forward(q32, qw, kw, cos, sin, h, EPS)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert_close_to_fp64(out, ref_out, out32, "out", factor=_half_factor(dtype))
+    assert_close_to_fp64(lse, ref_lse, lse32, "lse")
+    ref_grads = ref.attention_backward(go, qkv, qw, kw, cos, sin, ref_out, ref_lse, h, EPS)
+    grads32 = ref.attention_backward(go32, q32, qw, kw, cos, sin, out32, lse32, h, EPS)
+    for name, g, rg, g32, like in zip(("g_qkv", "g_qw", "g_kw"), grads, ref_grads, grads32, (qkv, qw, kw)):
+        assert g.dtype == like.dtype, f"{name} dtype {g.dtype} != {like.dtype}"
+        assert_close_to_fp64(g, rg, g32, name, factor=_half_factor(dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,h,n,d", [(2, 16, 256, 72), (32, 16, 256, 72), (2, 16, 1024, 72)])
+def test_triton_bf16_real_sizes_gpu(backend, b, h, n, d):
+    backend("triton", "attention")
+    _check_low_precision_against_fp32(b, h, n, d, torch.bfloat16, "cuda")
+
+
+@pytest.mark.gpu
+def test_triton_opcheck_gpu(backend):
+    backend("triton", "attention")
+    for dtype in (torch.float32, torch.bfloat16):
+        qkv, qw, kw, cos, sin = make_inputs(2, 2, 64, 72, dtype, torch.float32, device="cuda", requires_grad=True)
+        torch.library.opcheck(torch.ops.dip.attention, (qkv, qw, kw, cos, sin, 2, EPS))
+
+
+@pytest.mark.gpu
+def test_triton_cuda_graph_capture(backend):
+    """Forward + backward captured in one CUDA graph; replays on new input values match eager."""
+    backend("triton", "attention")
+    b, h, n, d = 2, 4, 256, 72
+    qkv, qw, kw, cos, sin = make_inputs(b, h, n, d, torch.bfloat16, torch.float32, device="cuda")
+    go = torch.randn(b, n, h * d, device="cuda").bfloat16()
+
+    def step():
+        out, lse = torch.ops.dip.attention(qkv, qw, kw, cos, sin, h, EPS)
+        return (out, lse, *torch.ops.dip.attention_backward(go, qkv, qw, kw, cos, sin, out, lse, h, EPS))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: compile and autotune outside the capture
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for _ in range(2):
+        new_qkv, new_qw, new_kw, _, _ = make_inputs(b, h, n, d, torch.bfloat16, torch.float32, device="cuda")
+        for static, fresh in ((qkv, new_qkv), (qw, new_qw), (kw, new_kw)):
+            static.copy_(fresh)
+        go.normal_()
+        graph.replay()
+        torch.cuda.synchronize()
+        for got, want in zip(captured, step()):
+            assert torch.equal(got, want)
