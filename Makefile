@@ -24,14 +24,17 @@ $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)" ninja setuptools wheel
-	$(PIP) install -q --no-build-isolation -e ".[test,triton]"
+	mkdir -p build
+	@echo "building dip_kernels._C (CUDA kernels too when nvcc is found; log: build/install.log)"
+	DIP_KERNELS_PTXAS_VERBOSE=1 $(PIP) install -v --no-build-isolation -e ".[test,triton]" > build/install.log 2>&1 \
+		|| (tail -n 60 build/install.log; exit 1)
 	$(PY) -c "import dip_kernels, torch; print('dip_kernels._C built with CUDA:', torch.ops.dip_C.built_with_cuda())"
 	touch $(STAMP)
 
 demo: setup
 	$(VENV)/bin/dip-demo --out demo_out
 
-test: setup
+test: setup build-cmake
 	$(PY) -m pytest tests bench -q -m "not gpu" -p no:cacheprovider --benchmark-disable
 
 test-gpu: setup
@@ -40,9 +43,10 @@ test-gpu: setup
 bench: setup
 	$(PY) -m pytest bench -q --benchmark-json=bench/results/latest.json
 
+# CMAKE_ARGS=-DDIP_KERNELS_BUILD_CUDA=OFF for the quick CPU-only module
 build-cmake: setup
-	cmake -S . -B cmake-build -G Ninja -DPython_EXECUTABLE=$(abspath $(PY)) -DCMAKE_BUILD_TYPE=Release
-	cmake --build cmake-build -j $(MAX_JOBS)
+	cmake -S . -B build/cmake -G Ninja -DPython_EXECUTABLE=$(abspath $(PY)) -DCMAKE_BUILD_TYPE=Release $(CMAKE_ARGS)
+	cmake --build build/cmake -j $(MAX_JOBS)
 
 clean:
-	rm -rf build cmake-build *.egg-info dip_kernels/_C*.so
+	rm -rf build *.egg-info dip_kernels/_C*.so

@@ -1,0 +1,50 @@
+"""What the build produced: the CUDA kernels compiled without register spills or local memory
+(ptxas -v output that `make setup` keeps in build/install.log), and the CMake build of the same
+sources loads as an extension."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+INSTALL_LOG = os.path.join(ROOT, "build", "install.log")
+CMAKE_DIR = os.path.join(ROOT, "build", "cmake")
+
+
+def _ptxas_reports(log):
+    """(function, arch, stack_bytes, spill_store_bytes, spill_load_bytes) for each compiled kernel."""
+    reports, function, arch = [], None, None
+    for line in log.splitlines():
+        m = re.search(r"ptxas info\s*: Compiling entry function '(\w+)' for '(sm_\w+)'", line)
+        if m:
+            function, arch = m.groups()
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and function:
+            reports.append((function, arch, *map(int, m.groups())))
+            function = None
+    return reports
+
+
+def test_cuda_kernels_have_no_spills_or_stack():
+    if not os.path.exists(INSTALL_LOG):
+        pytest.skip("no build/install.log: the extension was not built by `make setup`")
+    reports = _ptxas_reports(open(INSTALL_LOG, errors="replace").read())
+    if not reports:
+        pytest.skip("no ptxas report in the build log (CPU-only build)")
+    archs = {arch for _, arch, *_ in reports}
+    assert {"sm_80", "sm_90a"} <= archs or os.environ.get("TORCH_CUDA_ARCH_LIST"), archs
+    bad = [r for r in reports if any(r[2:])]
+    assert not bad, f"kernels with stack frames or spills: {bad}"
+
+
+def test_cmake_build_loads():
+    lib = [f for f in os.listdir(CMAKE_DIR)] if os.path.isdir(CMAKE_DIR) else []
+    if not any(f.startswith("_C") and f.endswith(".so") for f in lib):
+        pytest.skip("no CMake build in build/cmake (run `make build-cmake`)")
+    code = "import torch, _C; print(torch.ops.dip_C.built_with_cuda())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=CMAKE_DIR, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() in ("True", "False")
