@@ -5,12 +5,15 @@ ground truth. The public functions at the bottom are what the model calls.
 Every input check runs in both the real and the fake implementation, so bad input raises a
 ValueError naming the argument before any kernel runs, in eager mode and under torch.compile.
 """
+import contextlib
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import backends
+from .reference import attention as _ref_attention, elementwise as _ref_elementwise
+from .reference import patch_detailer as _ref_head, patchify as _ref_patchify
 from .reference.patch_detailer import head_weight_shapes, HEAD_WEIGHT_NAMES
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -406,6 +409,23 @@ _swiglu.register_autograd(_swiglu_bwd, setup_context=_swiglu_setup)
 
 
 # ---------------------------------------------------------------- public API
+_plain = False
+
+
+@contextlib.contextmanager
+def plain_reference(enabled: bool = True):
+    """Inside this block the public functions below call the eager reference functions directly,
+    with plain autograd and no custom ops: the model becomes exactly what a user without this
+    library would run (and what torch.compile of it would see). The benchmarks' eager and compile
+    baselines; not a backend, since it bypasses the ops' checks, schema and saved statistics."""
+    global _plain
+    old, _plain = _plain, enabled
+    try:
+        yield
+    finally:
+        _plain = old
+
+
 def _autocast_dtype(t):
     """The autocast dtype for ``t``'s device when autocast is on there, else None."""
     dev = t.device.type
@@ -416,24 +436,32 @@ def _autocast_dtype(t):
 
 def patchify(images: Tensor, patch_size: int, out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """(B, C, H, W) -> (B, N, C*P*P) tokens; ``.view(B*N, C, P, P)`` gives the head's patch layout."""
+    if _plain:
+        return _ref_patchify.patchify(images, patch_size, out_dtype)
     return torch.ops.dip.patchify(images, patch_size, out_dtype)
 
 
 def unpatchify(tokens: Tensor, patch_size: int, height: int, width: int,
                out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """(B, N, C*P*P) tokens -> (B, C, H, W) images."""
+    if _plain:
+        return _ref_patchify.unpatchify(tokens, patch_size, height, width, out_dtype)
     return torch.ops.dip.unpatchify(tokens, patch_size, height, width, out_dtype)
 
 
 def attention(qkv: Tensor, q_norm_weight: Tensor, k_norm_weight: Tensor, rope_cos: Tensor, rope_sin: Tensor,
               num_heads: int, eps: float = 1e-6) -> Tensor:
     """qk-RMSNorm + 2D RoPE + attention on the qkv Linear's output (B, N, 3*H*d) -> (B, N, H*d)."""
+    if _plain:
+        return _ref_attention.attention(qkv, q_norm_weight, k_norm_weight, rope_cos, rope_sin, num_heads, eps)
     return torch.ops.dip.attention(qkv, q_norm_weight, k_norm_weight, rope_cos, rope_sin, num_heads, eps)[0]
 
 
 def patch_detailer(patches: Tensor, tokens: Tensor, weights: List[Tensor]) -> Tensor:
     """The whole Patch Detailer Head on (M, 3, P, P) patches and (M, D) tokens. Under autocast every
     input is cast to the autocast dtype (the head is all convolutions)."""
+    if _plain:
+        return _ref_head.patch_detailer(patches, tokens, list(weights))
     dtype = _autocast_dtype(patches)
     if dtype is not None:
         patches, tokens = patches.to(dtype), tokens.to(dtype)
@@ -446,14 +474,20 @@ def patch_detailer(patches: Tensor, tokens: Tensor, weights: List[Tensor]) -> Te
 def rmsnorm_modulate(x: Tensor, weight: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6,
                      out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """rmsnorm(x) * weight * (1 + scale) + shift, computed in float32; x (B,N,D), shift/scale (B,D)."""
+    if _plain:
+        return _ref_elementwise.rmsnorm_modulate(x, weight, shift, scale, eps, out_dtype)
     return torch.ops.dip.rmsnorm_modulate(x, weight, shift, scale, eps, out_dtype)
 
 
 def gated_residual(x: Tensor, gate: Tensor, f: Tensor) -> Tensor:
     """x + gate * f with x, f (B,N,D) and gate (B,D); the result has x's dtype."""
+    if _plain:
+        return _ref_elementwise.gated_residual(x, gate, f)
     return torch.ops.dip.gated_residual(x, gate, f)
 
 
 def swiglu(ab: Tensor) -> Tensor:
     """silu(a) * b with (a, b) the two halves of ab's last dim."""
+    if _plain:
+        return _ref_elementwise.swiglu(ab)
     return torch.ops.dip.swiglu(ab)

@@ -5,6 +5,9 @@ import shutil
 # triton is imported anywhere.
 if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # the interpreter's tl.dot is a numpy matmul on tiny tiles: OpenBLAS threads only add overhead
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -124,3 +124,17 @@ def test_every_op_captures_in_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.allclose(captured.float(), expected.float(), rtol=1e-2, atol=1e-1)
+
+
+def test_plain_reference_runs_the_reference_functions_without_custom_ops():
+    """The benchmarks' baseline: same numbers, no torch.ops.dip call (so the compiler sees through)."""
+    a = _inputs("cpu", torch.float32)
+    expected = _every_op(a)
+    with dip_kernels.plain_reference(), torch.profiler.profile() as prof:
+        got = _every_op(a)
+    dip_calls = sorted({e.name for e in prof.events() if e.name.startswith("dip::")})
+    assert not dip_calls, dip_calls
+    with torch.profiler.profile() as prof:
+        _every_op(a)
+    assert any(e.name.startswith("dip::") for e in prof.events()), "the profiler does not see dip ops"
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-4)

@@ -1,0 +1,663 @@
+"""Triton backend of the Patch Detailer Head (torch.ops.dip.patch_detailer and its backward).
+
+Every layer of the head is an implicit GEMM over (patch, pixel) rows, run on tensor cores with
+``tl.dot`` and fp32 accumulation; activations live channels-last, (M, S, S, C), between layers so
+that the on-the-fly im2col gathers read contiguous channels. One generic kernel does every
+convolution-like GEMM:
+
+* conv3x3 (pad 1), conv1x1, and the stride-2 2x2 conv that is the input gradient of a transposed
+  conv: the A operand is gathered per (tap, channel block) with zero-padding masks computed per
+  patch, so windows never leak across patches;
+* two sources as two K ranges of one reduction, so no concat is ever materialised: the decoder
+  reads (upsampled, skip), the bottleneck reads (pooled, token) where the token source has zero
+  spatial strides (it is never broadcast in memory);
+* epilogues: bias, SiLU, pre-activation store (backward recompute only), 2x2 max-pool (rows are
+  ordered so that four consecutive rows form one pooling window: the kernel writes the skip and
+  the pooled map from the same tile), the transposed conv's 2x2 scatter (ConvTranspose2d(k2, s2)
+  is a per-pixel GEMM [rows, Cin] x [Cin, 4*Cout]), a split of the output columns into two tensors
+  (the input gradient of a two-source conv), and the SiLU derivative.
+
+A second kernel variant (`_conv_pool_grad_kernel`) computes the input gradient of an encoder conv /
+the bottleneck and, in its epilogue, routes it through the 2x2 max-pool backward, adds the skip's
+gradient from the decoder and applies the SiLU derivative of the level below: the gradient of
+the previous conv's pre-activation in one pass. Weight gradients are GEMMs [K, rows] x [rows,
+Cout] (`_weight_grad_kernel`) split over rows into fp32 partials that torch sums in a fixed order
+(deterministic, no atomics); bias gradients come out of the same kernel.
+
+Weights are re-laid once into [K, Cout] GEMM layouts (K ordered (ky, kx, cin)) and cached keyed
+on (data_ptr, version, dtype, shape): forward and backward of one step share one re-layout, and an
+optimizer's in-place update (a version bump) invalidates it. The cache holds a reference to each
+source weight, so its address cannot be reused by another tensor while the entry lives. Under
+CUDA-graph capture the cache is bypassed, so the re-layout is recorded in the graph and replays
+see the current weights.
+
+Activation memory per patch, bf16, token dim 1152 (``activation_bytes_per_patch`` computes them):
+
+* storing for backward what the backward needs (skips, pooled maps, upsampled maps, decoder and
+  bottleneck outputs, and every SiLU's pre-activation): 295,936 B (289 KiB) at P=16,
+  1,183,744 B (1,156 KiB) at P=32;
+* recomputing: 0 B kept from forward to backward (the op saves only its inputs); the backward
+  re-runs the forward, holding the same 289 / 1,156 KiB plus ~62 / 246 KiB of gradient buffers
+  while it runs, then frees them;
+* the eager head under autograd keeps 422,656 B (413 KiB) at P=16 and 1,690,624 B (1,651 KiB)
+  at P=32 from forward to backward (conv inputs incl. the materialised concats, SiLU inputs,
+  pool inputs and int64 indices).
+
+We RECOMPUTE: between forward and backward the head holds no activations at all, and the
+backward's transient peak stays below what eager keeps alive across the whole step. The price is
+one extra forward (a third of the step's FLOPs).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ..backends import triton_interpreted
+from ..reference.patch_detailer import DECODER_CHANNELS, ENCODER_CHANNELS, HEAD_WEIGHT_NAMES
+from ..testing import output_buffer
+
+_W = {name: i for i, name in enumerate(HEAD_WEIGHT_NAMES)}
+
+
+# ---------------------------------------------------------------- device helpers
+@triton.jit
+def _decode_rows(r, S: tl.constexpr, POOL_ORDER: tl.constexpr):
+    """Row -> (patch, y, x) on an SxS grid. POOL_ORDER puts each 2x2 window on 4 consecutive rows."""
+    m = r // (S * S)
+    q = r % (S * S)
+    if POOL_ORDER:
+        w = q // 4
+        sub = q % 4
+        y = (w // (S // 2)) * 2 + sub // 2
+        x = (w % (S // 2)) * 2 + sub % 2
+    else:
+        y = q // S
+        x = q % S
+    return m, y, x
+
+
+@triton.jit
+def _silu_grad(z):
+    s = tl.sigmoid(z)
+    return s * (1.0 + z * (1.0 - s))
+
+
+@triton.jit
+def _conv_acc(a1, a2, w, m, y, x, row_ok, offs_n, n_ok, C1, C2, N,
+              s1m, s1y, s1x, s1c, s2m, s2y, s2x, s2c,
+              KS: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, S_IN: tl.constexpr,
+              HAS_SRC2: tl.constexpr, FLAT_K: tl.constexpr,
+              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr):
+    """sum over (tap, channel) of src[patch, y*STRIDE+ty-PAD, x*STRIDE+tx-PAD, channel] * w[k, n],
+    with channels running over source 1 then source 2 within each tap (w is [KS*KS*(C1+C2), N])."""
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    offs_k = tl.arange(0, BK)
+    m64 = m.to(tl.int64)
+    if FLAT_K:
+        # few input channels (the RGB patches, the 3-channel output's gradient): K runs over
+        # (tap, channel) together so a tile is not mostly padding
+        K = KS * KS * C1
+        for k0 in range(0, K, BK):
+            kk = k0 + offs_k
+            k_ok = kk < K
+            tap = kk // C1
+            c = kk % C1
+            iy = y[:, None] * STRIDE + (tap // KS)[None, :] - PAD
+            ix = x[:, None] * STRIDE + (tap % KS)[None, :] - PAD
+            ok = row_ok[:, None] & k_ok[None, :] & (iy >= 0) & (iy < S_IN) & (ix >= 0) & (ix < S_IN)
+            a = tl.load(a1 + m64[:, None] * s1m + iy * s1y + ix * s1x + c[None, :] * s1c, mask=ok, other=0.0)
+            b = tl.load(w + kk[:, None] * N + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+    else:
+        CT = C1 + C2
+        for tap in range(KS * KS):
+            iy = y * STRIDE + tap // KS - PAD
+            ix = x * STRIDE + tap % KS - PAD
+            ok = row_ok & (iy >= 0) & (iy < S_IN) & (ix >= 0) & (ix < S_IN)
+            rows1 = a1 + m64 * s1m + iy * s1y + ix * s1x
+            for c0 in range(0, C1, BK):
+                c = c0 + offs_k
+                c_ok = c < C1
+                a = tl.load(rows1[:, None] + c[None, :] * s1c, mask=ok[:, None] & c_ok[None, :], other=0.0)
+                b = tl.load(w + (tap * CT + c)[:, None] * N + offs_n[None, :],
+                            mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+                acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+            if HAS_SRC2:
+                rows2 = a2 + m64 * s2m + iy * s2y + ix * s2x
+                for c0 in range(0, C2, BK):
+                    c = c0 + offs_k
+                    c_ok = c < C2
+                    a = tl.load(rows2[:, None] + c[None, :] * s2c, mask=ok[:, None] & c_ok[None, :], other=0.0)
+                    b = tl.load(w + (tap * CT + C1 + c)[:, None] * N + offs_n[None, :],
+                                mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+                    acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+    return acc
+
+
+# ---------------------------------------------------------------- kernels
+@triton.jit
+def _conv_kernel(a1, a2, w, bias, out, out2, zbuf, pool, R, C1, C2, N, N1, CU,
+                 s1m, s1y, s1x, s1c, s2m, s2y, s2x, s2c,
+                 om, oy, ox, oc, o2m, o2y, o2x, o2c, pm, py, px, pc,
+                 S: tl.constexpr, S_IN: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constexpr,
+                 PAD: tl.constexpr, HAS_SRC2: tl.constexpr, FLAT_K: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, SILU: tl.constexpr, STORE_Z: tl.constexpr, DSILU: tl.constexpr,
+                 POOL: tl.constexpr, UPSAMPLE: tl.constexpr, SPLIT_N: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One conv-like GEMM tile [BM rows, BN output columns] and its fused epilogue.
+
+    zbuf: STORE_Z writes the pre-activation there; DSILU multiplies by silu'(zbuf) (both in out's
+    layout). UPSAMPLE: column n = (tap, c) with CU channels goes to pixel (2y+tap//2, 2x+tap%2).
+    SPLIT_N: columns >= N1 go to out2 (channel n - N1). POOL: also the 2x2 max of the tile to pool.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    r = pid_m * BM + tl.arange(0, BM)
+    row_ok = r < R
+    m, y, x = _decode_rows(r, S, POOL)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    n_ok = offs_n < N
+    acc = _conv_acc(a1, a2, w, m, y, x, row_ok, offs_n, n_ok, C1, C2, N,
+                    s1m, s1y, s1x, s1c, s2m, s2y, s2x, s2c,
+                    KS, STRIDE, PAD, S_IN, HAS_SRC2, FLAT_K, BM, BN, BK, DOT_PREC)
+    if HAS_BIAS:
+        acc += tl.load(bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+
+    m64 = m.to(tl.int64)
+    mask = row_ok[:, None] & n_ok[None, :]
+    if UPSAMPLE:
+        tap = offs_n // CU
+        oyy = y[:, None] * 2 + (tap // 2)[None, :]
+        oxx = x[:, None] * 2 + (tap % 2)[None, :]
+        ooff = m64[:, None] * om + oyy * oy + oxx * ox + (offs_n % CU)[None, :] * oc
+    else:
+        ooff = (m64 * om + y * oy + x * ox)[:, None] + offs_n[None, :] * oc
+    if STORE_Z:
+        tl.store(zbuf + ooff, acc.to(zbuf.dtype.element_ty), mask=mask)
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
+    if DSILU:
+        z = tl.load(zbuf + ooff, mask=mask, other=0.0).to(tl.float32)
+        acc = acc * _silu_grad(z)
+    if SPLIT_N:
+        tl.store(out + ooff, acc.to(out.dtype.element_ty), mask=mask & (offs_n < N1)[None, :])
+        optr2 = out2 + (m64 * o2m + y * o2y + x * o2x)[:, None] + (offs_n - N1)[None, :] * o2c
+        tl.store(optr2, acc.to(out2.dtype.element_ty), mask=mask & (offs_n >= N1)[None, :])
+    else:
+        tl.store(out + ooff, acc.to(out.dtype.element_ty), mask=mask)
+    if POOL:
+        # rows are in pooling order and BM % 4 == 0, so every window lies inside this tile
+        pooled = tl.max(tl.reshape(acc, (BM // 4, 4, BN)), axis=1)
+        pr = pid_m * (BM // 4) + tl.arange(0, BM // 4)
+        pr_ok = pr < R // 4
+        pmm, pyy, pxx = _decode_rows(pr, S // 2, False)
+        pptr = pool + (pmm.to(tl.int64) * pm + pyy * py + pxx * px)[:, None] + offs_n[None, :] * pc
+        tl.store(pptr, pooled.to(pool.dtype.element_ty), mask=pr_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _conv_pool_grad_kernel(a1, w, skip, zskip, gskip, gz, R, C1, N,
+                           s1m, s1y, s1x, s1c,
+                           S: tl.constexpr, S_IN: tl.constexpr, KS: tl.constexpr, PAD: tl.constexpr,
+                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Gradient of a pooled map (rows on the SxS pooled grid, N channels) from the conv reading it,
+    then straight through the max-pool backward, plus the decoder's gradient of the skip gskip,
+    times silu'(zskip): writes gz, the gradient of the pre-activation of the level below.
+    skip / zskip / gskip / gz are channels-last (M, 2S, 2S, N)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    r = pid_m * BM + tl.arange(0, BM)
+    row_ok = r < R
+    m, y, x = _decode_rows(r, S, False)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    n_ok = offs_n < N
+    g = _conv_acc(a1, a1, w, m, y, x, row_ok, offs_n, n_ok, C1, 0, N,
+                  s1m, s1y, s1x, s1c, 0, 0, 0, 0,
+                  KS, 1, PAD, S_IN, False, False, BM, BN, BK, DOT_PREC)
+    mask = row_ok[:, None] & n_ok[None, :]
+    base = ((m.to(tl.int64) * (2 * S) + 2 * y) * (2 * S) + 2 * x) * N
+    p00 = base[:, None] + offs_n[None, :]
+    p01 = p00 + N
+    p10 = p00 + 2 * S * N
+    p11 = p10 + N
+    v00 = tl.load(skip + p00, mask=mask, other=0.0)
+    v01 = tl.load(skip + p01, mask=mask, other=0.0)
+    v10 = tl.load(skip + p10, mask=mask, other=0.0)
+    v11 = tl.load(skip + p11, mask=mask, other=0.0)
+    vmax = tl.maximum(tl.maximum(v00, v01), tl.maximum(v10, v11))
+    # the gradient goes to the first maximum in scan order, as in torch's max_pool2d
+    t00 = v00 == vmax
+    t01 = (v01 == vmax) & ~t00
+    t10 = (v10 == vmax) & ~(t00 | t01)
+    t11 = ~(t00 | t01 | t10)
+    _pool_grad_store(g, t00, p00, zskip, gskip, gz, mask)
+    _pool_grad_store(g, t01, p01, zskip, gskip, gz, mask)
+    _pool_grad_store(g, t10, p10, zskip, gskip, gz, mask)
+    _pool_grad_store(g, t11, p11, zskip, gskip, gz, mask)
+
+
+@triton.jit
+def _pool_grad_store(g, is_max, offs, zskip, gskip, gz, mask):
+    gs = tl.load(gskip + offs, mask=mask, other=0.0).to(tl.float32) + tl.where(is_max, g, 0.0)
+    z = tl.load(zskip + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(gz + offs, (gs * _silu_grad(z)).to(gz.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _weight_grad_kernel(a, g, ws, wsb, R, C, N, CT, K_OFF, ROWS_PER_SPLIT,
+                        am, ay, ax, ac, gm, gy, gx, gc,
+                        S: tl.constexpr, S_IN: tl.constexpr, KS: tl.constexpr, PAD: tl.constexpr,
+                        A_TAP: tl.constexpr, B_STRIDE: tl.constexpr, B_TAP: tl.constexpr,
+                        FLAT_K: tl.constexpr, BIAS: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Partial weight gradient of one row split: ws[split, tap*CT + K_OFF + c, n] =
+    sum over rows of a[pixel_a(row, tap), c] * g[pixel_b(row, tap), n] with
+    pixel_a = (y + A_TAP*ty - PAD, ...) and pixel_b = (B_STRIDE*y + B_TAP*ty, ...).
+    A conv: A_TAP=1, B_STRIDE=1, B_TAP=0; a transposed conv: A_TAP=0, B_STRIDE=2, B_TAP=1.
+    BIAS: the tap's first channel tile also sums g over rows into wsb[split, tap or 0, n]."""
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    split = tl.program_id(2)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BK)
+    if FLAT_K:
+        kk = pid_k * BK + offs_k
+        k_ok = kk < KS * KS * C
+        tap = kk // C
+        c = kk % C
+        k_out = kk
+        first = pid_k == 0
+        tap_b = 0
+    else:
+        nkb = tl.cdiv(C, BK)
+        tap_s = pid_k // nkb
+        c = (pid_k % nkb) * BK + offs_k
+        k_ok = c < C
+        tap = tap_s + 0 * offs_k
+        k_out = tap_s * CT + K_OFF + c
+        if B_TAP:
+            first = pid_k % nkb == 0
+        else:
+            first = pid_k == 0
+        tap_b = tap_s
+    ty = tap // KS
+    tx = tap % KS
+    acc = tl.zeros((BK, BN), dtype=tl.float32)
+    bacc = tl.zeros((BN,), dtype=tl.float32)
+    r_start = split * ROWS_PER_SPLIT
+    r_end = tl.minimum(r_start + ROWS_PER_SPLIT, R)
+    for r0 in range(r_start, r_end, BM):
+        r = r0 + tl.arange(0, BM)
+        row_ok = r < r_end
+        m, y, x = _decode_rows(r, S, False)
+        m64 = m.to(tl.int64)
+        iy = y[None, :] + A_TAP * ty[:, None] - PAD
+        ix = x[None, :] + A_TAP * tx[:, None] - PAD
+        ok = k_ok[:, None] & row_ok[None, :] & (iy >= 0) & (iy < S_IN) & (ix >= 0) & (ix < S_IN)
+        at = tl.load(a + m64[None, :] * am + iy * ay + ix * ax + c[:, None] * ac, mask=ok, other=0.0)
+        gyy = y * B_STRIDE + B_TAP * (tap_b // KS)
+        gxx = x * B_STRIDE + B_TAP * (tap_b % KS)
+        b = tl.load(g + (m64 * gm + gyy * gy + gxx * gx)[:, None] + offs_n[None, :] * gc,
+                    mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(at, b, acc, input_precision=DOT_PREC)
+        if BIAS:
+            bacc += tl.sum(b.to(tl.float32), axis=0)
+    tl.store(ws + (split * (KS * KS * CT) + k_out)[:, None].to(tl.int64) * N + offs_n[None, :], acc,
+             mask=k_ok[:, None] & n_ok[None, :])
+    if BIAS:
+        if B_TAP:
+            tl.store(wsb + (split * KS * KS + tap_b) * N + offs_n, bacc, mask=n_ok & first)
+        else:
+            tl.store(wsb + split * N + offs_n, bacc, mask=n_ok & first)
+
+
+# ---------------------------------------------------------------- host side: configs and sources
+def _config(n):
+    """(BM, BN, BK, num_warps, num_stages) for a GEMM with n output columns."""
+    if triton_interpreted():
+        # the interpreter pays per program and per padded element: big rows, columns fitted to n
+        # the interpreter's cost is per program and per op, not per element: the biggest tiles
+        return 256, 256, 256, 4, 1
+    return 128, (64 if n <= 64 else 128), 32, 4, 3
+
+
+def _dot_precision(dtype):
+    if dtype != torch.float32:
+        return None
+    return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+
+
+class _Src:
+    """A source of an implicit GEMM: tensor, channels and (patch, y, x, channel) strides."""
+
+    def __init__(self, t, c, sm, sy, sx, sc):
+        self.t, self.c, self.strides = t, c, (sm, sy, sx, sc)
+
+
+def _nhwc(t):
+    m, s, _, c = t.shape
+    return _Src(t, c, s * s * c, s * c, c, 1)
+
+
+def _nchw(t):
+    sm, sc, sy, sx = t.stride()
+    return _Src(t, t.shape[1], sm, sy, sx, sc)
+
+
+def _strides_nhwc(t):
+    m, s, _, c = t.shape
+    return (s * s * c, s * c, c, 1)
+
+
+def _strides_nchw(t):
+    m, c, s, _ = t.shape
+    return (c * s * s, s, 1, s * s)
+
+
+def _conv(src1, weight, n, rows_s, *, src2=None, ks=3, stride=1, s_in=None, bias=None, silu=False,
+          out=None, out_strides=None, zbuf=None, store_z=False, dsilu=False, pool=None, upsample_c=0,
+          out2=None, n1=0):
+    """Launch _conv_kernel: rows are every pixel of the rows_s x rows_s grid of every patch."""
+    m = src1.t.shape[0]
+    r = m * rows_s * rows_s
+    bm, bn, bk, warps, stages = _config(n)
+    pad = (ks - 1) // 2 if stride == 1 else 0
+    s_in = rows_s if s_in is None else s_in
+    s2 = src2 or src1
+    o2s = _strides_nhwc(out2) if out2 is not None else (0, 0, 0, 0)
+    ps = _strides_nhwc(pool) if pool is not None else (0, 0, 0, 0)
+    grid = (triton.cdiv(r, bm), triton.cdiv(n, bn))
+    _conv_kernel[grid](
+        src1.t, s2.t, weight, bias if bias is not None else weight, out,
+        out2 if out2 is not None else out, zbuf if zbuf is not None else out,
+        pool if pool is not None else out,
+        r, src1.c, s2.c if src2 is not None else 0, n, n1, upsample_c or 1,
+        *src1.strides, *s2.strides, *out_strides, *o2s, *ps,
+        S=rows_s, S_IN=s_in, KS=ks, STRIDE=stride, PAD=pad, HAS_SRC2=src2 is not None,
+        FLAT_K=src2 is None and src1.c < 16,
+        HAS_BIAS=bias is not None, SILU=silu, STORE_Z=store_z, DSILU=dsilu, POOL=pool is not None,
+        UPSAMPLE=upsample_c > 0, SPLIT_N=out2 is not None,
+        BM=bm, BN=bn, BK=bk, DOT_PREC=_dot_precision(weight.dtype), num_warps=warps, num_stages=stages)
+    return out
+
+
+def _pool_grad(src, weight, n, rows_s, ks, skip, zskip, gskip):
+    """Input gradient of the conv reading a pooled map, through the pool and SiLU (see kernel)."""
+    m = src.t.shape[0]
+    r = m * rows_s * rows_s
+    bm, bn, bk, warps, stages = _config(n)
+    gz = torch.empty_like(skip)
+    grid = (triton.cdiv(r, bm), triton.cdiv(n, bn))
+    _conv_pool_grad_kernel[grid](
+        src.t, weight, skip, zskip, gskip, gz, r, src.c, n, *src.strides,
+        S=rows_s, S_IN=rows_s, KS=ks, PAD=(ks - 1) // 2,
+        BM=bm, BN=bn, BK=bk, DOT_PREC=_dot_precision(weight.dtype), num_warps=warps, num_stages=stages)
+    return gz
+
+
+def _num_splits(rows, bm, tiles):
+    """Row splits of a weight-gradient GEMM: enough programs to fill the GPU, at least 8 row
+    tiles per split (fixed by the shape alone, so the result is deterministic)."""
+    if triton_interpreted():
+        return 1 if rows <= 4 * bm else 2
+    target = max(1, 264 // max(tiles, 1))
+    return max(1, min(target, triton.cdiv(rows, 8 * bm)))
+
+
+def _weight_grad(sources, g, n, rows_s, *, ks, transposed=False, g_strides=None):
+    """fp32 (weight gradient [KS*KS, sum(C), n], bias gradient [n]) from the sources of a conv
+    (or the input of a transposed conv) and the gradient g of its output (channels-last)."""
+    m = g.shape[0]
+    r = m * rows_s * rows_s
+    ct = sum(s.c for s in sources)
+    bm, bn, bk, warps, stages = _config(n)
+    a_tap, b_stride, b_tap = (0, 2, 1) if transposed else (1, 1, 0)
+    pad = 0 if transposed else (ks - 1) // 2
+    flat = len(sources) == 1 and sources[0].c < 16
+    ktiles = [triton.cdiv(ks * ks * s.c, bk) if flat else ks * ks * triton.cdiv(s.c, bk) for s in sources]
+    splits = _num_splits(r, bm, sum(ktiles) * triton.cdiv(n, bn))
+    rows_per_split = triton.cdiv(triton.cdiv(r, splits), bm) * bm
+    ws = torch.empty((splits, ks * ks * ct, n), dtype=torch.float32, device=g.device)
+    nbt = ks * ks if transposed else 1
+    wsb = torch.empty((splits, nbt, n), dtype=torch.float32, device=g.device)
+    k_off = 0
+    for i, (src, kt) in enumerate(zip(sources, ktiles)):
+        _weight_grad_kernel[(kt, triton.cdiv(n, bn), splits)](
+            src.t, g, ws, wsb, r, src.c, n, ct, k_off, rows_per_split,
+            *src.strides, *(g_strides or _strides_nhwc(g)),
+            S=rows_s, S_IN=rows_s, KS=ks, PAD=pad, A_TAP=a_tap, B_STRIDE=b_stride, B_TAP=b_tap,
+            FLAT_K=flat, BIAS=i == 0,
+            BM=bm, BN=bn, BK=bk, DOT_PREC=_dot_precision(g.dtype), num_warps=warps, num_stages=stages)
+        k_off += src.c
+    return ws.sum(0).view(ks * ks, ct, n), wsb.sum((0, 1))
+
+
+# ---------------------------------------------------------------- re-laid weights, cached
+_cache = {}
+
+
+def _capturing(t):
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _relaid(weights, slot, kind, make):
+    w = weights[slot]
+    try:
+        key = (kind, w.data_ptr(), w._version, w.dtype, tuple(w.shape), w.device)
+    except RuntimeError:  # inference tensors carry no version counter: re-lay every call
+        return make(w)
+    if _capturing(w):
+        return make(w)
+    hit = _cache.get((slot, kind))
+    if hit is not None and hit[0] == key:
+        return hit[2]
+    t = make(w)
+    _cache[(slot, kind)] = (key, w, t)  # holding w keeps its address from being reused
+    return t
+
+
+def _conv_w(weights, name):
+    """conv weight (Cout, Cin, k, k) -> [k*k*Cin, Cout], K ordered (ky, kx, cin)."""
+    def make(w):
+        co, ci, k, _ = w.shape
+        return w.permute(2, 3, 1, 0).reshape(k * k * ci, co).contiguous()
+    return _relaid(weights, _W[name], "fwd", make)
+
+
+def _conv_w_input_grad(weights, name, n_in):
+    """Input gradient of a conv as a conv: [k*k*Cout, n_in] with the kernel flipped (the first
+    n_in input channels)."""
+    def make(w):
+        co, ci, k, _ = w.shape
+        return w[:, :n_in].flip(2, 3).permute(2, 3, 0, 1).reshape(k * k * co, n_in).contiguous()
+    return _relaid(weights, _W[name], f"bwd{n_in}", make)
+
+
+def _up_w(weights, name):
+    """ConvTranspose2d weight (Cin, Cout, 2, 2) -> [Cin, 4*Cout], columns (dy, dx, cout)."""
+    def make(w):
+        ci, co = w.shape[:2]
+        return w.permute(0, 2, 3, 1).reshape(ci, 4 * co).contiguous()
+    return _relaid(weights, _W[name], "fwd", make)
+
+
+def _up_b(weights, name):
+    return _relaid(weights, _W[name], "fwd4", lambda b: b.repeat(4).contiguous())
+
+
+def _up_w_input_grad(weights, name):
+    """Input gradient of ConvTranspose2d(k2, s2) as a stride-2 2x2 conv: [(dy, dx, cout), cin]."""
+    def make(w):
+        ci, co = w.shape[:2]
+        return w.permute(2, 3, 1, 0).reshape(4 * co, ci).contiguous()
+    return _relaid(weights, _W[name], "bwd", make)
+
+
+def _token_w_grad(weights, c_pool, reps):
+    """Token gradient of the bottleneck: [(pixel, cout), D], the token block repeated per pixel
+    so that the sum over the bottleneck's pixels is part of the GEMM's K."""
+    def make(w):
+        return w[:, c_pool:, 0, 0].repeat(reps, 1).contiguous()
+    return _relaid(weights, _W["bottleneck.weight"], f"tok{reps}", make)
+
+
+# ---------------------------------------------------------------- the head
+def _forward_all(patches, tokens, weights, keep_z):
+    """Run the head; returns a dict of channels-last activations (and pre-activations z_* when
+    keep_z) plus the output (M, 3, P, P)."""
+    m, _, p, _ = patches.shape
+    dev, dt = patches.device, patches.dtype
+    acts = {}
+    src = _nchw(patches)
+    s = p
+    for level, c in enumerate(ENCODER_CHANNELS, start=1):
+        skip = torch.empty((m, s, s, c), device=dev, dtype=dt)
+        pooled = torch.empty((m, s // 2, s // 2, c), device=dev, dtype=dt)
+        z = torch.empty_like(skip) if keep_z else None
+        _conv(src, _conv_w(weights, f"enc{level}.weight"), c, s, bias=weights[_W[f"enc{level}.bias"]],
+              silu=True, out=skip, out_strides=_strides_nhwc(skip), zbuf=z, store_z=keep_z, pool=pooled)
+        acts[f"s{level}"], acts[f"p{level}"], acts[f"z{level}"] = skip, pooled, z
+        src = _nhwc(pooled)
+        s //= 2
+    c4 = ENCODER_CHANNELS[-1]
+    h = torch.empty((m, s, s, c4), device=dev, dtype=dt)
+    zb = torch.empty_like(h) if keep_z else None
+    tok = _Src(tokens, tokens.shape[1], tokens.stride(0), 0, 0, tokens.stride(1))
+    _conv(src, _conv_w(weights, "bottleneck.weight"), c4, s, src2=tok, ks=1,
+          bias=weights[_W["bottleneck.bias"]], silu=True, out=h, out_strides=_strides_nhwc(h),
+          zbuf=zb, store_z=keep_z)
+    acts["d5"], acts["zd5"] = h, zb
+    for level, c_out in zip(range(4, 0, -1), DECODER_CHANNELS):
+        c_up = h.shape[3]
+        up = torch.empty((m, 2 * s, 2 * s, c_up), device=dev, dtype=dt)
+        _conv(_nhwc(h), _up_w(weights, f"up{level}.weight"), 4 * c_up, s, ks=1,
+              bias=_up_b(weights, f"up{level}.bias"), out=up, out_strides=_strides_nhwc(up), upsample_c=c_up)
+        s *= 2
+        h = torch.empty((m, s, s, c_out), device=dev, dtype=dt)
+        z = torch.empty_like(h) if keep_z else None
+        _conv(_nhwc(up), _conv_w(weights, f"dec{level}.weight"), c_out, s, src2=_nhwc(acts[f"s{level}"]),
+              bias=weights[_W[f"dec{level}.bias"]], silu=True, out=h, out_strides=_strides_nhwc(h),
+              zbuf=z, store_z=keep_z)
+        acts[f"u{level}"], acts[f"d{level}"], acts[f"zd{level}"] = up, h, z
+    return acts, h
+
+
+def patch_detailer_forward(patches, tokens, weights):
+    m, _, p, _ = patches.shape
+    _, d1 = _forward_all(patches, tokens, weights, keep_z=False)
+    out = output_buffer((m, 3, p, p), patches.dtype, patches.device)
+    _conv(_nhwc(d1), _conv_w(weights, "out.weight"), 3, p, ks=1, bias=weights[_W["out.bias"]],
+          out=out, out_strides=_strides_nchw(out))
+    return out
+
+
+def patch_detailer_backward(grad_out, patches, tokens, weights):
+    m, _, p, _ = patches.shape
+    dev, dt = patches.device, patches.dtype
+    acts, d1 = _forward_all(patches, tokens, weights, keep_z=True)
+    gw = [None] * len(weights)
+
+    def conv_shape(g):  # [k*k, Cin, Cout] -> (Cout, Cin, k, k)
+        kk, ci, co = g.shape
+        k = int(round(kk ** 0.5))
+        return g.view(k, k, ci, co).permute(3, 2, 0, 1)
+
+    def up_shape(g):  # [4, Cin, Cout] -> (Cin, Cout, 2, 2)
+        return g.view(2, 2, g.shape[1], g.shape[2]).permute(2, 3, 0, 1)
+
+    # output conv1x1: gradient of dec1's pre-activation straight from grad_out
+    g_y = _nchw(grad_out)
+    w_g, b_g = _weight_grad([_nhwc(d1)], grad_out, 3, p, ks=1, g_strides=g_y.strides)
+    gw[_W["out.weight"]], gw[_W["out.bias"]] = conv_shape(w_g), b_g
+    c_d1 = d1.shape[3]
+    g_z = torch.empty_like(d1)
+    del d1
+    _conv(g_y, _conv_w_input_grad(weights, "out.weight", c_d1), c_d1, p, ks=1,
+          out=g_z, out_strides=_strides_nhwc(g_z), zbuf=acts["zd1"], dsilu=True)
+
+    s = p
+    g_skips = {}
+    for level in range(1, 5):
+        # dec<level>: weight grads over its two sources, input grad split into (up, skip)
+        up, skip = acts[f"u{level}"], acts[f"s{level}"]
+        w_g, b_g = _weight_grad([_nhwc(up), _nhwc(skip)], g_z, g_z.shape[3], s, ks=3)
+        gw[_W[f"dec{level}.weight"]], gw[_W[f"dec{level}.bias"]] = conv_shape(w_g), b_g
+        c_up, c_skip = up.shape[3], skip.shape[3]
+        g_up = torch.empty_like(up)
+        g_skip = torch.empty_like(skip)
+        _conv(_nhwc(g_z), _conv_w_input_grad(weights, f"dec{level}.weight", c_up + c_skip), c_up + c_skip, s,
+              out=g_up, out_strides=_strides_nhwc(g_up), out2=g_skip, n1=c_up)
+        g_skips[level] = g_skip
+        # up<level>: weight grads, then its input's gradient through the SiLU below it
+        below = acts[f"d{level + 1}"]
+        w_g, b_g = _weight_grad([_nhwc(below)], g_up, c_up, s // 2, ks=2, transposed=True)
+        gw[_W[f"up{level}.weight"]], gw[_W[f"up{level}.bias"]] = up_shape(w_g), b_g
+        s //= 2
+        g_z = torch.empty_like(below)
+        _conv(_nhwc(g_up), _up_w_input_grad(weights, f"up{level}.weight"), below.shape[3], s, ks=2, stride=2,
+              s_in=2 * s, out=g_z, out_strides=_strides_nhwc(g_z), zbuf=acts[f"zd{level + 1}"], dsilu=True)
+        for done in (f"u{level}", f"d{level}", f"zd{level}", f"zd{level + 1}"):
+            acts.pop(done, None)  # freed as the backward walks down: a lower transient peak
+
+    # bottleneck: g_z is the gradient of its pre-activation (M, s, s, 512)
+    pooled4 = acts["p4"]
+    c4 = pooled4.shape[3]
+    tok = _Src(tokens, tokens.shape[1], tokens.stride(0), 0, 0, tokens.stride(1))
+    w_g, b_g = _weight_grad([_nhwc(pooled4), tok], g_z, c4, s, ks=1)
+    gw[_W["bottleneck.weight"]], gw[_W["bottleneck.bias"]] = conv_shape(w_g), b_g
+    g_tokens = output_buffer(tokens.shape, dt, dev)
+    d = tokens.shape[1]
+    _conv(_Src(g_z, s * s * c4, s * s * c4, 0, 0, 1), _token_w_grad(weights, c4, s * s), d, 1, ks=1,
+          out=g_tokens, out_strides=(g_tokens.stride(0), 0, 0, g_tokens.stride(1)))
+    g_z = _pool_grad(_nhwc(g_z), _conv_w_input_grad(weights, "bottleneck.weight", c4), c4, s, 1,
+                     acts["s4"], acts["z4"], g_skips[4])
+    s *= 2
+    for level in range(4, 0, -1):
+        src = _nchw(patches) if level == 1 else _nhwc(acts[f"p{level - 1}"])
+        w_g, b_g = _weight_grad([src], g_z, g_z.shape[3], s, ks=3)
+        gw[_W[f"enc{level}.weight"]], gw[_W[f"enc{level}.bias"]] = conv_shape(w_g), b_g
+        w_in = _conv_w_input_grad(weights, f"enc{level}.weight", src.c)
+        if level == 1:
+            g_patches = output_buffer(patches.shape, dt, dev)
+            _conv(_nhwc(g_z), w_in, 3, s, out=g_patches, out_strides=_strides_nchw(g_patches))
+        else:
+            g_z = _pool_grad(_nhwc(g_z), w_in, src.c, s, 3,
+                             acts[f"s{level - 1}"], acts[f"z{level - 1}"], g_skips[level - 1])
+            s *= 2
+
+    grads = []
+    for w, g in zip(weights, gw):
+        buf = output_buffer(w.shape, w.dtype, w.device)
+        buf.copy_(g)
+        grads.append(buf)
+    return g_patches, g_tokens, grads
+
+
+def activation_bytes_per_patch(patch_size, token_dim, dtype_bytes=2):
+    """(bytes the backward's recompute materialises per patch, bytes eager autograd saves per patch)."""
+    sizes = [patch_size >> i for i in range(5)]
+    ours = 0
+    for level, c in enumerate(ENCODER_CHANNELS):
+        s = sizes[level]
+        ours += (2 * s * s + (s // 2) ** 2) * c  # skip, its pre-activation, pooled
+    sb = sizes[4]
+    ours += 2 * sb * sb * ENCODER_CHANNELS[-1]  # bottleneck and its pre-activation
+    c_below = ENCODER_CHANNELS[-1]
+    for level, c in zip(range(3, -1, -1), DECODER_CHANNELS):
+        s = sizes[level]
+        ours += s * s * c_below + 2 * s * s * c  # upsampled, decoder output and pre-activation
+        c_below = c
+    eager = 0
+    for level, c in enumerate(ENCODER_CHANNELS):  # conv input, SiLU input, pool input + int64 indices
+        s = sizes[level]
+        c_in = 3 if level == 0 else ENCODER_CHANNELS[level - 1]
+        eager += s * s * c_in + s * s * c + s * s * c + (s // 2) ** 2 * c * 8 / dtype_bytes
+    eager += sb * sb * (ENCODER_CHANNELS[-1] + token_dim) + sb * sb * ENCODER_CHANNELS[-1]
+    c_below = ENCODER_CHANNELS[-1]
+    for level, c in zip(range(3, -1, -1), DECODER_CHANNELS):
+        s = sizes[level]
+        eager += (s // 2) ** 2 * c_below  # transposed conv input
+        eager += s * s * (c_below + ENCODER_CHANNELS[level]) + s * s * c  # concat, SiLU input
+        c_below = c
+    eager += patch_size ** 2 * DECODER_CHANNELS[-1]  # output conv input
+    return int(ours * dtype_bytes), int(eager * dtype_bytes)
