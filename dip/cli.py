@@ -1,0 +1,332 @@
+"""Console scripts: dip-train, dip-sample, dip-eval, dip-demo.
+
+Entry points (pyproject.toml ``[project.scripts]``):
+    dip-train  = "dip.cli:train_main"
+    dip-sample = "dip.cli:sample_main"
+    dip-eval   = "dip.cli:eval_main"
+    dip-demo   = "dip.cli:demo_main"
+
+User errors (bad arguments, missing files, invalid values) print one ``<prog>: error: ...`` line and
+exit with status 2, without a traceback; set DIP_DEBUG=1 to see the traceback anyway.
+"""
+import argparse
+import os
+import sys
+from typing import Callable, List, Optional
+
+USER_ERRORS = (ValueError, OSError, KeyError)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with usage errors reported on a single line."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def run_main(fn: Callable[[Optional[List[str]]], int], argv=None, prog: str = "dip") -> int:
+    try:
+        return fn(argv) or 0
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as err:
+        if os.environ.get("DIP_DEBUG"):
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if isinstance(err, KeyError):
+            message = f"missing key {message}"
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
+
+
+def _key_value(text: str):
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    import yaml
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+# ----------------------------------------------------------------------------- dip-train
+def train_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="dip-train", description=(
+        "Train DiP. Runs as one process, or under torchrun for several GPUs / nodes "
+        "(e.g. torchrun --nproc_per_node 8 -m dip.cli train DiP-XL/16 --data ...)."))
+    p.add_argument("config", help="a model name (DiP-XL/16, DiP-L/16, DiP-B/16, DiP-S/16, DiP-XL/32, DiP-Tiny) "
+                                  "or a YAML file of TrainConfig fields")
+    p.add_argument("--data", help="image folder: one subfolder per class, or images directly (unconditional)")
+    p.add_argument("--out", help="run folder for checkpoints, metrics.jsonl and samples")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="resume from a checkpoint file or run folder; without a value, from <out>/latest.pt if present")
+    p.add_argument("--steps", type=_positive_int)
+    p.add_argument("--batch-size", type=_positive_int, dest="global_batch", help="global batch size")
+    p.add_argument("--grad-accum", type=_positive_int)
+    p.add_argument("--image-size", type=_positive_int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--objective", choices=("flow", "ddpm"))
+    p.add_argument("--parallel", choices=("ddp", "fsdp"))
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"))
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--head", help="model head: unet (DiP), none (DiT-only), mlp, coord_mlp, attention")
+    p.add_argument("--grad-clip", type=float)
+    p.add_argument("--grad-checkpointing", action="store_true", default=None)
+    p.add_argument("--num-workers", type=int)
+    p.add_argument("--log-interval", type=_positive_int)
+    p.add_argument("--ckpt-interval", type=_positive_int)
+    p.add_argument("--sample-interval", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--set", type=_key_value, action="append", default=[], metavar="FIELD=VALUE",
+                   help="any other TrainConfig field, e.g. --set ema=0.999 --set label_dropout=0")
+    p.add_argument("--model-set", type=_key_value, action="append", default=[], metavar="FIELD=VALUE",
+                   help="a model (DiPConfig) field, e.g. --model-set depth=4")
+    return p
+
+
+def _train(argv):
+    from .train import load_config, train
+    args = train_parser().parse_args(argv)
+    overrides = {k: getattr(args, k) for k in ("data", "out", "resume", "steps", "global_batch", "grad_accum",
+                                               "image_size", "lr", "objective", "parallel", "precision", "device",
+                                               "grad_clip", "grad_checkpointing", "num_workers", "log_interval",
+                                               "ckpt_interval", "sample_interval", "seed")}
+    if args.no_progress:
+        overrides["progress"] = False
+    overrides.update(dict(args.set))
+    cfg = load_config(args.config, **overrides)
+    model_overrides = dict(cfg.model_overrides)
+    model_overrides.update(dict(args.model_set))
+    if args.head:
+        model_overrides["head"] = args.head
+    cfg.model_overrides = model_overrides
+    from .models import CONFIGS
+    if cfg.model not in CONFIGS:
+        raise ValueError(f"unknown model {cfg.model!r}; choose one of {sorted(CONFIGS)} or give a YAML file")
+    result = train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"finished at step {result['step']}, loss {result['loss']:.4f}; checkpoint {result['checkpoint']}")
+        if result["unreadable_images"]:
+            print(f"warning: {result['unreadable_images']} unreadable images were skipped", file=sys.stderr)
+    return 0
+
+
+def train_main(argv=None):
+    return run_main(_train, argv, "dip-train")
+
+
+# ----------------------------------------------------------------------------- dip-sample
+def sample_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="dip-sample", description=(
+        "Sample from a dip-train checkpoint: a PNG grid (default), or --per-class N images of every class "
+        "as an ADM-style .npz (arr_0 uint8 NHWC, arr_1 labels), split across torchrun processes."))
+    p.add_argument("checkpoint", help="checkpoint file or run folder (its latest.pt)")
+    p.add_argument("--grid", help="PNG grid to write (default samples.png unless --npz is given)")
+    p.add_argument("--npz", help=".npz file to write with --per-class images of every class")
+    p.add_argument("--num", type=_positive_int, default=16, help="images in the grid (default 16)")
+    p.add_argument("--classes", help="comma-separated class ids for the grid (default: cycle through the classes)")
+    p.add_argument("--per-class", type=_positive_int, default=1, help="images per class for --npz (default 1)")
+    p.add_argument("--steps", type=_positive_int, default=50, help="solver steps (default 50)")
+    p.add_argument("--cfg-scale", type=float, default=1.0)
+    p.add_argument("--method", choices=("euler", "heun", "ddim", "ddpm"),
+                   help="default: euler for flow-matching checkpoints, ddim for ddpm ones")
+    p.add_argument("--image-size", type=_positive_int, help="default: the training resolution")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def load_model_from_checkpoint(path: str, use_ema: bool = True, device="cpu"):
+    """(model in eval mode, checkpoint dict) from a dip-train checkpoint."""
+    from .checkpoint import load_checkpoint
+    from .models import DiPConfig, build_model
+    state = load_checkpoint(path)
+    if "model_config" not in state or "model" not in state:
+        raise ValueError(f"{path!r} is not a dip-train checkpoint (no model_config / model)")
+    model = build_model(DiPConfig(**state["model_config"]))
+    model.load_state_dict(state["ema"] if use_ema and state.get("ema") is not None else state["model"])
+    return model.to(device).eval(), state
+
+
+def _sample(argv):
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    from . import sample as sampling
+    from .train import setup_distributed
+
+    args = sample_parser().parse_args(argv)
+    if args.npz and not args.npz.endswith(".npz"):
+        raise ValueError(f"--npz must name a .npz file, got {args.npz!r}")
+    env = setup_distributed(args.device)
+    try:
+        model, state = load_model_from_checkpoint(args.checkpoint, use_ema=not args.raw, device=env.device)
+        train_cfg = state.get("config", {})
+        num_classes = int(state.get("num_classes", model.num_classes))
+        image_size = args.image_size or int(train_cfg.get("image_size", 256))
+        objective = train_cfg.get("objective", "flow")
+        method = args.method or ("euler" if objective == "flow" else "ddim")
+        if (objective == "flow") != (method in ("euler", "heun")):
+            raise ValueError(f"--method {method} does not fit a {objective} checkpoint")
+        progress = not args.no_progress and env.is_main
+
+        def draw(labels, seed):
+            return sampling.sample(model, labels, image_size, steps=args.steps, cfg_scale=args.cfg_scale, seed=seed,
+                                   method=method, device=env.device, progress=False)
+
+        if args.grid or not args.npz:
+            if args.classes:
+                try:
+                    labels = [int(c) for c in args.classes.split(",")]
+                except ValueError:
+                    raise ValueError(f"--classes must be comma-separated integers, got {args.classes!r}") from None
+                bad = [c for c in labels if not 0 <= c < num_classes]
+                if bad:
+                    raise ValueError(f"--classes {bad} out of range: the model has {num_classes} classes")
+            else:
+                labels = [i % num_classes for i in range(args.num)]
+            if env.is_main:
+                images = draw(labels, args.seed)
+                path = sampling.save_grid(images, args.grid or "samples.png")
+                print(f"wrote {path}")
+        if args.npz:
+            all_labels = np.repeat(np.arange(num_classes), args.per_class)
+            batches = [all_labels[i:i + args.batch_size] for i in range(0, len(all_labels), args.batch_size)]
+            # batch k runs on rank k % world with seed + k, so the file does not depend on the world size
+            mine = list(range(env.rank, len(batches), env.world_size))
+            images, labels = [], []
+            iterator = mine
+            if progress:
+                from tqdm.auto import tqdm
+                iterator = tqdm(mine, desc="sample", dynamic_ncols=True)
+            for k in iterator:
+                images.append(sampling.to_uint8(draw(batches[k].tolist(), args.seed + k)))
+                labels.append(batches[k])
+            shard = (np.concatenate(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8),
+                     np.concatenate(labels) if labels else np.zeros((0,), np.int64))
+            if env.distributed:
+                part = f"{args.npz[:-4]}.rank{env.rank}.npz"
+                sampling.save_npz(part, shard[0], shard[1])
+                dist.barrier()
+                if env.is_main:
+                    parts = []
+                    for r in range(env.world_size):
+                        with np.load(f"{args.npz[:-4]}.rank{r}.npz") as f:
+                            parts.append((f["arr_0"], f["arr_1"]))
+                    order = [(k % env.world_size, k // env.world_size) for k in range(len(batches))]
+                    offsets = [np.cumsum([0] + [len(batches[k]) for k in range(r, len(batches), env.world_size)])
+                               for r in range(env.world_size)]
+                    imgs = np.concatenate([parts[r][0][offsets[r][i]:offsets[r][i + 1]] for r, i in order])
+                    labs = np.concatenate([parts[r][1][offsets[r][i]:offsets[r][i + 1]] for r, i in order])
+                    sampling.save_npz(args.npz, imgs, labs)
+                    for r in range(env.world_size):
+                        os.remove(f"{args.npz[:-4]}.rank{r}.npz")
+                dist.barrier()
+            else:
+                sampling.save_npz(args.npz, shard[0], shard[1])
+            if env.is_main:
+                print(f"wrote {args.npz} ({len(all_labels)} images)")
+    finally:
+        if env.initialized_here:
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+def sample_main(argv=None):
+    return run_main(_sample, argv, "dip-sample")
+
+
+# ----------------------------------------------------------------------------- dip-eval
+def _number_pair(kind):
+    def parse(text):
+        try:
+            parts = [kind(v) for v in text.split(",")]
+        except ValueError:
+            parts = []
+        if len(parts) != 2:
+            raise argparse.ArgumentTypeError(f"expected two comma-separated numbers, got {text!r}")
+        return tuple(parts)
+    return parse
+
+
+def eval_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="dip-eval", description=(
+        "FID and k-NN precision/recall between two image sets, each an ADM-style .npz (arr_0 uint8 NHWC) "
+        "or a folder of images (wraps dip.evaluate; nothing is downloaded)."))
+    p.add_argument("samples", help="generated images: .npz file or image folder")
+    p.add_argument("reference", help="reference images: .npz file or image folder (e.g. the ADM reference batch)")
+    p.add_argument("--extractor", help="local TorchScript Inception feature network (.pt), see dip.evaluate")
+    p.add_argument("--input-range", type=_number_pair(float), help="value range the extractor expects, e.g. 0,255")
+    p.add_argument("--resize", type=_number_pair(int), help="resize images to H,W before the extractor")
+    p.add_argument("--batch-size", type=_positive_int, default=100)
+    p.add_argument("--k", type=_positive_int, default=3, help="neighbourhood size for precision/recall")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _eval(argv):
+    import json
+    import torch
+    args = eval_parser().parse_args(argv)
+    for path in (args.samples, args.reference):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path!r} does not exist")
+    from . import evaluate
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        metrics = evaluate.evaluate(args.samples, args.reference, extractor=args.extractor,
+                                    batch_size=args.batch_size, k=args.k, device=device,
+                                    progress=not args.no_progress, input_range=args.input_range, resize=args.resize)
+    except evaluate.ExtractorNotFoundError as err:
+        raise ValueError(str(err)) from None
+    for name in ("fid", "precision", "recall"):
+        print(f"{name}: {metrics[name]:.4f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(metrics, f, indent=2)
+    return 0
+
+
+def eval_main(argv=None):
+    return run_main(_eval, argv, "dip-eval")
+
+
+# ----------------------------------------------------------------------------- dip-demo
+def demo_main(argv=None):
+    from .demo import main
+    return run_main(main, argv, "dip-demo")
+
+
+COMMANDS = {"train": train_main, "sample": sample_main, "eval": eval_main, "demo": demo_main}
+
+
+def main(argv=None):
+    """``python -m dip.cli <train|sample|eval|demo> ...`` (handy under torchrun)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        if argv and argv[0] in ("-h", "--help"):
+            print(f"usage: python -m dip.cli {{{','.join(COMMANDS)}}} ...")
+            return 0
+        print(f"dip: error: first argument must be one of {', '.join(COMMANDS)} (see python -m dip.cli --help)",
+              file=sys.stderr)
+        return 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

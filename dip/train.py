@@ -1,0 +1,607 @@
+"""Training loop for DiP: single process, or many via ``torchrun`` (DDP by default, FSDP2 optional).
+
+Reproducibility. The randomness of training step ``s`` (label dropout, diffusion time and noise)
+comes from a generator seeded by ``(seed, s, shard)``, where the global batch is cut into
+``world_size * grad_accum`` equal shards and shard ``rank * grad_accum + j`` is micro-batch ``j`` of
+rank ``rank``. Data order is a pure function of ``(seed, epoch)`` (dip.data.ResumableBatchSampler).
+So a run gives the same weights (up to float reduction order) whether its shards run on several
+processes or one process with gradient accumulation, and a resumed run repeats an uninterrupted
+one exactly.
+"""
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from . import checkpoint as ckpt
+from .diffusion import drop_labels
+from .data import ImageFolderDataset, ResumableBatchSampler, advance_position, collate
+
+
+@dataclass
+class TrainConfig:
+    model: str = "DiP-B/16"                 # a dip.models.CONFIGS name
+    model_overrides: Dict[str, Any] = field(default_factory=dict)  # DiPConfig fields, e.g. {"head": "none"}
+    data: str = ""                          # image folder (one subfolder per class, or images = 1 class)
+    out: str = "outputs/run"
+    image_size: int = 256
+    global_batch: int = 256                 # summed over all processes and accumulation steps
+    grad_accum: int = 1                     # micro-batches per process per step
+    steps: int = 400_000
+    lr: float = 1e-4
+    betas: Tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0                   # linear lr warm-up
+    ema: float = 0.9999                     # EMA decay (the EMA is kept in fp32)
+    label_dropout: float = 0.1              # share of labels replaced by the null class (for CFG)
+    grad_clip: Optional[float] = None       # max global grad norm; None = no clipping
+    grad_checkpointing: bool = False
+    objective: str = "flow"                 # flow | ddpm
+    repa: bool = False                      # REPA representation alignment
+    repa_weight: float = 0.5
+    repa_depth: int = 8                     # align the tokens after this block
+    repa_encoder: str = ""                  # local TorchScript / pickled encoder (dip.diffusion.load_frozen_encoder)
+    repa_input_size: int = 224              # encoder input resolution; 0 = the training resolution
+    repa_proj_hidden: int = 2048
+    random_flip: bool = True
+    num_workers: int = 4
+    log_interval: int = 100
+    ckpt_interval: int = 10_000
+    keep_numbered_ckpts: bool = False       # also keep step_XXXXXXXX.pt at every checkpoint
+    sample_interval: int = 0                # 0 = never sample during training
+    sample_steps: int = 50
+    sample_cfg_scale: float = 1.0
+    seed: int = 0
+    precision: str = "auto"                 # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
+    parallel: str = "ddp"                   # ddp | fsdp (FSDP2, torch.distributed.fsdp.fully_shard)
+    resume: Optional[str] = None            # checkpoint file or run folder; "auto" = <out>/latest.pt if present
+    device: str = "auto"                    # auto | cpu | cuda
+    progress: bool = True
+
+    def validate(self):
+        checks = [
+            (self.image_size > 0, "image_size must be positive"),
+            (self.global_batch > 0, "global_batch must be positive"),
+            (self.grad_accum > 0, "grad_accum must be positive"),
+            (self.steps >= 0, "steps must be >= 0"),
+            (self.lr > 0, "lr must be positive"),
+            (0.0 <= self.ema < 1.0, "ema must be in [0, 1)"),
+            (0.0 <= self.label_dropout <= 1.0, "label_dropout must be in [0, 1]"),
+            (self.grad_clip is None or self.grad_clip > 0, "grad_clip must be positive or None"),
+            (self.objective in ("flow", "ddpm"), f"objective must be flow or ddpm, got {self.objective!r}"),
+            (self.precision in ("auto", "bf16", "fp32"), f"precision must be auto, bf16 or fp32, got {self.precision!r}"),
+            (self.parallel in ("ddp", "fsdp"), f"parallel must be ddp or fsdp, got {self.parallel!r}"),
+            (self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}"),
+            (self.log_interval > 0 and self.ckpt_interval > 0, "log_interval and ckpt_interval must be positive"),
+            (self.sample_interval >= 0, "sample_interval must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        self.betas = tuple(float(b) for b in self.betas)
+        return self
+
+
+def load_config(name_or_yaml: str, **overrides) -> TrainConfig:
+    """A TrainConfig from a model name (``"DiP-B/16"``) or a YAML file of TrainConfig fields, whose
+    ``model`` may be a name or ``{name: ..., <DiPConfig field>: ...}``; ``overrides`` win."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    values: Dict[str, Any] = {}
+    if name_or_yaml.endswith((".yaml", ".yml")) or os.path.isfile(name_or_yaml):
+        import yaml
+        if not os.path.isfile(name_or_yaml):
+            raise FileNotFoundError(f"config file {name_or_yaml!r} does not exist")
+        with open(name_or_yaml) as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {name_or_yaml!r} must hold a mapping of TrainConfig fields")
+        model = values.get("model")
+        if isinstance(model, dict):
+            model = dict(model)
+            if "name" not in model:
+                raise ValueError(f"{name_or_yaml}: model must have a name")
+            values["model"] = model.pop("name")
+            values["model_overrides"] = {**model, **values.get("model_overrides", {})}
+    else:
+        values["model"] = name_or_yaml
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown config fields {unknown}")
+    return TrainConfig(**values).validate()
+
+
+# ----------------------------------------------------------------------------- distributed setup
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    initialized_here: bool = False
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+
+def setup_distributed(device: str = "auto") -> DistEnv:
+    """Join the process group that ``torchrun`` describes in RANK / WORLD_SIZE / LOCAL_RANK /
+    MASTER_ADDR / MASTER_PORT; without them, a single process. NCCL on GPU, gloo on CPU."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda was asked for but no CUDA GPU is available")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    env = DistEnv(rank, world_size, local_rank, dev)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if use_cuda else "gloo"
+        kwargs = {"device_id": dev} if use_cuda else {}
+        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size, **kwargs)
+        env.initialized_here = True
+    return env
+
+
+def _fully_shard():
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        try:
+            from torch.distributed._composable.fsdp import fully_shard
+        except ImportError:
+            raise RuntimeError(f"parallel=fsdp needs FSDP2 (torch.distributed.fsdp.fully_shard, torch >= 2.6); "
+                               f"this torch is {torch.__version__}. Use parallel=ddp.") from None
+    return fully_shard
+
+
+def _is_dtensor(t):
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(t, DTensor)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view sharing its storage), or the tensor itself."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _full_cpu(t: torch.Tensor, is_main: bool) -> Optional[torch.Tensor]:
+    """The whole tensor on CPU on the main rank (a collective for sharded DTensors)."""
+    if _is_dtensor(t):
+        t = t.full_tensor()
+    return t.detach().cpu().clone() if is_main else None
+
+
+# ----------------------------------------------------------------------------- EMA
+class EMA:
+    """fp32 exponential moving average of a model's parameters, kept with the same sharding as the
+    parameters (so FSDP shards the EMA too)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.names = [n for n, _ in model.named_parameters()]
+        self.shadow = [p.detach().float().clone() for _, p in model.named_parameters()]
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module):
+        params = [_local(p.detach()).float() for _, p in model.named_parameters()]
+        torch._foreach_lerp_([_local(s) for s in self.shadow], params, 1.0 - self.decay)
+
+    def full_state_dict(self, model: torch.nn.Module, is_main: bool) -> Optional[Dict[str, torch.Tensor]]:
+        """A complete model state dict (EMA parameters, the model's buffers) on the main rank."""
+        ema = dict(zip(self.names, self.shadow))
+        out = {}
+        for name, value in model.state_dict().items():
+            out[name] = _full_cpu(ema.get(name, value), is_main)
+        return out if is_main else None
+
+    @torch.no_grad()
+    def load_full_state_dict(self, state: Dict[str, torch.Tensor]):
+        for name, shadow in zip(self.names, self.shadow):
+            value = state[name].float()
+            if _is_dtensor(shadow):
+                from torch.distributed.tensor import distribute_tensor
+                shadow.copy_(distribute_tensor(value.to(shadow.device_mesh.device_type), shadow.device_mesh,
+                                               shadow.placements))
+            else:
+                shadow.copy_(value)
+
+
+# ----------------------------------------------------------------------------- state (de)serialisation
+def _model_full_state_dict(model, is_main):
+    sd = {k: _full_cpu(v, is_main) for k, v in model.state_dict().items()}
+    return sd if is_main else None
+
+
+@torch.no_grad()
+def _load_model_full_state_dict(model, state):
+    if not any(_is_dtensor(p) for p in model.parameters()):
+        model.load_state_dict(state)
+        return
+    from torch.distributed.tensor import distribute_tensor
+    own = model.state_dict()
+    missing = set(own) - set(state)
+    if missing:
+        raise KeyError(f"checkpoint lacks {sorted(missing)}")
+    for name, target in own.items():
+        value = state[name].to(target.dtype)
+        if _is_dtensor(target):
+            value = distribute_tensor(value.to(target.device_mesh.device_type), target.device_mesh, target.placements)
+        target.copy_(value)
+
+
+def _optimizer_full_state_dict(optimizer, is_main):
+    sd = optimizer.state_dict()
+    state = {pid: {k: (_full_cpu(v, is_main) if torch.is_tensor(v) else v) for k, v in s.items()}
+             for pid, s in sd["state"].items()}
+    return {"state": state, "param_groups": sd["param_groups"]} if is_main else None
+
+
+def _load_optimizer_full_state_dict(optimizer, state):
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if any(_is_dtensor(p) for p in params):
+        from torch.distributed.tensor import distribute_tensor
+        converted = {}
+        for pid, s in state["state"].items():
+            p = params[int(pid)]
+            converted[pid] = {
+                k: (distribute_tensor(v.to(p.device_mesh.device_type, p.dtype), p.device_mesh, p.placements)
+                    if torch.is_tensor(v) and v.shape == p.shape and v.dim() > 0 else v)
+                for k, v in s.items()}
+        state = {"state": converted, "param_groups": state["param_groups"]}
+    optimizer.load_state_dict(state)
+
+
+def _gather_objects(obj, env: DistEnv):
+    if not env.distributed:
+        return [obj]
+    out = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ----------------------------------------------------------------------------- objectives
+def build_objective(cfg: TrainConfig):
+    from . import diffusion
+    if cfg.objective == "flow":
+        return diffusion.FlowMatching()
+    return diffusion.DDPM()
+
+
+def build_repa(cfg: TrainConfig, hidden_size: int, device):
+    """The REPA module (frozen encoder + trainable projector), or None when cfg.repa is off."""
+    if not cfg.repa:
+        return None
+    from . import diffusion
+    if not cfg.repa_encoder:
+        raise ValueError("repa needs repa_encoder: the path of a local TorchScript or pickled encoder")
+    encoder = diffusion.load_frozen_encoder(cfg.repa_encoder).to(device)
+    size = cfg.repa_input_size or cfg.image_size
+    with torch.no_grad():
+        feats = encoder(torch.zeros(1, 3, size, size, device=device))
+    if isinstance(feats, dict):
+        feats = feats["x_norm_patchtokens"]
+    if isinstance(feats, (tuple, list)):
+        feats = feats[0]
+    encoder_dim = feats.shape[1] if feats.dim() == 4 else feats.shape[-1]
+    return diffusion.REPALoss(encoder, hidden_size=hidden_size, encoder_dim=int(encoder_dim),
+                              proj_hidden=cfg.repa_proj_hidden, block=cfg.repa_depth,
+                              input_size=cfg.repa_input_size or None).to(device)
+
+
+def step_generator(seed: int, step: int, shard: int, device: torch.device) -> torch.Generator:
+    """The generator for one shard of one step (see the module docstring)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed((seed * 1_000_003 + step) * 10_007 + shard)
+    return gen
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    return cfg.lr
+
+
+# ----------------------------------------------------------------------------- the loop
+def _build_dataset(cfg):
+    if not cfg.data:
+        raise ValueError("no training data: set data to an image folder")
+    return ImageFolderDataset(cfg.data, cfg.image_size, random_flip=cfg.random_flip)
+
+
+def _resolve_resume(cfg) -> Optional[str]:
+    if not cfg.resume:
+        return None
+    if cfg.resume == "auto":
+        path = os.path.join(cfg.out, ckpt.LATEST)
+        return path if os.path.isfile(path) else None
+    return ckpt.resolve_checkpoint(cfg.resume)
+
+
+def _sample_grid(cfg, model_config, ema_state, num_classes, step, device):
+    from .models import build_model
+    from . import sample as sampling
+    model = build_model(model_config).to(device)
+    model.load_state_dict(ema_state)
+    model.eval()
+    n = min(16, max(4, num_classes))
+    labels = torch.arange(n) % num_classes
+    images = sampling.sample(model, labels, cfg.image_size, steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg_scale,
+                             seed=cfg.seed, method="euler", device=device, progress=False)
+    path = os.path.join(cfg.out, "samples", f"step_{step:08d}.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    sampling.save_grid(images, path)
+    return path
+
+
+def train(cfg: TrainConfig, dataset=None, on_step: Optional[Callable[[int, Dict[str, float]], None]] = None
+          ) -> Dict[str, Any]:
+    """Train per ``cfg``. ``dataset`` replaces the image folder (any dataset of (image, label) with a
+    ``num_classes`` attribute that accepts ``(index, flip)`` items). ``on_step(step, info)`` is called
+    after every optimizer step (step counts from 1). Returns the final step, last logged loss, the
+    path of the latest checkpoint and the number of unreadable images skipped."""
+    from .models import DiPConfig, build_model
+
+    cfg.validate()
+    env = setup_distributed(cfg.device)
+    try:
+        return _train(cfg, env, dataset, on_step, DiPConfig, build_model)
+    finally:
+        if env.initialized_here:
+            dist.destroy_process_group()
+
+
+def _train(cfg, env, dataset, on_step, DiPConfig, build_model):
+    device = env.device
+    if cfg.global_batch % (env.world_size * cfg.grad_accum):
+        raise ValueError(f"global_batch={cfg.global_batch} must be divisible by world_size*grad_accum="
+                         f"{env.world_size}*{cfg.grad_accum}")
+    local_batch = cfg.global_batch // env.world_size
+    micro_batch = local_batch // cfg.grad_accum
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    if env.is_main:
+        os.makedirs(cfg.out, exist_ok=True)
+
+    if dataset is None:
+        dataset = _build_dataset(cfg)
+    num_classes = int(getattr(dataset, "num_classes", 1))
+
+    # -- model: identical initialisation on every rank, then per-rank RNG streams
+    overrides = dict(cfg.model_overrides)
+    overrides.setdefault("num_classes", num_classes)
+    if overrides["num_classes"] < num_classes:
+        raise ValueError(f"the data has {num_classes} classes but the model num_classes={overrides['num_classes']}")
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, **overrides).to(device)
+    model_config = model.config
+    null_class = model.num_classes
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    torch.manual_seed(cfg.seed + env.rank)
+    np.random.seed((cfg.seed + env.rank) % 2 ** 32)
+    random.seed(cfg.seed + env.rank)
+
+    raw_model = model
+    if cfg.parallel == "fsdp" and env.distributed:
+        fully_shard = _fully_shard()
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        train_model = model
+    elif env.distributed:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        train_model = model
+
+    ema = EMA(raw_model, cfg.ema)
+    opt_kwargs = dict(lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    if device.type == "cuda":
+        # fused is the fastest; FSDP2's sharded DTensor params take the foreach path instead
+        opt_kwargs["fused" if cfg.parallel != "fsdp" else "foreach"] = True
+    optimizer = torch.optim.AdamW(raw_model.parameters(), **opt_kwargs)
+    objective = build_objective(cfg)
+    repa = build_repa(cfg, raw_model.hidden_size, device)
+    if repa is not None:
+        # the projector trains with the model; its gradients are averaged by hand (it is tiny)
+        optimizer.add_param_group({"params": list(repa.projector.parameters())})
+
+    # -- resume
+    start_step, epoch, index = 0, 0, 0
+    resume_path = _resolve_resume(cfg)
+    if resume_path:
+        state = ckpt.load_checkpoint(resume_path)
+        _load_model_full_state_dict(raw_model, state["model"])
+        ema.load_full_state_dict(state["ema"])
+        _load_optimizer_full_state_dict(optimizer, state["optimizer"])
+        if repa is not None and state.get("repa_projector") is not None:
+            repa.projector.load_state_dict(state["repa_projector"])
+        start_step = int(state["step"])
+        epoch, index = int(state["data"]["epoch"]), int(state["data"]["index"])
+        if state["data"].get("dataset_size") not in (None, len(dataset)):
+            warnings.warn(f"the dataset had {state['data']['dataset_size']} images when the checkpoint was "
+                          f"written and has {len(dataset)} now; data order will differ", RuntimeWarning)
+            index = min(index, len(dataset) - 1)
+        rng = state.get("rng") or []
+        if len(rng) == env.world_size:
+            ckpt.restore_rng_state(rng[env.rank])
+        if env.is_main:
+            print(f"resumed from {resume_path} at step {start_step}", flush=True)
+        del state
+
+    sampler = ResumableBatchSampler(len(dataset), cfg.global_batch, env.rank, env.world_size, seed=cfg.seed,
+                                    epoch=epoch, index=index, shuffle=True)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
+                        pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0,
+                        prefetch_factor=2 if cfg.num_workers > 0 else None)
+
+    def save(step, epoch, index):
+        rng_states = _gather_objects(ckpt.capture_rng_state(), env)
+        state = {
+            "model": _model_full_state_dict(raw_model, env.is_main),
+            "ema": ema.full_state_dict(raw_model, env.is_main),
+            "optimizer": _optimizer_full_state_dict(optimizer, env.is_main),
+            "repa_projector": repa.projector.state_dict() if repa is not None else None,
+        }
+        path = os.path.join(cfg.out, ckpt.LATEST)
+        if env.is_main:
+            state.update({
+                "step": step,
+                "data": {"epoch": epoch, "index": index, "seed": cfg.seed, "dataset_size": len(dataset),
+                         "global_batch": cfg.global_batch},
+                "rng": rng_states,
+                "config": dataclasses.asdict(cfg),
+                "model_config": dataclasses.asdict(model_config),
+                "num_classes": num_classes,
+                "world_size": env.world_size,
+            })
+            ckpt.save_checkpoint(state, cfg.out, step, keep_numbered=cfg.keep_numbered_ckpts)
+        if env.distributed:
+            dist.barrier()
+        return path
+
+    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16
+                else contextlib.nullcontext())
+    bar = None
+    if env.is_main and cfg.progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.steps, initial=start_step, desc="train", dynamic_ncols=True)
+    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+    loss_sum = torch.zeros((), device=device)
+    loss_count = 0
+    last_loss = float("nan")
+    grad_norm = torch.zeros((), device=device)
+    t_last, images_since = time.perf_counter(), 0
+    t_start = time.perf_counter()
+    latest = resume_path
+    train_model.train()
+
+    data_iter = iter(loader)
+    step = start_step
+    for step in range(start_step + 1, cfg.steps + 1):
+        images, labels = next(data_iter)
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        lr = lr_at(cfg, step - 1)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        for j in range(cfg.grad_accum):
+            shard = env.rank * cfg.grad_accum + j
+            gen = step_generator(cfg.seed, step, shard, device)
+            x = images[j * micro_batch:(j + 1) * micro_batch]
+            y = drop_labels(labels[j * micro_batch:(j + 1) * micro_batch], null_class, cfg.label_dropout, gen)
+            last_micro = j == cfg.grad_accum - 1
+            with _no_sync(train_model, cfg, env, last_micro):
+                with autocast:
+                    out = objective.loss(train_model, x, y, generator=gen, repa=repa, repa_weight=cfg.repa_weight)
+                loss = out["loss"].float()
+                (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach() / cfg.grad_accum
+        loss_count += 1
+        if repa is not None and env.distributed:
+            _average_gradients(list(repa.projector.parameters()), env.world_size)
+        grad_norm = torch.nn.utils.clip_grad_norm_(_trained_params(raw_model, repa),
+                                                   cfg.grad_clip if cfg.grad_clip else float("inf"))
+        if _is_dtensor(grad_norm):
+            grad_norm = grad_norm.full_tensor()
+        optimizer.step()
+        ema.update(raw_model)
+        epoch, index = advance_position(epoch, index, len(dataset), cfg.global_batch)
+        images_since += cfg.global_batch
+
+        info = {}
+        if step % cfg.log_interval == 0 or step == cfg.steps:
+            mean_loss = loss_sum / max(loss_count, 1)
+            if env.distributed:
+                dist.all_reduce(mean_loss)  # SUM: gloo has no AVG
+                mean_loss /= env.world_size
+            now = time.perf_counter()
+            last_loss = float(mean_loss)
+            info = {"step": step, "loss": last_loss, "lr": lr, "img_per_s": images_since / max(now - t_last, 1e-9),
+                    "grad_norm": float(grad_norm), "time": now - t_start, "epoch": epoch,
+                    "unreadable_images": int(getattr(dataset, "num_failures", 0))}
+            if env.is_main:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(info) + "\n")
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{info['img_per_s']:.1f}")
+            loss_sum.zero_()
+            loss_count, images_since, t_last = 0, 0, now
+        if bar is not None:
+            bar.update(1)
+        if step % cfg.ckpt_interval == 0 or step == cfg.steps:
+            latest = save(step, epoch, index)
+        if cfg.sample_interval and step % cfg.sample_interval == 0:
+            ema_state = ema.full_state_dict(raw_model, env.is_main)
+            if env.is_main:
+                _sample_grid(cfg, model_config, ema_state, num_classes, step, device)
+            if env.distributed:
+                dist.barrier()
+        if on_step is not None:
+            on_step(step, info)
+    if bar is not None:
+        bar.close()
+    failures = int(getattr(dataset, "num_failures", 0))
+    if failures and env.is_main:
+        warnings.warn(f"{failures} unreadable images were skipped during training", RuntimeWarning)
+    return {"step": step, "loss": last_loss, "checkpoint": latest, "unreadable_images": failures,
+            "model": raw_model if not env.distributed else None}
+
+
+def _trained_params(model, repa):
+    params = list(model.parameters())
+    return params + list(repa.projector.parameters()) if repa is not None else params
+
+
+def _average_gradients(params, world_size):
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def _no_sync(model, cfg, env, last_micro):
+    """Skip the gradient all-reduce on all but the last micro-batch of a step."""
+    if last_micro or not env.distributed:
+        return contextlib.nullcontext()
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        @contextlib.contextmanager
+        def fsdp_no_sync():
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+        return fsdp_no_sync()
+    return contextlib.nullcontext()
