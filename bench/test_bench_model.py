@@ -1,19 +1,26 @@
 """The whole DiP model. GPU: DiPXL16 at 256x256 (float32 weights, bf16 autocast, as trained):
 
   test_model_forward  sampling forward (no grad) at batch 2 (one image with guidance) and 64
-  test_model_sample   a full Euler-100 sample of one image with guidance on every step (the model
-                      runs at batch 2 each step), dip.sample.euler_sample
-  test_model_train    one training step at batch 32: flow-matching MSE, backward, fused AdamW;
-                      images/s and peak memory in extra_info
+  test_model_sample   a full Euler-100 sample with guidance on every step (the model runs at twice
+                      the image count each step): one image (latency), and 32 images = batch 64 per
+                      step (throughput, images/s in extra_info)
+  test_model_train    one training step at batch 32: flow-matching MSE, backward, AdamW (fused on
+                      CUDA); images/s and peak memory in extra_info
 
-Providers (bench/providers.py): eager (every op on backend "eager"), compile (torch.compile of the
-model, ops on "eager"), dip (backend "auto"). torch.compile's build time is the first call's wall
-time, kept as ``compile_build_s``; the warm-up absorbs it. The compile provider's training step
-builds for about two minutes, so it is marked slow.
+Providers (bench/providers.py, plus the dip variants below): eager (the plain reference functions,
+no custom ops), compile (torch.compile of the model, ops plain), dip (the custom ops on backend
+"auto"), and per test
+  dip_graph    sample: dip.graph_sampler.GraphSampler with the dip ops, each Euler step one replayed
+               CUDA graph (eager fallback on the CPU)
+  dip_compile  train: torch.compile(model, fullgraph=True) with the dip ops inside (one graph)
+  dip_ckpt     train: the dip ops with activation checkpointing per block (memory vs. recompute)
+torch.compile's build time is the first call's wall time, kept as ``compile_build_s``; the warm-up
+absorbs it. The compiled training steps build for minutes on GPU, so they are marked slow.
 
 FLOPs per image: counted by torch's FlopCounterMode on a meta-device copy of the model, with the
 dip ops' FLOPs added analytically (attention: its two matmuls; head: its convolutions); the
-training step counts 3x the forward. CPU: DiPTiny at 32x32, float32, 2 Euler steps.
+training step counts 3x the forward (4x with checkpointing, which reruns the forward). CPU: DiPTiny
+at 32x32, float32, 2 Euler steps, tiny batches: the CPU run only proves every row works.
 """
 import gc
 
@@ -28,18 +35,25 @@ from bench import cases, providers, timing
 if cases.ON_GPU:
     BUILD, MODEL_NAME, RES, AMP, LABEL = DiPXL16, "DiPXL16", 256, torch.bfloat16, "bf16"
     FWD_BATCHES = {"b2": 2, "b64": 64}
-    TRAIN_BATCH, STEPS, SAMPLE_CASE = 32, 100, "euler100-cfg"
+    TRAIN_BATCH, STEPS = 32, 100
+    SAMPLE_IMAGES = {"euler100-cfg": 1, "euler100-cfg-32img": 32}  # batch 2 and 64 per step
 else:
     BUILD, MODEL_NAME, RES, AMP, LABEL = DiPTiny, "DiPTiny", 32, None, "f32"
     FWD_BATCHES = {"b2": 2}
-    TRAIN_BATCH, STEPS, SAMPLE_CASE = 2, 2, "euler2-cfg"
+    TRAIN_BATCH, STEPS = 2, 2
+    SAMPLE_IMAGES = {"euler2-cfg": 1, "euler2-cfg-2img": 2}
 CFG_SCALE = 2.9  # the paper's ImageNet 256 setting
-GUIDE_ALWAYS = (-1.0, 1.0)  # guidance on every step, so each step runs the model at batch 2
+GUIDE_ALWAYS = (-1.0, 1.0)  # guidance on every step, so each step runs the model at twice the images
+
+SAMPLE_PROVIDERS = providers.MODEL_PROVIDERS + ("dip_graph",)
+TRAIN_PROVIDERS = providers.MODEL_PROVIDERS + ("dip_compile", "dip_ckpt")
+COMPILED = ("compile", "dip_compile")
 
 FWD_CASES = [("fwd", LABEL, label, ("compile",) if n > 2 and cases.ON_GPU else False)
              for label, n in FWD_BATCHES.items()]
-SAMPLE_CASES = [("sample", LABEL, SAMPLE_CASE)]
-TRAIN_CASES = [("train", LABEL, f"b{TRAIN_BATCH}", ("compile",))]
+SAMPLE_CASES = [("sample", LABEL, label, ("compile",) if n > 1 and cases.ON_GPU else False)
+                for label, n in SAMPLE_IMAGES.items()]
+TRAIN_CASES = [("train", LABEL, f"b{TRAIN_BATCH}", COMPILED)]
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -73,9 +87,14 @@ def forward_flops_per_image(build=BUILD, res=RES):
 @pytest.fixture(scope="module")
 def model():
     device = timing.bench_device()
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        # the conv head's small GEMMs crawl when OpenMP threads fight other processes for the cores
+        torch.set_num_threads(1)
     with torch.device(device):
         m = BUILD()
     yield m
+    torch.set_num_threads(threads)
     _compiled_models.clear()  # the compiled wrappers hold the model
     del m
     gc.collect()
@@ -92,14 +111,21 @@ _compiled_models = {}
 
 
 def _runner(model, provider):
-    """The module the provider calls: the model itself, or one shared torch.compile wrapper of it
-    (one static graph per batch size and grad mode)."""
-    if provider != "compile":
+    """The module the provider calls: the model itself, or one torch.compile wrapper of it per
+    compiled provider (one static graph per batch size and grad mode). compile traces the plain
+    reference functions; dip_compile traces the dip custom ops as single nodes, in one graph."""
+    if provider not in COMPILED:
         return model
-    key = (id(model), providers.compile_backend())
+    key = (id(model), providers.compile_backend(), provider)
     if key not in _compiled_models:
-        _compiled_models[key] = torch.compile(model, dynamic=False, backend=providers.compile_backend())
+        _compiled_models[key] = torch.compile(model, dynamic=False, backend=providers.compile_backend(),
+                                              fullgraph=provider == "dip_compile")
     return _compiled_models[key]
+
+
+def _backend(provider):
+    """Every dip_* provider runs the custom ops on backend "auto"."""
+    return providers.model_backend("dip" if provider.startswith("dip") else provider)
 
 
 def _autocast(device):
@@ -123,8 +149,10 @@ def _common_info(model, provider, device):
     if provider in ("eager", "compile"):
         record["backends"] = "plain reference functions, no custom ops"
     else:
-        with providers.model_backend(provider):
+        with _backend(provider):
             record["backends"] = providers.resolved_backends(device)
+    if provider in COMPILED:
+        record["compile_backend"] = providers.compile_backend()
     return record
 
 
@@ -157,37 +185,55 @@ def test_model_forward(benchmark, device, model, flops_per_image, mode, dtype, c
         benchmark.extra_info["compile_build_s"] = benchmark.extra_info["first_call_s"]
 
 
-@pytest.mark.parametrize("mode,dtype,case,provider", cases.grid(SAMPLE_CASES, providers.MODEL_PROVIDERS))
+@pytest.mark.parametrize("mode,dtype,case,provider", cases.grid(SAMPLE_CASES, SAMPLE_PROVIDERS))
 def test_model_sample(benchmark, device, model, flops_per_image, mode, dtype, case, provider):
     _skip_unrequested(provider)
     from dip.sample import euler_sample
-    run = _runner(model, provider)
+    n = SAMPLE_IMAGES[case]
+    if provider == "dip_graph":
+        from dip.graph_sampler import GraphSampler
+        sampler = GraphSampler(model, steps=STEPS, cfg_scale=CFG_SCALE, guidance_interval=GUIDE_ALWAYS,
+                               autocast_dtype=AMP)
 
-    def call(noise, y):
-        with _autocast(device):
-            return euler_sample(run, noise, y, steps=STEPS, cfg_scale=CFG_SCALE, guidance_interval=GUIDE_ALWAYS)
+        def call(noise, y):
+            return sampler(noise, y)
+    else:
+        run = _runner(model, provider)
+
+        def call(noise, y):
+            with _autocast(device):
+                return euler_sample(run, noise, y, steps=STEPS, cfg_scale=CFG_SCALE, guidance_interval=GUIDE_ALWAYS)
 
     def make_inputs():
-        return (torch.randn(1, 3, RES, RES, device=device),
-                torch.randint(0, model.num_classes, (1,), device=device))
+        return (torch.randn(n, 3, RES, RES, device=device),
+                torch.randint(0, model.num_classes, (n,), device=device))
 
-    info = cases.info("model", "euler_sample", mode, dtype, case, provider, shape={"x": (1, 3, RES, RES)},
-                      flops=STEPS * 2 * flops_per_image if flops_per_image else None, bytes_moved=None,
-                      steps=STEPS, cfg_scale=CFG_SCALE, guidance_interval=list(GUIDE_ALWAYS), batch_per_step=2,
-                      **_common_info(model, provider, device))
-    with providers.model_backend(provider):
-        # seconds per call in eager: the first call is warm-up enough, three timed rounds
-        timing.run(benchmark, call, make_inputs, info=info, device=device, warmup=0, min_rounds=3 if cases.ON_GPU else 1,
-                   seconds=0.0, input_sets=2 if cases.ON_GPU else 1)
-    if provider == "compile":
+    info = cases.info("model", "euler_sample", mode, dtype, case, provider, shape={"x": (n, 3, RES, RES)},
+                      flops=STEPS * 2 * n * flops_per_image if flops_per_image else None, bytes_moved=None,
+                      steps=STEPS, cfg_scale=CFG_SCALE, guidance_interval=list(GUIDE_ALWAYS), images=n,
+                      batch_per_step=2 * n, **_common_info(model, provider, device))
+    with _backend(provider):
+        # seconds per call in eager: the first call is warm-up enough (for dip_graph it captures
+        # the graph), a few timed rounds; the throughput case runs tens of seconds per round
+        summary = timing.run(benchmark, call, make_inputs, info=info, device=device, warmup=0,
+                             min_rounds=(3 if n == 1 else 2) if cases.ON_GPU else 1, seconds=0.0,
+                             input_sets=2 if cases.ON_GPU else 1)
+    if summary:
+        benchmark.extra_info["images_per_s"] = n / (summary["time_ms"] * 1e-3)
+    if provider in COMPILED:
         benchmark.extra_info["compile_build_s"] = benchmark.extra_info["first_call_s"]
+    if provider == "dip_graph":
+        benchmark.extra_info["cuda_graphs"] = sampler.num_graphs()
+        benchmark.extra_info["graph_capture_error"] = sampler.capture_error
+        sampler.reset()
 
 
-@pytest.mark.parametrize("mode,dtype,case,provider", cases.grid(TRAIN_CASES, providers.MODEL_PROVIDERS))
+@pytest.mark.parametrize("mode,dtype,case,provider", cases.grid(TRAIN_CASES, TRAIN_PROVIDERS))
 def test_model_train(benchmark, device, model, flops_per_image, mode, dtype, case, provider):
     _skip_unrequested(provider)
     b = TRAIN_BATCH
     run = _runner(model, provider)
+    checkpointing = provider == "dip_ckpt"
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
 
     def make_inputs():
@@ -205,20 +251,24 @@ def test_model_train(benchmark, device, model, flops_per_image, mode, dtype, cas
         optimizer.step()
 
     info = cases.info("model", "train_step", mode, dtype, case, provider, shape={"x": (b, 3, RES, RES)},
-                      flops=3 * b * flops_per_image if flops_per_image else None, bytes_moved=None,
-                      flops_note="3x forward", batch=b, optimizer="AdamW(fused)" if device.type == "cuda" else "AdamW",
+                      flops=(4 if checkpointing else 3) * b * flops_per_image if flops_per_image else None,
+                      bytes_moved=None, flops_note="4x forward (recomputed)" if checkpointing else "3x forward",
+                      batch=b, grad_checkpointing=checkpointing,
+                      optimizer="AdamW(fused)" if device.type == "cuda" else "AdamW",
                       **_common_info(model, provider, device))
+    model.set_grad_checkpointing(checkpointing)
     try:
-        with providers.model_backend(provider):
+        with _backend(provider):
             summary = timing.run(benchmark, step, make_inputs, info=info, device=device, warmup=2,
                                  min_rounds=5 if cases.ON_GPU else 1, input_sets=3 if cases.ON_GPU else 1)
             peak = timing.peak_memory(step, make_inputs(), device)
         if summary:
             benchmark.extra_info["images_per_s"] = b / (summary["time_ms"] * 1e-3)
         benchmark.extra_info["peak_memory_bytes"] = peak
-        if provider == "compile":
+        if provider in COMPILED:
             benchmark.extra_info["compile_build_s"] = benchmark.extra_info["first_call_s"]
     finally:
+        model.set_grad_checkpointing(False)
         # leave no optimizer state or gradients behind for the next provider's memory numbers
         optimizer.zero_grad(set_to_none=True)
         del optimizer

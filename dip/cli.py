@@ -80,7 +80,11 @@ def train_parser() -> ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--head", help="model head: unet (DiP), none (DiT-only), mlp, coord_mlp, attention")
     p.add_argument("--grad-clip", type=float)
-    p.add_argument("--grad-checkpointing", action="store_true", default=None)
+    p.add_argument("--grad-checkpointing", action="store_true", default=None,
+                   help="recompute each block's activations in backward: less memory, ~1/3 more compute")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the training loss as one graph with the dip ops inside "
+                        "(backend: --set compile_backend=NAME, default inductor)")
     p.add_argument("--num-workers", type=int)
     p.add_argument("--log-interval", type=_positive_int)
     p.add_argument("--ckpt-interval", type=_positive_int)
@@ -99,7 +103,7 @@ def _train(argv):
     args = train_parser().parse_args(argv)
     overrides = {k: getattr(args, k) for k in ("data", "out", "resume", "steps", "global_batch", "grad_accum",
                                                "image_size", "lr", "objective", "parallel", "precision", "device",
-                                               "grad_clip", "grad_checkpointing", "num_workers", "log_interval",
+                                               "grad_clip", "grad_checkpointing", "compile", "num_workers", "log_interval",
                                                "ckpt_interval", "sample_interval", "seed")}
     if args.no_progress:
         overrides["progress"] = False
@@ -144,6 +148,11 @@ def sample_parser() -> ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: the model runs under bf16 autocast (the solver state stays fp32)")
+    p.add_argument("--no-cuda-graph", action="store_true",
+                   help="euler on CUDA: run the eager sampler instead of replaying CUDA graphs of whole steps "
+                        "(dip.graph_sampler); the CPU always runs eagerly")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -182,10 +191,21 @@ def _sample(argv):
         if (objective == "flow") != (method in ("euler", "heun")):
             raise ValueError(f"--method {method} does not fit a {objective} checkpoint")
         progress = not args.no_progress and env.is_main
+        autocast_dtype = torch.bfloat16 if args.precision == "bf16" else None
+        graph_sampler = None
+        if method == "euler" and not args.no_cuda_graph:
+            from .graph_sampler import GraphSampler
+            # one sampler for the whole run: it captures each batch shape once and replays it for
+            # every batch and step; it draws the noise as sampling.sample does, and off CUDA it runs
+            # sampling's euler_sample itself, so a seed gives the same images either way
+            graph_sampler = GraphSampler(model, steps=args.steps, cfg_scale=args.cfg_scale,
+                                         autocast_dtype=autocast_dtype)
 
         def draw(labels, seed):
+            if graph_sampler is not None:
+                return graph_sampler.sample(labels, image_size, seed=seed, device=env.device)
             return sampling.sample(model, labels, image_size, steps=args.steps, cfg_scale=args.cfg_scale, seed=seed,
-                                   method=method, device=env.device, progress=False)
+                                   method=method, device=env.device, progress=False, autocast_dtype=autocast_dtype)
 
         if args.grid or not args.npz:
             if args.classes:

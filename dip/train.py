@@ -7,6 +7,18 @@ rank ``rank``. Data order is a pure function of ``(seed, epoch)`` (dip.data.Resu
 So a run gives the same weights (up to float reduction order) whether its shards run on several
 processes or one process with gradient accumulation, and a resumed run repeats an uninterrupted
 one exactly.
+
+Speed. ``compile=True`` runs the loss under ``torch.compile(fullgraph=True)``: the dip custom ops are
+opaque nodes with fake implementations, so the whole forward (patchify, every block, the head) and
+the flow-matching / DDPM arithmetic around it trace into ONE graph, and the compiled backward comes
+from AOTAutograd. The loss's random draws (t or k, then the noise) are made eagerly from the step's
+generator first, in the very order the objective would make them, so compiled and eager runs see the
+same numbers (Dynamo cannot trace a torch.Generator argument without a graph break). Three cases compile
+less than the whole loss, and say so in a comment where they are set up: under DDP the model alone
+(the inner module, wrapped by DDP afterwards); under FSDP2 each block's ``forward`` (FSDP2's
+all-gather hooks stay eager around it); with REPA the model alone (the frozen encoder may be
+TorchScript, which Dynamo does not trace). The optimizer is fused AdamW on CUDA, the autocast is bf16,
+and the EMA update is one ``torch._foreach_lerp_`` over all parameters.
 """
 import contextlib
 import copy
@@ -47,7 +59,9 @@ class TrainConfig:
     ema: float = 0.9999                     # EMA decay (the EMA is kept in fp32)
     label_dropout: float = 0.1              # share of labels replaced by the null class (for CFG)
     grad_clip: Optional[float] = None       # max global grad norm; None = no clipping
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = False       # recompute each block's activations in backward (less memory)
+    compile: bool = False                   # torch.compile the training loss (see the module docstring)
+    compile_backend: str = "inductor"       # torch.compile backend; aot_eager traces without code generation
     objective: str = "flow"                 # flow | ddpm
     repa: bool = False                      # REPA representation alignment
     repa_weight: float = 0.5
@@ -86,6 +100,8 @@ class TrainConfig:
             (self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}"),
             (self.log_interval > 0 and self.ckpt_interval > 0, "log_interval and ckpt_interval must be positive"),
             (self.sample_interval >= 0, "sample_interval must be >= 0"),
+            (isinstance(self.compile_backend, str) and bool(self.compile_backend),
+             "compile_backend must be a torch.compile backend name"),
         ]
         for ok, message in checks:
             if not ok:
@@ -206,6 +222,10 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module):
+        # one multi-tensor lerp over every parameter (a handful of fused launches, no per-tensor
+        # Python loop). It stays on the current stream: overlapping it with the next forward on a
+        # side stream would save ~1% of an XL step and need cross-stream syncs before every
+        # optimizer step and checkpoint read.
         params = [_local(p.detach()).float() for _, p in model.named_parameters()]
         torch._foreach_lerp_([_local(s) for s in self.shadow], params, 1.0 - self.decay)
 
@@ -324,6 +344,52 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr
 
 
+def draw_loss_inputs(objective, x: torch.Tensor, generator: Optional[torch.Generator]) -> Dict[str, torch.Tensor]:
+    """The random inputs of ``objective.loss`` for clean images ``x``, drawn from ``generator`` in the
+    objective's own order (t for flow matching or k for DDPM first, then the noise). Passed back as
+    overrides they give exactly the loss ``objective.loss(..., generator=generator)`` computes, but
+    leave nothing random inside the loss, so it can be compiled as one graph."""
+    from . import diffusion
+    b = x.shape[0]
+    if isinstance(objective, diffusion.DDPM):
+        draws = {"k": objective.sample_steps(b, x, generator)}
+    else:
+        draws = {"t": objective.sample_t(b, x, generator)}
+    draws["noise"] = diffusion._randn(x.shape, x, generator)
+    return draws
+
+
+def make_loss_fn(objective, repa=None, repa_weight: float = 0.5) -> Callable:
+    """``loss_fn(model, x, y, draws) -> float32 scalar``: the objective's total loss for the inputs of
+    ``draw_loss_inputs``; free of Python side effects, so ``torch.compile(loss_fn, fullgraph=True)``
+    traces it (with the model's forward) into one graph."""
+    def loss_fn(model, x, y, draws):
+        return objective.loss(model, x, y, repa=repa, repa_weight=repa_weight, **draws)["loss"]
+    return loss_fn
+
+
+def _compile(fn, cfg):
+    # dynamic=False: training shapes never change, and a static graph is what the step should run
+    return torch.compile(fn, fullgraph=True, dynamic=False, backend=cfg.compile_backend)
+
+
+def _compile_for_sharding(model, cfg):
+    """The compile variants a distributed wrapper allows; must run before the wrapping."""
+    if cfg.parallel == "fsdp":
+        # FSDP2 all-gathers each block's parameters in forward pre-hooks that must stay eager:
+        # compile each block's forward (and the head's, inside the root unit) so the hooks run
+        # around the compiled code
+        for block in model.blocks:
+            block.forward = _compile(block.forward, cfg)
+        model.head.forward = _compile(model.head.forward, cfg)
+    else:
+        # DDP's forward (bucket bookkeeping, prepare_for_backward) does not trace into one
+        # fullgraph graph; compiling DDP itself would need DDPOptimizer's graph splits. So the
+        # inner module is compiled whole and DDP wraps it. The price: gradient all-reduces start
+        # only when the compiled backward has finished, not bucket by bucket during it.
+        model.compile(fullgraph=True, dynamic=False, backend=cfg.compile_backend)
+
+
 # ----------------------------------------------------------------------------- the loop
 def _build_dataset(cfg):
     if not cfg.data:
@@ -404,6 +470,8 @@ def _train(cfg, env, dataset, on_step, DiPConfig, build_model):
     random.seed(cfg.seed + env.rank)
 
     raw_model = model
+    if cfg.compile and env.distributed:
+        _compile_for_sharding(model, cfg)
     if cfg.parallel == "fsdp" and env.distributed:
         fully_shard = _fully_shard()
         for block in model.blocks:
@@ -427,6 +495,13 @@ def _train(cfg, env, dataset, on_step, DiPConfig, build_model):
     if repa is not None:
         # the projector trains with the model; its gradients are averaged by hand (it is tiny)
         optimizer.add_param_group({"params": list(repa.projector.parameters())})
+    loss_fn = make_loss_fn(objective, repa, cfg.repa_weight)
+    if cfg.compile and not env.distributed:
+        if repa is None:
+            loss_fn = _compile(loss_fn, cfg)
+        else:
+            # the frozen REPA encoder may be TorchScript, which Dynamo does not trace: the model alone
+            raw_model.compile(fullgraph=True, dynamic=False, backend=cfg.compile_backend)
 
     # -- resume
     start_step, epoch, index = 0, 0, 0
@@ -514,10 +589,10 @@ def _train(cfg, env, dataset, on_step, DiPConfig, build_model):
             x = images[j * micro_batch:(j + 1) * micro_batch]
             y = drop_labels(labels[j * micro_batch:(j + 1) * micro_batch], null_class, cfg.label_dropout, gen)
             last_micro = j == cfg.grad_accum - 1
+            draws = draw_loss_inputs(objective, x, gen)
             with _no_sync(train_model, cfg, env, last_micro):
                 with autocast:
-                    out = objective.loss(train_model, x, y, generator=gen, repa=repa, repa_weight=cfg.repa_weight)
-                loss = out["loss"].float()
+                    loss = loss_fn(train_model, x, y, draws).float()
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach() / cfg.grad_accum
         loss_count += 1

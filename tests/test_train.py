@@ -168,3 +168,8 @@ def test_load_config_yaml_and_errors(tmp_path):
         load_config("DiP-Tiny", objective="gan")
     with pytest.raises(FileNotFoundError):
         load_config(str(tmp_path / "missing.yaml"))
+    assert load_config("DiP-Tiny").compile is False
+    cfg = load_config("DiP-Tiny", compile=True, compile_backend="aot_eager", grad_checkpointing=True)
+    assert cfg.compile and cfg.compile_backend == "aot_eager" and cfg.grad_checkpointing
+    with pytest.raises(ValueError, match="compile_backend"):
+        load_config("DiP-Tiny", compile_backend="")
