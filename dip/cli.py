@@ -140,7 +140,7 @@ def sample_parser() -> ArgumentParser:
     p.add_argument("--num", type=_positive_int, default=16, help="images in the grid (default 16)")
     p.add_argument("--classes", help="comma-separated class ids for the grid (default: cycle through the classes)")
     p.add_argument("--per-class", type=_positive_int, default=1, help="images per class for --npz (default 1)")
-    p.add_argument("--steps", type=_positive_int, default=50, help="solver steps (default 50)")
+    p.add_argument("--steps", type=_positive_int, default=100, help="solver steps (default 100)")
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.add_argument("--method", choices=("euler", "heun", "ddim", "ddpm"),
                    help="default: euler for flow-matching checkpoints, ddim for ddpm ones")
