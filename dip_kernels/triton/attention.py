@@ -73,6 +73,18 @@ def _norm_rope_backward(dy_e, dy_o, xh_e, xh_o, rstd, rows, row_mask, cos_ptr, s
 
 
 @triton.jit
+def _head_pointers(qkv_ptr, pid_bh, H, stride_qkv_b, stride_qkv_c, D: tl.constexpr):
+    """This program's batch and head, and that head's q, k, v starts in qkv's (3, H, d) last dim."""
+    b = pid_bh // H
+    h = pid_bh % H
+    base = qkv_ptr + b.to(tl.int64) * stride_qkv_b
+    q_ptr = base + (h * D) * stride_qkv_c
+    k_ptr = base + ((H + h) * D) * stride_qkv_c
+    v_ptr = base + ((2 * H + h) * D) * stride_qkv_c
+    return b, h, q_ptr, k_ptr, v_ptr
+
+
+@triton.jit
 def _store_halves(head_ptr, rows, row_mask, stride_n, stride_c, y_e, y_o, half, half_mask):
     mask = row_mask[:, None] & half_mask[None, :]
     even_ptr = head_ptr + rows[:, None] * stride_n + (2 * half)[None, :] * stride_c
@@ -91,12 +103,7 @@ def _attention_fwd_kernel(
         DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    base = qkv_ptr + b.to(tl.int64) * stride_qkv_b
-    q_ptr = base + (h * D) * stride_qkv_c
-    k_ptr = base + ((H + h) * D) * stride_qkv_c
-    v_ptr = base + ((2 * H + h) * D) * stride_qkv_c
+    b, h, q_ptr, k_ptr, v_ptr = _head_pointers(qkv_ptr, pid_bh, H, stride_qkv_b, stride_qkv_c, D)
     dtype = qkv_ptr.dtype.element_ty
 
     half = tl.arange(0, BLOCK_HALF)
@@ -153,12 +160,7 @@ def _attention_bwd_dq_kernel(
         DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    base = qkv_ptr + b.to(tl.int64) * stride_qkv_b
-    q_ptr = base + (h * D) * stride_qkv_c
-    k_ptr = base + ((H + h) * D) * stride_qkv_c
-    v_ptr = base + ((2 * H + h) * D) * stride_qkv_c
+    b, h, q_ptr, k_ptr, v_ptr = _head_pointers(qkv_ptr, pid_bh, H, stride_qkv_b, stride_qkv_c, D)
     dtype = qkv_ptr.dtype.element_ty
 
     half = tl.arange(0, BLOCK_HALF)
@@ -225,12 +227,7 @@ def _attention_bwd_dkdv_kernel(
         DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    base = qkv_ptr + b.to(tl.int64) * stride_qkv_b
-    q_ptr = base + (h * D) * stride_qkv_c
-    k_ptr = base + ((H + h) * D) * stride_qkv_c
-    v_ptr = base + ((2 * H + h) * D) * stride_qkv_c
+    b, h, q_ptr, k_ptr, v_ptr = _head_pointers(qkv_ptr, pid_bh, H, stride_qkv_b, stride_qkv_c, D)
     dtype = qkv_ptr.dtype.element_ty
 
     half = tl.arange(0, BLOCK_HALF)
