@@ -35,12 +35,6 @@ def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
 
-def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
-    if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return None
-
-
 # ----------------------------------------------------------------------------- embedders
 def timestep_frequencies(t: torch.Tensor, channels: int = TIME_FREQ_CHANNELS,
                          max_period: float = TIME_MAX_PERIOD) -> torch.Tensor:
@@ -134,7 +128,7 @@ class DiPBlock(nn.Module):
         # the fused ops want shift/scale/gate in the residual stream's dtype (float32 under autocast)
         mod = self.adaLN_modulation(c).to(x.dtype)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (m.contiguous() for m in mod.chunk(6, -1))
-        out_dtype = _autocast_dtype(x.device)
+        out_dtype = dip_kernels.ops.autocast_dtype(x.device)
         h = dip_kernels.rmsnorm_modulate(x, self.norm1.weight, shift_msa, scale_msa, self.norm1.eps, out_dtype)
         x = dip_kernels.gated_residual(x, gate_msa, self.attn(h, rope_cos, rope_sin))
         h = dip_kernels.rmsnorm_modulate(x, self.norm2.weight, shift_mlp, scale_mlp, self.norm2.eps, out_dtype)

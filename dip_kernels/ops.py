@@ -426,11 +426,10 @@ def plain_reference(enabled: bool = True):
         _plain = old
 
 
-def _autocast_dtype(t):
-    """The autocast dtype for ``t``'s device when autocast is on there, else None."""
-    dev = t.device.type
-    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
+def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype for ``device`` when autocast is on there, else None."""
+    if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
     return None
 
 
@@ -462,7 +461,7 @@ def patch_detailer(patches: Tensor, tokens: Tensor, weights: List[Tensor]) -> Te
     input is cast to the autocast dtype (the head is all convolutions)."""
     if _plain:
         return _ref_head.patch_detailer(patches, tokens, list(weights))
-    dtype = _autocast_dtype(patches)
+    dtype = autocast_dtype(patches.device)
     if dtype is not None:
         patches, tokens = patches.to(dtype), tokens.to(dtype)
         weights = [w.to(dtype) for w in weights]
