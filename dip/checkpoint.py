@@ -5,6 +5,7 @@ folder, fsync'ed, then ``os.replace``'d over the target, so a crash or an error 
 the previous ``latest.pt`` untouched (``os.replace`` is atomic within one filesystem). Only rank 0
 should call :func:`save_checkpoint`; the trainer gathers what it needs from the other ranks first.
 """
+import contextlib
 import os
 import random
 import tempfile
@@ -30,16 +31,18 @@ def _fsync_dir(path: str):
         os.close(fd)
 
 
-def atomic_save(obj: Any, path: str):
-    """``torch.save(obj, path)`` such that ``path`` holds either the old or the new file, never a
-    partial one."""
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "wb"):
+    """Open a temporary file beside ``path`` for writing; on success it is fsync'ed and renamed over
+    ``path``, on any error it is removed. So ``path`` holds either the old or the new file, never a
+    partial one. Every output file the package writes (checkpoint, .npz, PNG, JSON) goes through here."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a checkpoint is an ordinary file
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; an output is an ordinary file
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -50,6 +53,12 @@ def atomic_save(obj: Any, path: str):
             pass
         raise
     _fsync_dir(folder)
+
+
+def atomic_save(obj: Any, path: str):
+    """``torch.save(obj, path)`` through :func:`atomic_write`."""
+    with atomic_write(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def save_checkpoint(state: Dict[str, Any], out_dir: str, step: int, keep_numbered: bool = False) -> str:
