@@ -539,17 +539,23 @@ def _short(names, limit=20):
     return f"{names[:limit]}{' ...' if len(names) > limit else ''}"
 
 
+def state_dict_mismatches(own: Dict[str, torch.Tensor], given: Dict[str, torch.Tensor]
+                          ) -> Tuple[List[str], List[str], List[str]]:
+    """How ``given`` fails to fit a model whose state dict is ``own``: (missing keys, unexpected keys,
+    "name: given shape vs model shape" for every shape mismatch), each sorted; all empty when it fits."""
+    missing = sorted(set(own) - set(given))
+    unexpected = sorted(set(given) - set(own))
+    mismatched = [f"{k}: {tuple(given[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in sorted(set(own) & set(given)) if tuple(given[k].shape) != tuple(own[k].shape)]
+    return missing, unexpected, mismatched
+
+
 def load_official_state_dict(model: DiP, state_dict, strict: bool = True):
     """Load weights saved by the official DiP code into ``model``. With ``strict`` any missing or
     unexpected key raises a ValueError listing them; returns torch's (missing, unexpected) result."""
     converted = convert_official_state_dict(state_dict)
     if strict:
-        expected = set(model.state_dict())
-        missing = sorted(expected - set(converted))
-        unexpected = sorted(set(converted) - expected)
-        own = model.state_dict()
-        mismatched = [f"{k}: {tuple(converted[k].shape)} vs model {tuple(own[k].shape)}"
-                      for k in sorted(expected & set(converted)) if converted[k].shape != own[k].shape]
+        missing, unexpected, mismatched = state_dict_mismatches(model.state_dict(), converted)
         if missing or unexpected or mismatched:
             raise ValueError(
                 f"official state_dict does not match the model (config {model.config}):\n"
