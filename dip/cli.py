@@ -5,6 +5,7 @@ Entry points (pyproject.toml ``[project.scripts]``):
     dip-sample = "dip.cli:sample_main"
     dip-eval   = "dip.cli:eval_main"
     dip-demo   = "dip.cli:demo_main"
+    dip-convert = "dip.cli:convert_main"
 
 User errors (bad arguments, missing files, invalid values) print one ``<prog>: error: ...`` line and
 exit with status 2, without a traceback; set DIP_DEBUG=1 to see the traceback anyway.
@@ -15,6 +16,8 @@ import sys
 from typing import Callable, List, Optional
 
 USER_ERRORS = (ValueError, OSError, KeyError)
+# dip-sample's settings when neither a flag nor --preset gives them (dip.official.apply_preset)
+SAMPLE_DEFAULTS = {"steps": 100, "cfg_scale": 1.0, "per_class": 1}
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -90,6 +93,10 @@ def train_parser() -> ArgumentParser:
     p.add_argument("--ckpt-interval", type=_positive_int)
     p.add_argument("--sample-interval", type=int)
     p.add_argument("--seed", type=int)
+    p.add_argument("--init-from", metavar="PATH",
+                   help="start a new run (fresh optimizer, step 0) from these weights: a dip-train checkpoint or "
+                        "official DiP weights (Lightning .ckpt or state dict) of the model CONFIG names; the EMA "
+                        "starts from the file's EMA weights when it has them. Not used when --resume continues a run")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--set", type=_key_value, action="append", default=[], metavar="FIELD=VALUE",
                    help="any other TrainConfig field, e.g. --set ema=0.999 --set label_dropout=0")
@@ -105,6 +112,7 @@ def _train(argv):
                                                "image_size", "lr", "objective", "parallel", "precision", "device",
                                                "grad_clip", "grad_checkpointing", "compile", "num_workers", "log_interval",
                                                "ckpt_interval", "sample_interval", "seed")}
+    overrides["init_from"] = args.init_from
     if args.no_progress:
         overrides["progress"] = False
     overrides.update(dict(args.set))
@@ -131,23 +139,33 @@ def train_main(argv=None):
 
 # ----------------------------------------------------------------------------- dip-sample
 def sample_parser() -> ArgumentParser:
+    from .official import PRESETS
     p = ArgumentParser(prog="dip-sample", description=(
-        "Sample from a dip-train checkpoint: a PNG grid (default), or --per-class N images of every class "
-        "as an ADM-style .npz (arr_0 uint8 NHWC, arr_1 labels), split across torchrun processes."))
-    p.add_argument("checkpoint", help="checkpoint file or run folder (its latest.pt)")
+        "Sample from a dip-train checkpoint or official DiP weights (with --model): a PNG grid (default), or "
+        "--per-class N images of every class as an ADM-style .npz (arr_0 uint8 NHWC, arr_1 labels), split "
+        "across torchrun processes."))
+    p.add_argument("checkpoint", help="dip-train checkpoint file or run folder (its latest.pt), or an official DiP "
+                                      "checkpoint (Lightning .ckpt or state dict, see dip-convert)")
+    p.add_argument("--model", help="the model of an official checkpoint, which does not name it (e.g. DiP-XL/16)")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="named sampling settings, where each value comes from in dip.official; flags given "
+                        "explicitly win. " + "; ".join(f"{p.name}: {p.summary()}" for p in PRESETS.values()))
     p.add_argument("--grid", help="PNG grid to write (default samples.png unless --npz is given)")
     p.add_argument("--npz", help=".npz file to write with --per-class images of every class")
     p.add_argument("--num", type=_positive_int, default=16, help="images in the grid (default 16)")
     p.add_argument("--classes", help="comma-separated class ids for the grid (default: cycle through the classes)")
-    p.add_argument("--per-class", type=_positive_int, default=1, help="images per class for --npz (default 1)")
-    p.add_argument("--steps", type=_positive_int, default=100, help="solver steps (default 100)")
-    p.add_argument("--cfg-scale", type=float, default=1.0)
+    p.add_argument("--per-class", type=_positive_int, help="images per class for --npz (default 1)")
+    p.add_argument("--steps", type=_positive_int, help="solver steps (default 100)")
+    p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (default 1: none)")
+    p.add_argument("--guidance-interval", type=_number_pair(float), metavar="LO,HI",
+                   help="guide only while LO < t <= HI (default 0.1,1.0, the official interval)")
     p.add_argument("--method", choices=("euler", "heun", "ddim", "ddpm"),
                    help="default: euler for flow-matching checkpoints, ddim for ddpm ones")
     p.add_argument("--image-size", type=_positive_int, help="default: the training resolution")
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--raw", action="store_true",
+                   help="use the raw weights instead of the EMA (official files: denoiser. instead of ema_denoiser.)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: the model runs under bf16 autocast (the solver state stays fp32)")
     p.add_argument("--no-cuda-graph", action="store_true",
@@ -174,15 +192,19 @@ def _sample(argv):
     import numpy as np
     import torch
     import torch.distributed as dist
+    from . import official
     from . import sample as sampling
     from .train import setup_distributed
 
     args = sample_parser().parse_args(argv)
+    preset = official.apply_preset(args, SAMPLE_DEFAULTS)
     if args.npz and not args.npz.endswith(".npz"):
         raise ValueError(f"--npz must name a .npz file, got {args.npz!r}")
     env = setup_distributed(args.device)
     try:
-        model, state = load_model_from_checkpoint(args.checkpoint, use_ema=not args.raw, device=env.device)
+        model, state, source = official.load_model(args.checkpoint, args.model, raw=args.raw, device=env.device)
+        if env.is_main:
+            _report_sampling_source(source, args, preset)
         train_cfg = state.get("config", {})
         num_classes = int(state.get("num_classes", model.num_classes))
         image_size = args.image_size or int(train_cfg.get("image_size", 256))
@@ -192,6 +214,7 @@ def _sample(argv):
             raise ValueError(f"--method {method} does not fit a {objective} checkpoint")
         progress = not args.no_progress and env.is_main
         autocast_dtype = torch.bfloat16 if args.precision == "bf16" else None
+        interval = {"guidance_interval": args.guidance_interval} if args.guidance_interval else {}
         graph_sampler = None
         if method == "euler" and not args.no_cuda_graph:
             from .graph_sampler import GraphSampler
@@ -199,13 +222,14 @@ def _sample(argv):
             # every batch and step; it draws the noise as sampling.sample does, and off CUDA it runs
             # sampling's euler_sample itself, so a seed gives the same images either way
             graph_sampler = GraphSampler(model, steps=args.steps, cfg_scale=args.cfg_scale,
-                                         autocast_dtype=autocast_dtype)
+                                         autocast_dtype=autocast_dtype, **interval)
 
         def draw(labels, seed):
             if graph_sampler is not None:
                 return graph_sampler.sample(labels, image_size, seed=seed, device=env.device)
             return sampling.sample(model, labels, image_size, steps=args.steps, cfg_scale=args.cfg_scale, seed=seed,
-                                   method=method, device=env.device, progress=False, autocast_dtype=autocast_dtype)
+                                   method=method, device=env.device, progress=False, autocast_dtype=autocast_dtype,
+                                   **interval)
 
         if args.grid or not args.npz:
             if args.classes:
@@ -267,6 +291,49 @@ def _sample(argv):
 
 def sample_main(argv=None):
     return run_main(_sample, argv, "dip-sample")
+
+
+def _report_sampling_source(source, args, preset):
+    from . import official
+    if source.kind != official.DIP_TRAIN:
+        which = source.weights(args.raw)[1]
+        print(f"{source.path}: {source.description}; sampling its {which} weights as {args.model}")
+        if which == "raw" and not args.raw and source.kind == official.LIGHTNING:
+            print(f"note: {source.path} has no EMA (ema_denoiser.) weights; using the raw ones", file=sys.stderr)
+    if preset is not None:
+        print(f"preset {preset.name}: {preset.summary()}")
+
+
+# ----------------------------------------------------------------------------- dip-convert
+def convert_parser() -> ArgumentParser:
+    from .official import OFFICIAL_IMAGE_SIZE
+    p = ArgumentParser(prog="dip-convert", description=(
+        "Convert official DiP weights (NJU-PCALab/DiP: a PyTorch Lightning .ckpt, or a state dict) into a "
+        "dip-train checkpoint, which dip-sample loads with no flags and dip-train --init-from starts from. "
+        "Keeps both the EMA (ema_denoiser.) and the raw (denoiser.) weights; refuses weights with NaN or inf."))
+    p.add_argument("source", help="official checkpoint file")
+    p.add_argument("output", help="dip-train checkpoint file to write")
+    p.add_argument("--model", required=True, help="the model the weights are for, e.g. DiP-XL/16")
+    p.add_argument("--image-size", type=_positive_int, default=OFFICIAL_IMAGE_SIZE,
+                   help=f"the resolution the weights were trained at, dip-sample's default (default "
+                        f"{OFFICIAL_IMAGE_SIZE}, the released DiP-XL/16's)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    return p
+
+
+def _convert(argv):
+    from . import official
+    args = convert_parser().parse_args(argv)
+    state, source = official.convert(args.source, args.output, args.model, args.image_size, args.overwrite)
+    kept = " and ".join(which for which, present in (("EMA", source.ema is not None), ("raw", source.raw is not None))
+                        if present)
+    count = sum(v.numel() for v in state["model"].values())
+    print(f"wrote {args.output}: {args.model} ({count:,} parameters), the {kept} weights of {source.description}")
+    return 0
+
+
+def convert_main(argv=None):
+    return run_main(_convert, argv, "dip-convert")
 
 
 # ----------------------------------------------------------------------------- dip-eval
@@ -332,7 +399,8 @@ def demo_main(argv=None):
     return run_main(main, argv, "dip-demo")
 
 
-COMMANDS = {"train": train_main, "sample": sample_main, "eval": eval_main, "demo": demo_main}
+COMMANDS = {"train": train_main, "sample": sample_main, "eval": eval_main, "demo": demo_main,
+            "convert": convert_main}
 
 
 def main(argv=None):

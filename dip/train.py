@@ -81,6 +81,7 @@ class TrainConfig:
     precision: str = "auto"                 # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
     parallel: str = "ddp"                   # ddp | fsdp (FSDP2, torch.distributed.fsdp.fully_shard)
     resume: Optional[str] = None            # checkpoint file or run folder; "auto" = <out>/latest.pt if present
+    init_from: Optional[str] = None         # a new run from these weights (dip-train or official; dip.official)
     device: str = "auto"                    # auto | cpu | cuda
     progress: bool = True
 
@@ -406,6 +407,19 @@ def _resolve_resume(cfg) -> Optional[str]:
     return ckpt.resolve_checkpoint(cfg.resume)
 
 
+def _init_weights(cfg):
+    """For init_from: (the weights a new run starts from, or None when a resume continues the run;
+    the number of classes of those weights, which the model keeps on resuming too)."""
+    if not cfg.init_from:
+        return None, None
+    from .official import read_checkpoint, read_init_weights
+    resume_path = _resolve_resume(cfg)
+    if resume_path:
+        return None, int(read_checkpoint(resume_path).state["model_config"]["num_classes"])
+    init = read_init_weights(cfg.init_from)
+    return init, init.num_classes
+
+
 def _sample_grid(cfg, model_config, ema_state, num_classes, step, device):
     from .models import build_model
     from . import sample as sampling
@@ -456,12 +470,17 @@ def _train(cfg, env, dataset, on_step, DiPConfig, build_model):
 
     # -- model: identical initialisation on every rank, then per-rank RNG streams
     overrides = dict(cfg.model_overrides)
+    init, init_classes = _init_weights(cfg)
+    if init_classes is not None:
+        overrides.setdefault("num_classes", init_classes)  # the weights' classes, not the data's
     overrides.setdefault("num_classes", num_classes)
     if overrides["num_classes"] < num_classes:
         raise ValueError(f"the data has {num_classes} classes but the model num_classes={overrides['num_classes']}")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, **overrides).to(device)
     model_config = model.config
+    if init is not None:
+        init.load_into(model, f"the model of this run ({cfg.model})")
     null_class = model.num_classes
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -485,6 +504,13 @@ def _train(cfg, env, dataset, on_step, DiPConfig, build_model):
         train_model = model
 
     ema = EMA(raw_model, cfg.ema)
+    if init is not None:
+        if init.ema is not None:
+            ema.load_full_state_dict(init.ema)
+        if env.is_main:
+            print(f"initialised from {init.path}, {init.description}"
+                  f"{' (EMA from its EMA weights)' if init.ema is not None else ''}", flush=True)
+        del init
     opt_kwargs = dict(lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     if device.type == "cuda":
         # fused is the fastest; FSDP2's sharded DTensor params take the foreach path instead
