@@ -1,20 +1,41 @@
-"""Checkpoint files: atomic writes and RNG-state capture.
+"""Output files: atomic writes, checkpoints with a checksum, standard JSON, RNG-state capture.
 
-A checkpoint is one ``torch.save``'d dict. It is written to a temporary file in the destination
-folder, fsync'ed, then ``os.replace``'d over the target, so a crash or an error mid-write leaves
-the previous ``latest.pt`` untouched (``os.replace`` is atomic within one filesystem). Only rank 0
-should call :func:`save_checkpoint`; the trainer gathers what it needs from the other ranks first.
+Every file the package writes goes through :func:`atomic_write`: a temporary file in the
+destination folder (``.<name>.dip-XXXXXXXX.tmp``, see :data:`TEMP_PATTERN`), fsync'ed, then
+``os.replace``'d over the target, so a crash, a full disk or an error mid-write leaves the previous
+file untouched (``os.replace`` is atomic within one filesystem). A failed write raises
+:class:`dip.errors.OutputWriteError` (one line at the command line).
+
+A checkpoint is one ``torch.save``'d dict with a ``"checksum"`` entry: the sha256 of everything else
+in it (every tensor's dtype, shape and bytes, every other value's type and repr, in a fixed order).
+:func:`load_checkpoint` recomputes it, so a flipped or truncated byte gives a
+:class:`dip.errors.CheckpointError` instead of weights that silently train to NaN. Only rank 0 should
+call :func:`save_checkpoint`; the trainer gathers what it needs from the other ranks first.
 """
 import contextlib
+import hashlib
+import json
+import math
 import os
 import random
+import re
 import tempfile
-from typing import Any, Dict, Optional
+import warnings
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import torch
 
+from .errors import CheckpointError, OutputWriteError
+
 LATEST = "latest.pt"
+CHECKSUM_KEY = "checksum"
+# the temporary files atomic_write makes (and a killed process leaves behind); the marker keeps
+# the cleanup at the next start away from anybody else's temporaries
+TEMP_MARKER = ".dip-"
+TEMP_PATTERN = re.compile(r"^\..+" + re.escape(TEMP_MARKER) + r"[a-z0-9_]{8}\.tmp$")  # mkstemp's 8 characters
+# what atomic_save's temporaries of checkpoints were called before the marker
+LEGACY_TEMP_PATTERN = re.compile(r"^\.(latest\.pt|step_\d{8}\.pt)\.[a-z0-9_]{8}\.tmp$")
 
 
 def _fsync_dir(path: str):
@@ -31,43 +52,159 @@ def _fsync_dir(path: str):
         os.close(fd)
 
 
+class _WriteErrorRecorder:
+    """A file object that remembers an OSError raised by ``write``: torch.save turns it into an
+    opaque RuntimeError ("unexpected pos 64 vs 0"), and this lets atomic_write report the real cause."""
+
+    def __init__(self, f):
+        self._f = f
+        self.error: Optional[OSError] = None
+
+    def write(self, data):
+        try:
+            return self._f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def _write_failed(path: str, err: OSError) -> OutputWriteError:
+    reason = err.strerror or str(err)
+    kept = "it was left as it was" if os.path.exists(path) else "nothing was written"
+    return OutputWriteError(f"could not write {path}: {reason}; {kept}")
+
+
 @contextlib.contextmanager
 def atomic_write(path: str, mode: str = "wb"):
     """Open a temporary file beside ``path`` for writing; on success it is fsync'ed and renamed over
     ``path``, on any error it is removed. So ``path`` holds either the old or the new file, never a
-    partial one. Every output file the package writes (checkpoint, .npz, PNG, JSON) goes through here."""
+    partial one. Every output file the package writes (checkpoint, .npz, PNG, JSON) goes through here.
+    A write, flush, fsync or rename that fails (ENOSPC, EACCES, ...) raises OutputWriteError; so does
+    any OSError raised inside the block, which is taken to come from writing the file."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; an output is an ordinary file
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + TEMP_MARKER, suffix=".tmp", dir=folder)
+    except OSError as err:
+        raise _write_failed(path, err) from err
+    recorder = None
+    try:
         with os.fdopen(fd, mode) as f:
-            yield f
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; an output is an ordinary file
+            recorder = _WriteErrorRecorder(f)
+            yield recorder
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(err, OutputWriteError):
+            raise
+        # a failed write, flush, fsync or rename: OSError itself, or whatever the writer (torch.save
+        # raises RuntimeError) made of the OSError that write() raised
+        cause = err if isinstance(err, OSError) else (recorder.error if recorder is not None else None)
+        if cause is not None:
+            raise _write_failed(path, cause) from err
         raise
     _fsync_dir(folder)
 
 
-def atomic_save(obj: Any, path: str):
-    """``torch.save(obj, path)`` through :func:`atomic_write`."""
+def atomic_save(obj: Any, path: str, before_rename: Optional[Callable[[], None]] = None):
+    """``torch.save(obj, path)`` through :func:`atomic_write`; ``before_rename()`` runs once the
+    temporary file holds the whole payload (the fault-injection tests kill the process there)."""
     with atomic_write(path, "wb") as f:
         torch.save(obj, f)
+        if before_rename is not None:
+            f.flush()
+            before_rename()
 
 
-def save_checkpoint(state: Dict[str, Any], out_dir: str, step: int, keep_numbered: bool = False) -> str:
-    """Write ``state`` as ``<out_dir>/latest.pt`` (and ``step_<step>.pt`` when ``keep_numbered``).
-    Returns the path of latest.pt."""
+def remove_stale_temporaries(folder: str) -> list:
+    """Remove the temporary files a killed atomic_write left in ``folder`` (ours only: they match
+    TEMP_PATTERN or LEGACY_TEMP_PATTERN). The caller must make sure no live process of ours writes
+    there (the run lock). Returns the names removed."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        if TEMP_PATTERN.match(name) or LEGACY_TEMP_PATTERN.match(name):
+            try:
+                os.unlink(os.path.join(folder, name))
+                removed.append(name)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+# ----------------------------------------------------------------------------- standard JSON
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN / infinite float replaced by None, so it serialises as standard JSON
+    (json.dumps writes NaN and Infinity, which strict parsers reject)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(path: str, obj: Any):
+    """``obj`` as standard JSON (non-finite numbers as null) through :func:`atomic_write`."""
+    with atomic_write(path, "w") as f:
+        json.dump(json_safe(obj), f, indent=2, allow_nan=False)
+        f.write("\n")
+
+
+# ----------------------------------------------------------------------------- checksum
+def _feed(h, obj):
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"tensor {t.dtype} {tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, np.ndarray):
+        h.update(f"ndarray {obj.dtype.str} {obj.shape};".encode())
+        h.update(np.ascontiguousarray(obj).tobytes())
+    elif isinstance(obj, dict):
+        h.update(f"dict {len(obj)};".encode())
+        for key in sorted(obj, key=repr):
+            _feed(h, key)
+            _feed(h, obj[key])
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{type(obj).__name__} {len(obj)};".encode())
+        for value in obj:
+            _feed(h, value)
+    elif obj is None or isinstance(obj, (bool, int, float, str, bytes)):
+        h.update(f"{type(obj).__name__} {obj!r};".encode())
+    else:  # a repr with an address in it would never match again: what we save must not hold one
+        raise TypeError(f"cannot checksum a {type(obj).__name__} in a checkpoint")
+
+
+def state_checksum(state: Dict[str, Any]) -> str:
+    """The sha256 (hex) of a checkpoint dict, its own ``"checksum"`` entry left out."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in state.items() if k != CHECKSUM_KEY})
+    return h.hexdigest()
+
+
+def save_checkpoint(state: Dict[str, Any], out_dir: str, step: int, keep_numbered: bool = False,
+                    before_rename: Optional[Callable[[], None]] = None) -> str:
+    """Write ``state`` with its checksum as ``<out_dir>/latest.pt`` (and ``step_<step>.pt`` when
+    ``keep_numbered``). Returns the path of latest.pt. ``before_rename``: see atomic_save."""
+    state = dict(state)
+    state[CHECKSUM_KEY] = {"sha256": state_checksum(state)}
     latest = os.path.join(out_dir, LATEST)
     if keep_numbered:
         atomic_save(state, os.path.join(out_dir, f"step_{step:08d}.pt"))
-    atomic_save(state, latest)
+    atomic_save(state, latest, before_rename)
     return latest
 
 
@@ -81,9 +218,51 @@ def resolve_checkpoint(path: str) -> str:
 
 
 def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
+    """A checkpoint dict, its checksum verified when it has one (dip-train writes one; other files,
+    and ours from before the checksum, are taken as they are). An unreadable, truncated, empty or
+    corrupt file raises CheckpointError."""
     path = resolve_checkpoint(path)
-    # our own files hold numpy RNG states and plain Python objects besides tensors
-    return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        # our own files hold numpy RNG states and plain Python objects besides tensors
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except OSError:
+        raise
+    except Exception as err:  # whatever the bytes make torch.load / pickle raise, the file is at fault
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated, empty or not a torch file?): "
+                              f"{detail}") from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a checkpoint: it holds a {type(state).__name__}, not a dict")
+    expected = state.pop(CHECKSUM_KEY, None)
+    if isinstance(expected, dict) and "sha256" in expected:
+        try:
+            actual = state_checksum(state)
+        except TypeError as err:  # a damaged pickle can make objects a checkpoint never holds
+            raise CheckpointError(f"{path} is corrupt: {err}") from None
+        if actual != expected["sha256"]:
+            raise CheckpointError(f"{path} is corrupt: its sha256 checksum does not match its contents "
+                                  "(flipped or lost bytes); use an older checkpoint")
+    elif "model_config" in state:
+        warnings.warn(f"{path} has no checksum (written before dip-train stored one); it is not verified",
+                      RuntimeWarning)
+    return state
+
+
+def load_state_dict_checked(module: torch.nn.Module, state_dict: Dict[str, torch.Tensor], path: str):
+    """``module.load_state_dict(state_dict)``, a mismatch reported as one CheckpointError line
+    (load_state_dict's own message is a multi-line list of every key)."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = sorted(k for k in set(own) & set(state_dict)
+                    if torch.is_tensor(state_dict[k]) and tuple(state_dict[k].shape) != tuple(own[k].shape))
+    problems = []
+    for what, keys in (("missing", missing), ("unexpected", unexpected), ("different shape", shapes)):
+        if keys:
+            problems.append(f"{len(keys)} {what} (e.g. {keys[0]})")
+    if problems:
+        raise CheckpointError(f"{path} does not fit this model: {', '.join(problems)}")
+    module.load_state_dict(state_dict)
 
 
 def capture_rng_state() -> Dict[str, Any]:
