@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .errors import DataError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 
@@ -54,8 +56,10 @@ class ImageFolderDataset(Dataset):
     """Images under ``root``: one subfolder per class (labels follow sorted folder names), or images
     directly in ``root`` for unconditional data (a single class 0).
 
-    An unreadable image is replaced by the next readable one, with a warning; the number of failed
-    reads is in ``num_failures`` (shared with DataLoader worker processes)."""
+    An unreadable image is replaced by the next readable one, with a warning; :meth:`fetch` returns
+    how many reads failed for an item (the trainer counts those of the batches it consumes), and
+    ``num_failures`` counts every failed read in any process (DataLoader prefetch included). A class
+    folder without images, or data of which no image can be read, raises DataError."""
 
     def __init__(self, root: str, image_size: int, random_flip: bool = False):
         if not root or not os.path.isdir(root):
@@ -69,10 +73,20 @@ class ImageFolderDataset(Dataset):
         self.samples: List[Tuple[str, int]] = []
         if class_dirs and not top_images:
             self.classes = class_dirs
+            empty = []
             for label, name in enumerate(class_dirs):
+                found = []
                 for dirpath, dirnames, filenames in os.walk(os.path.join(root, name)):
                     dirnames.sort()
-                    self.samples += [(os.path.join(dirpath, f), label) for f in sorted(filenames) if _is_image(f)]
+                    found += [(os.path.join(dirpath, f), label) for f in sorted(filenames) if _is_image(f)]
+                if not found:
+                    empty.append(name)
+                self.samples += found
+            if empty and self.samples:
+                # it would take a label and never be trained: most often a copy that went wrong
+                raise DataError(f"data folder {root!r}: {len(empty)} class folders hold no images "
+                                f"({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}); "
+                                "remove them or add images")
         else:
             self.classes = [os.path.basename(os.path.normpath(root))]
             self.samples = [(os.path.join(root, f), 0) for f in top_images]
@@ -98,9 +112,11 @@ class ImageFolderDataset(Dataset):
             img.load()
             return center_crop_arr(img.convert("RGB"), self.image_size)
 
-    def __getitem__(self, item):
+    def fetch(self, item) -> Tuple[torch.Tensor, int, int]:
+        """(image, label, failed reads): item ``(index, flip)``, or the next readable image after it."""
         index, flip = _split_index(item)
         n = len(self.samples)
+        failed = []
         for attempt in range(n):
             i = (index + attempt) % n
             try:
@@ -108,12 +124,18 @@ class ImageFolderDataset(Dataset):
             except Exception as err:  # corrupt files must not kill a long run mid-epoch
                 with self._failures.get_lock():
                     self._failures.value += 1
-                warnings.warn(f"skipping unreadable image {self.samples[i][0]!r}: {err}", RuntimeWarning)
+                failed.append(f"{self.samples[i][0]!r}: {err}")
                 continue
+            for failure in failed:  # warned only once a replacement is found: if none is, one error line
+                warnings.warn(f"skipping unreadable image {failure}", RuntimeWarning)
             if flip and self.random_flip:
                 arr = arr[:, ::-1]
-            return uint8_to_tensor(arr), self.samples[i][1]
-        raise RuntimeError(f"none of the {n} images under {self.root!r} could be read")
+            return uint8_to_tensor(arr), self.samples[i][1], len(failed)
+        raise DataError(f"none of the {n} images under {self.root!r} could be read (the first, {failed[0]})")
+
+    def __getitem__(self, item):
+        image, label, _ = self.fetch(item)
+        return image, label
 
 
 class InMemoryImageDataset(Dataset):
@@ -214,7 +236,25 @@ def advance_position(epoch: int, index: int, dataset_size: int, items: int) -> T
     return epoch + offset // dataset_size, offset % dataset_size
 
 
+class CountReadFailures(Dataset):
+    """``dataset`` with items ``(image, label, failed reads)``: from its ``fetch`` where it has one
+    (ImageFolderDataset), else 0 failures."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        if hasattr(self.dataset, "fetch"):
+            return self.dataset.fetch(item)
+        image, label = self.dataset[item]
+        return image, label, 0
+
+
 def collate(batch):
+    """(images, labels, failed reads summed) from ``(image, label[, failed reads])`` items."""
     images = torch.stack([b[0] for b in batch])
     labels = torch.tensor([b[1] for b in batch], dtype=torch.long)
-    return images, labels
+    return images, labels, sum(int(b[2]) if len(b) > 2 else 0 for b in batch)

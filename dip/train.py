@@ -18,16 +18,20 @@ less than the whole loss, and say so in a comment where they are set up: under D
 (the inner module, wrapped by DDP afterwards); under FSDP2 each block's ``forward`` (FSDP2's
 all-gather hooks stay eager around it); with REPA the model alone (the frozen encoder may be
 TorchScript, which Dynamo does not trace). The optimizer is fused AdamW on CUDA, the autocast is bf16,
-and the EMA update is one ``torch._foreach_lerp_`` over all parameters.
+and the EMA update is one ``torch._foreach_lerp_`` over all parameters. The one host sync per step
+is the non-finite check (an all-reduced flag) before the optimizer step.
+
+Safety. The run folder is locked and never silently replaced, a resume must match the checkpoint's
+run settings, and nothing non-finite is ever saved: see dip.run_folder and dip.checkpoint.
 """
 import contextlib
 import copy
 import dataclasses
-import json
 import math
 import os
 import random
 import time
+import typing
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -39,7 +43,9 @@ from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt
 from .diffusion import drop_labels
-from .data import ImageFolderDataset, ResumableBatchSampler, advance_position, collate
+from .data import CountReadFailures, ImageFolderDataset, ResumableBatchSampler, advance_position, collate
+from .errors import CheckpointError, TrainingDiverged, UserError
+from .run_folder import METRICS_NAME, SAMPLES_DIR, MetricsLog, RunFolder, config_changes, kill_point
 
 
 @dataclass
@@ -80,12 +86,15 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"                 # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
     parallel: str = "ddp"                   # ddp | fsdp (FSDP2, torch.distributed.fsdp.fully_shard)
-    resume: Optional[str] = None            # checkpoint file or run folder; "auto" = <out>/latest.pt if present
+    resume: Optional[str] = None            # checkpoint file or run folder; "auto" = <out>/latest.pt (see dip.run_folder)
+    overwrite: bool = False                 # start a new run in an out folder that holds one, replacing it
+    skip_nonfinite: int = 0                 # steps with a non-finite loss / grad norm to skip before stopping
     init_from: Optional[str] = None         # a new run from these weights (dip-train or official; dip.official)
     device: str = "auto"                    # auto | cpu | cuda
     progress: bool = True
 
     def validate(self):
+        _check_field_types(self)
         checks = [
             (self.image_size > 0, "image_size must be positive"),
             (self.global_batch > 0, "global_batch must be positive"),
@@ -101,14 +110,65 @@ class TrainConfig:
             (self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}"),
             (self.log_interval > 0 and self.ckpt_interval > 0, "log_interval and ckpt_interval must be positive"),
             (self.sample_interval >= 0, "sample_interval must be >= 0"),
+            (self.skip_nonfinite >= 0, "skip_nonfinite must be >= 0"),
             (isinstance(self.compile_backend, str) and bool(self.compile_backend),
              "compile_backend must be a torch.compile backend name"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        self.betas = tuple(float(b) for b in self.betas)
         return self
+
+
+def _type_name(tp) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}
+    if typing.get_origin(tp) is typing.Union:
+        return " or ".join(_type_name(a) if a is not type(None) else "null" for a in typing.get_args(tp))
+    if typing.get_origin(tp) is tuple:
+        return f"a list of {len(typing.get_args(tp))} numbers"
+    return names.get(typing.get_origin(tp) or tp, str(tp))
+
+
+def _conform(value, tp):
+    """``value`` as type ``tp`` (an int is a valid float; YAML reads 1e-4 as a string, so a
+    number-shaped string is too), or raise TypeError."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        return _conform(value, next(a for a in typing.get_args(tp) if a is not type(None)))
+    if origin is tuple:
+        if isinstance(value, (list, tuple)) and len(value) == len(typing.get_args(tp)):
+            return tuple(_conform(v, a) for v, a in zip(value, typing.get_args(tp)))
+        raise TypeError
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise TypeError from None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise TypeError
+    if tp is int and isinstance(value, bool):
+        raise TypeError
+    if not isinstance(value, origin or tp):
+        raise TypeError
+    return value
+
+
+def _check_field_types(cfg):
+    """Every TrainConfig field holds a value of its declared type (a mistyped --set value, or a
+    YAML config's, fails here in one line rather than as a TypeError deep in the run)."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if hints[f.name] is Any:
+            continue
+        try:
+            setattr(cfg, f.name, _conform(value, hints[f.name]))
+        except TypeError:
+            raise ValueError(f"{f.name} must be {_type_name(hints[f.name])}, got {value!r}") from None
 
 
 def load_config(name_or_yaml: str, **overrides) -> TrainConfig:
@@ -121,7 +181,13 @@ def load_config(name_or_yaml: str, **overrides) -> TrainConfig:
         if not os.path.isfile(name_or_yaml):
             raise FileNotFoundError(f"config file {name_or_yaml!r} does not exist")
         with open(name_or_yaml) as f:
-            values = yaml.safe_load(f) or {}
+            try:
+                values = yaml.safe_load(f) or {}
+            except yaml.YAMLError as err:
+                where = getattr(err, "problem_mark", None)
+                at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+                problem = getattr(err, "problem", None) or type(err).__name__
+                raise ValueError(f"config file {name_or_yaml!r} is not valid YAML{at}: {problem}") from None
         if not isinstance(values, dict):
             raise ValueError(f"config file {name_or_yaml!r} must hold a mapping of TrainConfig fields")
         model = values.get("model")
@@ -158,12 +224,18 @@ class DistEnv:
         return self.world_size > 1
 
 
+def check_device(device: str):
+    """UserError when ``device`` is "cuda" and this torch sees no GPU."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but torch sees no CUDA GPU here "
+                        f"(torch {torch.__version__}, CUDA build: {torch.version.cuda is not None})")
+
+
 def setup_distributed(device: str = "auto") -> DistEnv:
     """Join the process group that ``torchrun`` describes in RANK / WORLD_SIZE / LOCAL_RANK /
     MASTER_ADDR / MASTER_PORT; without them, a single process. NCCL on GPU, gloo on CPU."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was asked for but no CUDA GPU is available")
+    check_device(device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -257,15 +329,15 @@ def _model_full_state_dict(model, is_main):
 
 
 @torch.no_grad()
-def _load_model_full_state_dict(model, state):
+def _load_model_full_state_dict(model, state, path):
     if not any(_is_dtensor(p) for p in model.parameters()):
-        model.load_state_dict(state)
+        ckpt.load_state_dict_checked(model, state, path)
         return
     from torch.distributed.tensor import distribute_tensor
     own = model.state_dict()
     missing = set(own) - set(state)
     if missing:
-        raise KeyError(f"checkpoint lacks {sorted(missing)}")
+        raise CheckpointError(f"{path} does not fit this model: {len(missing)} missing (e.g. {sorted(missing)[0]})")
     for name, target in own.items():
         value = state[name].to(target.dtype)
         if _is_dtensor(target):
@@ -398,22 +470,92 @@ def _build_dataset(cfg):
     return ImageFolderDataset(cfg.data, cfg.image_size, random_flip=cfg.random_flip)
 
 
-def _resolve_resume(cfg) -> Optional[str]:
-    if not cfg.resume:
-        return None
-    if cfg.resume == "auto":
-        path = os.path.join(cfg.out, ckpt.LATEST)
-        return path if os.path.isfile(path) else None
-    return ckpt.resolve_checkpoint(cfg.resume)
+# what _agree carries from the rank that raised it to the others (the errors dip.cli reports as one line)
+_SHARED_ERRORS = (UserError, TrainingDiverged, ValueError, OSError, KeyError)
 
 
-def _init_weights(cfg):
+def _agree(env: DistEnv, fn: Callable[[], Any], main_only: bool = False) -> Any:
+    """``fn()`` on every rank (``main_only``: on rank 0 alone), and if it raised one of
+    _SHARED_ERRORS on any rank, the same error on every rank, so no rank waits forever in a
+    collective for one that stopped. Returns fn's result where it ran, None elsewhere."""
+    result, error = None, None
+    if env.is_main or not main_only:
+        try:
+            result = fn()
+        except _SHARED_ERRORS as err:
+            error = err
+    if env.distributed:
+        reports = _gather_objects(None if error is None else (type(error), str(error)), env)
+        first = next((r for r in reports if r is not None), None)
+        if first is not None and error is None:
+            raise first[0](first[1])
+    if error is not None:
+        raise error
+    return result
+
+
+def _broadcast(value, env: DistEnv):
+    """Rank 0's ``value`` on every rank."""
+    if not env.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _open_run_folder(cfg) -> Tuple[RunFolder, Optional[str]]:
+    """(the locked run folder, the checkpoint to resume from or None) on the main rank."""
+    folder = RunFolder.acquire(cfg.out)
+    try:
+        return folder, folder.start(cfg.resume, cfg.overwrite)
+    except BaseException:
+        folder.release()
+        raise
+
+
+def _model_config_of(cfg, overrides, build_model) -> Dict[str, Any]:
+    # built on the meta device: the config without the cost of allocating and initialising weights
+    with torch.device("meta"):
+        return dataclasses.asdict(build_model(cfg.model, **overrides).config)
+
+
+def _run_identity(cfg, model_config, dataset) -> Dict[str, Any]:
+    """What config_changes compares between a checkpoint and a resumed run."""
+    classes = getattr(dataset, "classes", None)
+    return {"config": dataclasses.asdict(cfg), "model_config": model_config,
+            "classes": list(classes) if classes is not None else None}
+
+
+def _load_resume_state(path, cfg, model_config, dataset, is_main) -> Dict[str, Any]:
+    """The checkpoint at ``path``, refused (CheckpointError, one line) when the run it was written
+    under cannot be continued with ``cfg``; the allowed changes are printed on the main rank."""
+    state = ckpt.load_checkpoint(path)
+    for key in ("model", "ema", "optimizer", "step", "data"):
+        if key not in state:
+            raise CheckpointError(f"{path} is not a dip-train checkpoint (it has no {key!r})")
+    refused, allowed = config_changes(state, _run_identity(cfg, model_config, dataset))
+    if refused:
+        raise CheckpointError(f"cannot resume {path} with another run's settings: {'; '.join(refused)} "
+                              "(start a new run: another --out, or --overwrite)")
+    if allowed and is_main:
+        print(f"resume: changed settings: {'; '.join(allowed)}", flush=True)
+    return state
+
+
+def _first_nonfinite(*state_dicts) -> Optional[str]:
+    for sd in state_dicts:
+        for name, value in (sd or {}).items():
+            if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                return name
+    return None
+
+
+def _init_weights(cfg, resume_path: Optional[str]):
     """For init_from: (the weights a new run starts from, or None when a resume continues the run;
     the number of classes of those weights, which the model keeps on resuming too)."""
     if not cfg.init_from:
         return None, None
     from .official import read_checkpoint, read_init_weights
-    resume_path = _resolve_resume(cfg)
     if resume_path:
         return None, int(read_checkpoint(resume_path).state["model_config"]["num_classes"])
     init = read_init_weights(cfg.init_from)
@@ -430,8 +572,7 @@ def _sample_grid(cfg, model_config, ema_state, num_classes, step, device):
     labels = torch.arange(n) % num_classes
     images = sampling.sample(model, labels, cfg.image_size, steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg_scale,
                              seed=cfg.seed, method="euler", device=device, progress=False)
-    path = os.path.join(cfg.out, "samples", f"step_{step:08d}.png")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    path = os.path.join(cfg.out, SAMPLES_DIR, f"step_{step:08d}.png")
     sampling.save_grid(images, path)
     return path
 
@@ -441,19 +582,29 @@ def train(cfg: TrainConfig, dataset=None, on_step: Optional[Callable[[int, Dict[
     """Train per ``cfg``. ``dataset`` replaces the image folder (any dataset of (image, label) with a
     ``num_classes`` attribute that accepts ``(index, flip)`` items). ``on_step(step, info)`` is called
     after every optimizer step (step counts from 1). Returns the final step, last logged loss, the
-    path of the latest checkpoint and the number of unreadable images skipped."""
+    path of the latest checkpoint and the number of unreadable images skipped.
+
+    The run folder ``cfg.out`` is locked for the whole run and never silently destroyed (see
+    dip.run_folder). Raises TrainingDiverged when the loss or gradient norm is not finite (beyond
+    ``cfg.skip_nonfinite`` skipped steps); the last checkpoint is then left as it was."""
     from .models import DiPConfig, build_model
 
     cfg.validate()
     env = setup_distributed(cfg.device)
     try:
-        return _train(cfg, env, dataset, on_step, DiPConfig, build_model)
+        with contextlib.ExitStack() as cleanup:
+            opened = _agree(env, lambda: _open_run_folder(cfg), main_only=True)
+            folder, resume_path = opened if env.is_main else (None, None)
+            if folder is not None:
+                cleanup.callback(folder.release)
+            resume_path = _broadcast(resume_path, env)
+            return _train(cfg, env, folder, resume_path, cleanup, dataset, on_step, DiPConfig, build_model)
     finally:
         if env.initialized_here:
             dist.destroy_process_group()
 
 
-def _train(cfg, env, dataset, on_step, DiPConfig, build_model):
+def _train(cfg, env, folder, resume_path, cleanup, dataset, on_step, DiPConfig, build_model):
     device = env.device
     if cfg.global_batch % (env.world_size * cfg.grad_accum):
         raise ValueError(f"global_batch={cfg.global_batch} must be divisible by world_size*grad_accum="
@@ -461,21 +612,27 @@ def _train(cfg, env, dataset, on_step, DiPConfig, build_model):
     local_batch = cfg.global_batch // env.world_size
     micro_batch = local_batch // cfg.grad_accum
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    if env.is_main:
-        os.makedirs(cfg.out, exist_ok=True)
+    if env.is_main and folder.removed_temporaries:
+        print(f"removed {len(folder.removed_temporaries)} temporary files a killed run left in {cfg.out}", flush=True)
 
-    if dataset is None:
-        dataset = _build_dataset(cfg)
-    num_classes = int(getattr(dataset, "num_classes", 1))
+    def prepare():
+        data = dataset if dataset is not None else _build_dataset(cfg)
+        n_classes = int(getattr(data, "num_classes", 1))
+        init, init_classes = _init_weights(cfg, resume_path)
+        overrides = dict(cfg.model_overrides)
+        if init_classes is not None:
+            overrides.setdefault("num_classes", init_classes)  # the weights' classes, not the data's
+        overrides.setdefault("num_classes", n_classes)
+        if overrides["num_classes"] < n_classes:
+            raise ValueError(f"the data has {n_classes} classes but the model num_classes={overrides['num_classes']}")
+        model_config = _model_config_of(cfg, overrides, build_model)
+        state = _load_resume_state(resume_path, cfg, model_config, data, env.is_main) if resume_path else None
+        return data, n_classes, overrides, state, init
+
+    # every rank scans the data and reads the checkpoint; an error on one stops them all
+    dataset, num_classes, overrides, state, init = _agree(env, prepare)
 
     # -- model: identical initialisation on every rank, then per-rank RNG streams
-    overrides = dict(cfg.model_overrides)
-    init, init_classes = _init_weights(cfg)
-    if init_classes is not None:
-        overrides.setdefault("num_classes", init_classes)  # the weights' classes, not the data's
-    overrides.setdefault("num_classes", num_classes)
-    if overrides["num_classes"] < num_classes:
-        raise ValueError(f"the data has {num_classes} classes but the model num_classes={overrides['num_classes']}")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, **overrides).to(device)
     model_config = model.config
@@ -531,16 +688,19 @@ def _train(cfg, env, dataset, on_step, DiPConfig, build_model):
 
     # -- resume
     start_step, epoch, index = 0, 0, 0
-    resume_path = _resolve_resume(cfg)
-    if resume_path:
-        state = ckpt.load_checkpoint(resume_path)
-        _load_model_full_state_dict(raw_model, state["model"])
+    unreadable = 0        # unreadable images met in the batches this rank consumed (rank 0: plus the checkpoint's)
+    nonfinite_skipped = 0  # steps skipped for a non-finite loss or gradient norm (cfg.skip_nonfinite)
+    if state is not None:
+        _load_model_full_state_dict(raw_model, state["model"], resume_path)
         ema.load_full_state_dict(state["ema"])
         _load_optimizer_full_state_dict(optimizer, state["optimizer"])
         if repa is not None and state.get("repa_projector") is not None:
             repa.projector.load_state_dict(state["repa_projector"])
         start_step = int(state["step"])
         epoch, index = int(state["data"]["epoch"]), int(state["data"]["index"])
+        if env.is_main:
+            unreadable = int(state.get("unreadable_images", 0))
+        nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
         if state["data"].get("dataset_size") not in (None, len(dataset)):
             warnings.warn(f"the dataset had {state['data']['dataset_size']} images when the checkpoint was "
                           f"written and has {len(dataset)} now; data order will differ", RuntimeWarning)
@@ -550,46 +710,55 @@ def _train(cfg, env, dataset, on_step, DiPConfig, build_model):
             ckpt.restore_rng_state(rng[env.rank])
         if env.is_main:
             print(f"resumed from {resume_path} at step {start_step}", flush=True)
-        del state
+    elif resume_path is None and cfg.resume and env.is_main:
+        print(f"--resume: {cfg.out} holds no run yet; starting a new one", flush=True)
+    del state
 
     sampler = ResumableBatchSampler(len(dataset), cfg.global_batch, env.rank, env.world_size, seed=cfg.seed,
                                     epoch=epoch, index=index, shuffle=True)
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
-                        pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0,
-                        prefetch_factor=2 if cfg.num_workers > 0 else None)
+    loader = DataLoader(CountReadFailures(dataset), batch_sampler=sampler, collate_fn=collate,
+                        num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+                        persistent_workers=cfg.num_workers > 0, prefetch_factor=2 if cfg.num_workers > 0 else None)
+
+    def total_unreadable():
+        return sum(_gather_objects(unreadable, env))
 
     def save(step, epoch, index):
-        rng_states = _gather_objects(ckpt.capture_rng_state(), env)
+        gathered = _gather_objects((ckpt.capture_rng_state(), unreadable), env)
         state = {
             "model": _model_full_state_dict(raw_model, env.is_main),
             "ema": ema.full_state_dict(raw_model, env.is_main),
             "optimizer": _optimizer_full_state_dict(optimizer, env.is_main),
             "repa_projector": repa.projector.state_dict() if repa is not None else None,
         }
-        path = os.path.join(cfg.out, ckpt.LATEST)
-        if env.is_main:
+
+        def write():
+            bad = _first_nonfinite(state["model"], state["ema"])
+            if bad is not None:
+                raise TrainingDiverged(f"step {step}: the weights hold NaN or infinity ({bad}); nothing was saved, "
+                                       f"{_kept(latest)}")
             state.update({
                 "step": step,
                 "data": {"epoch": epoch, "index": index, "seed": cfg.seed, "dataset_size": len(dataset),
                          "global_batch": cfg.global_batch},
-                "rng": rng_states,
+                "unreadable_images": sum(g[1] for g in gathered),
+                "rng": [g[0] for g in gathered],
                 "config": dataclasses.asdict(cfg),
                 "model_config": dataclasses.asdict(model_config),
+                "classes": identity["classes"],
                 "num_classes": num_classes,
                 "world_size": env.world_size,
+                "nonfinite_skipped": nonfinite_skipped,
             })
-            ckpt.save_checkpoint(state, cfg.out, step, keep_numbered=cfg.keep_numbered_ckpts)
-        if env.distributed:
-            dist.barrier()
-        return path
+            return ckpt.save_checkpoint(state, cfg.out, step, keep_numbered=cfg.keep_numbered_ckpts,
+                                        before_rename=lambda: kill_point("checkpoint", step))
 
+        _agree(env, write, main_only=True)
+        return os.path.join(cfg.out, ckpt.LATEST)
+
+    identity = _run_identity(cfg, dataclasses.asdict(model_config), dataset)
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16
                 else contextlib.nullcontext())
-    bar = None
-    if env.is_main and cfg.progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.steps, initial=start_step, desc="train", dynamic_ncols=True)
-    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     loss_sum = torch.zeros((), device=device)
     loss_count = 0
     last_loss = float("nan")
@@ -597,18 +766,33 @@ def _train(cfg, env, dataset, on_step, DiPConfig, build_model):
     t_last, images_since = time.perf_counter(), 0
     t_start = time.perf_counter()
     latest = resume_path
+    metrics, bar = None, None
+    if env.is_main:
+        if cfg.overwrite:
+            folder.clear_previous_run()  # only now: a run that failed to set up has replaced nothing
+        metrics = MetricsLog(os.path.join(cfg.out, METRICS_NAME), resume_step=start_step)
+        cleanup.callback(metrics.close)
+        if metrics.dropped:
+            print(f"{METRICS_NAME}: dropped {metrics.dropped} lines after step {start_step} "
+                  "(logged again from here) or torn by a kill", flush=True)
+        if cfg.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=cfg.steps, initial=start_step, desc="train", dynamic_ncols=True)
+            cleanup.callback(bar.close)
     train_model.train()
 
     data_iter = iter(loader)
     step = start_step
     for step in range(start_step + 1, cfg.steps + 1):
-        images, labels = next(data_iter)
+        images, labels, failed_reads = next(data_iter)
+        unreadable += failed_reads
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         lr = lr_at(cfg, step - 1)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
+        step_loss = torch.zeros((), device=device)
         for j in range(cfg.grad_accum):
             shard = env.rank * cfg.grad_accum + j
             gen = step_generator(cfg.seed, step, shard, device)
@@ -620,35 +804,54 @@ def _train(cfg, env, dataset, on_step, DiPConfig, build_model):
                 with autocast:
                     loss = loss_fn(train_model, x, y, draws).float()
                 (loss / cfg.grad_accum).backward()
-            loss_sum += loss.detach() / cfg.grad_accum
-        loss_count += 1
+            step_loss += loss.detach() / cfg.grad_accum
         if repa is not None and env.distributed:
             _average_gradients(list(repa.projector.parameters()), env.world_size)
         grad_norm = torch.nn.utils.clip_grad_norm_(_trained_params(raw_model, repa),
                                                    cfg.grad_clip if cfg.grad_clip else float("inf"))
         if _is_dtensor(grad_norm):
             grad_norm = grad_norm.full_tensor()
-        optimizer.step()
-        ema.update(raw_model)
+        # one host sync per step, before the update: a non-finite step must never reach the weights
+        if _any_rank_nonfinite(step_loss, grad_norm, env):
+            nonfinite_skipped += 1
+            if nonfinite_skipped > cfg.skip_nonfinite:
+                allowed = f" (after skipping {cfg.skip_nonfinite})" if cfg.skip_nonfinite else ""
+                here = f"loss {float(step_loss):.4g}, grad norm {float(grad_norm):.4g}"
+                raise TrainingDiverged(
+                    f"step {step}: the loss or gradient norm is not finite{allowed} (on rank {env.rank}: {here}); "
+                    f"stopped without saving, {_kept(latest)} (lower --lr, set --grad-clip, or --skip-nonfinite N "
+                    "to skip such steps)")
+            optimizer.zero_grad(set_to_none=True)
+            if env.is_main:
+                print(f"step {step}: non-finite loss or gradient norm, update skipped "
+                      f"({nonfinite_skipped} of at most {cfg.skip_nonfinite})", flush=True)
+        else:
+            optimizer.step()
+            ema.update(raw_model)
+            loss_sum += step_loss
+            loss_count += 1
         epoch, index = advance_position(epoch, index, len(dataset), cfg.global_batch)
         images_since += cfg.global_batch
+        kill_point("step", step)
 
         info = {}
         if step % cfg.log_interval == 0 or step == cfg.steps:
-            mean_loss = loss_sum / max(loss_count, 1)
+            stats = torch.stack([loss_sum / loss_count if loss_count else torch.full((), float("nan"), device=device),
+                                 torch.tensor(float(unreadable), device=device)])
             if env.distributed:
-                dist.all_reduce(mean_loss)  # SUM: gloo has no AVG
-                mean_loss /= env.world_size
+                dist.all_reduce(stats)  # SUM: gloo has no AVG
+                stats[0] /= env.world_size
             now = time.perf_counter()
-            last_loss = float(mean_loss)
-            info = {"step": step, "loss": last_loss, "lr": lr, "img_per_s": images_since / max(now - t_last, 1e-9),
-                    "grad_norm": float(grad_norm), "time": now - t_start, "epoch": epoch,
-                    "unreadable_images": int(getattr(dataset, "num_failures", 0))}
-            if env.is_main:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(info) + "\n")
-                if bar is not None:
-                    bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{info['img_per_s']:.1f}")
+            last_loss = float(stats[0])
+            info = {"step": step, "loss": last_loss, "lr": lr,
+                    "img_per_s": images_since / max(now - t_last, 1e-9), "grad_norm": float(grad_norm),
+                    "time": now - t_start, "epoch": epoch, "unreadable_images": int(stats[1]),
+                    "skipped_steps": nonfinite_skipped}
+            if metrics is not None:
+                metrics.append(info)
+                kill_point("metrics", step)
+            if bar is not None:
+                bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{info['img_per_s']:.1f}")
             loss_sum.zero_()
             loss_count, images_since, t_last = 0, 0, now
         if bar is not None:
@@ -657,19 +860,28 @@ def _train(cfg, env, dataset, on_step, DiPConfig, build_model):
             latest = save(step, epoch, index)
         if cfg.sample_interval and step % cfg.sample_interval == 0:
             ema_state = ema.full_state_dict(raw_model, env.is_main)
-            if env.is_main:
-                _sample_grid(cfg, model_config, ema_state, num_classes, step, device)
-            if env.distributed:
-                dist.barrier()
+            _agree(env, lambda: _sample_grid(cfg, model_config, ema_state, num_classes, step, device),
+                   main_only=True)
         if on_step is not None:
             on_step(step, info)
-    if bar is not None:
-        bar.close()
-    failures = int(getattr(dataset, "num_failures", 0))
+    failures = total_unreadable()
     if failures and env.is_main:
         warnings.warn(f"{failures} unreadable images were skipped during training", RuntimeWarning)
     return {"step": step, "loss": last_loss, "checkpoint": latest, "unreadable_images": failures,
             "model": raw_model if not env.distributed else None}
+
+
+def _kept(latest: Optional[str]) -> str:
+    return f"{latest} is left as it was" if latest else "no checkpoint was written yet"
+
+
+def _any_rank_nonfinite(loss: torch.Tensor, grad_norm: torch.Tensor, env: DistEnv) -> bool:
+    """Whether the loss or gradient norm is NaN or infinite on any rank (all ranks get the same answer,
+    so they skip or stop together)."""
+    flag = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
+    if env.distributed:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def _trained_params(model, repa):
