@@ -7,15 +7,22 @@ Entry points (pyproject.toml ``[project.scripts]``):
     dip-demo   = "dip.cli:demo_main"
     dip-convert = "dip.cli:convert_main"
 
-User errors (bad arguments, missing files, invalid values) print one ``<prog>: error: ...`` line and
-exit with status 2, without a traceback; set DIP_DEBUG=1 to see the traceback anyway.
+Exit status: 0 success; 2 a user error (bad arguments, missing or corrupt files, a run folder that
+must not be touched, an output that cannot be written), reported as one ``<prog>: error: ...`` line
+without a traceback (set DIP_DEBUG=1 to see it anyway); 3 training stopped because the loss or
+gradient norm was not finite (nothing non-finite was saved); 130 interrupted. Anything else is a bug
+and shows its traceback.
 """
 import argparse
 import os
 import sys
 from typing import Callable, List, Optional
 
-USER_ERRORS = (ValueError, OSError, KeyError)
+from .errors import TrainingDiverged, UserError
+
+USER_ERRORS = (UserError, ValueError, OSError, KeyError)
+EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 3
 # dip-sample's settings when neither a flag nor --preset gives them (dip.official.apply_preset)
 SAMPLE_DEFAULTS = {"steps": 100, "cfg_scale": 1.0, "per_class": 1}
 
@@ -27,20 +34,33 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    if not text:
+        return type(err).__name__
+    lines = text.splitlines()
+    if lines[0].startswith("Caught ") and "Original Traceback" in text:
+        # raised in a DataLoader worker: torch re-raises it with the worker's traceback as the
+        # message, whose last line is "<module>.<Type>: <the original message>"
+        last = lines[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return lines[0]
+
+
 def run_main(fn: Callable[[Optional[List[str]]], int], argv=None, prog: str = "dip") -> int:
     try:
         return fn(argv) or 0
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except USER_ERRORS as err:
+    except (TrainingDiverged,) + USER_ERRORS as err:
         if os.environ.get("DIP_DEBUG"):
             raise
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if isinstance(err, KeyError):
+        message = _one_line(err)
+        if isinstance(err, KeyError) and not isinstance(err, UserError):
             message = f"missing key {message}"
         print(f"{prog}: error: {message}", file=sys.stderr)
-        return 2
+        return EXIT_DIVERGED if isinstance(err, TrainingDiverged) else EXIT_USER_ERROR
 
 
 def _key_value(text: str):
@@ -48,7 +68,10 @@ def _key_value(text: str):
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     import yaml
     key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"{text!r}: the value is not valid YAML") from None
 
 
 def _positive_int(text: str) -> int:
@@ -65,13 +88,30 @@ def _positive_int(text: str) -> int:
 def train_parser() -> ArgumentParser:
     p = ArgumentParser(prog="dip-train", description=(
         "Train DiP. Runs as one process, or under torchrun for several GPUs / nodes "
-        "(e.g. torchrun --nproc_per_node 8 -m dip.cli train DiP-XL/16 --data ...)."))
+        "(e.g. torchrun --nproc_per_node 8 -m dip.cli train DiP-XL/16 --data ...)."), epilog=(
+        "The run folder (--out) is never silently replaced: if it holds a run (latest.pt, step_*.pt, "
+        "metrics.jsonl, samples/), dip-train refuses to start unless --resume or --overwrite is given, and "
+        "a second dip-train cannot use it while one runs (a lock the OS drops when the process dies). "
+        "Exit status: 0 done; 2 a user error, on one line (bad arguments, corrupt checkpoint, a run folder "
+        "that holds another run, a resume with incompatible settings, a disk full while saving, ...); "
+        "3 stopped because the loss or gradient norm was not finite (no non-finite weights are saved; the "
+        "last checkpoint is left as it was)."))
     p.add_argument("config", help="a model name (DiP-XL/16, DiP-L/16, DiP-B/16, DiP-S/16, DiP-XL/32, DiP-Tiny) "
                                   "or a YAML file of TrainConfig fields")
     p.add_argument("--data", help="image folder: one subfolder per class, or images directly (unconditional)")
     p.add_argument("--out", help="run folder for checkpoints, metrics.jsonl and samples")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="resume from a checkpoint file or run folder; without a value, from <out>/latest.pt if present")
+                   help="resume from a checkpoint file or run folder; without a value, from <out>/latest.pt. "
+                        "On a new or empty --out, --resume starts the run (so one command both starts and "
+                        "continues it); on an --out that holds a run but no latest.pt it is an error. Settings "
+                        "that change what the checkpoint means (model, objective, image size, batch size, seed, "
+                        "data classes, REPA) must match it; others (steps, lr, intervals, ...) may change")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="start a new run in an --out that holds one, deleting its checkpoints, metrics.jsonl and "
+                        "samples once the new run is set up")
+    p.add_argument("--skip-nonfinite", type=int, metavar="N",
+                   help="skip up to N steps whose loss or gradient norm is NaN or infinite (default 0: stop at "
+                        "the first, exit status 3)")
     p.add_argument("--steps", type=_positive_int)
     p.add_argument("--batch-size", type=_positive_int, dest="global_batch", help="global batch size")
     p.add_argument("--grad-accum", type=_positive_int)
@@ -111,7 +151,8 @@ def _train(argv):
     overrides = {k: getattr(args, k) for k in ("data", "out", "resume", "steps", "global_batch", "grad_accum",
                                                "image_size", "lr", "objective", "parallel", "precision", "device",
                                                "grad_clip", "grad_checkpointing", "compile", "num_workers", "log_interval",
-                                               "ckpt_interval", "sample_interval", "seed")}
+                                               "ckpt_interval", "sample_interval", "seed", "overwrite",
+                                               "skip_nonfinite")}
     overrides["init_from"] = args.init_from
     if args.no_progress:
         overrides["progress"] = False
@@ -150,7 +191,7 @@ def sample_parser() -> ArgumentParser:
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="named sampling settings, where each value comes from in dip.official; flags given "
                         "explicitly win. " + "; ".join(f"{p.name}: {p.summary()}" for p in PRESETS.values()))
-    p.add_argument("--grid", help="PNG grid to write (default samples.png unless --npz is given)")
+    p.add_argument("--grid", help="image grid to write, .png or .jpg (default samples.png unless --npz is given)")
     p.add_argument("--npz", help=".npz file to write with --per-class images of every class")
     p.add_argument("--num", type=_positive_int, default=16, help="images in the grid (default 16)")
     p.add_argument("--classes", help="comma-separated class ids for the grid (default: cycle through the classes)")
@@ -178,13 +219,18 @@ def sample_parser() -> ArgumentParser:
 
 def load_model_from_checkpoint(path: str, use_ema: bool = True, device="cpu"):
     """(model in eval mode, checkpoint dict) from a dip-train checkpoint."""
-    from .checkpoint import load_checkpoint
+    from .checkpoint import load_checkpoint, load_state_dict_checked
+    from .errors import CheckpointError
     from .models import DiPConfig, build_model
     state = load_checkpoint(path)
     if "model_config" not in state or "model" not in state:
         raise ValueError(f"{path!r} is not a dip-train checkpoint (no model_config / model)")
-    model = build_model(DiPConfig(**state["model_config"]))
-    model.load_state_dict(state["ema"] if use_ema and state.get("ema") is not None else state["model"])
+    try:
+        config = DiPConfig(**state["model_config"])
+    except TypeError as err:
+        raise CheckpointError(f"{path!r} holds a model config this DiP does not know: {err}") from None
+    model = build_model(config)
+    load_state_dict_checked(model, state["ema"] if use_ema and state.get("ema") is not None else state["model"], path)
     return model.to(device).eval(), state
 
 
@@ -200,6 +246,8 @@ def _sample(argv):
     preset = official.apply_preset(args, SAMPLE_DEFAULTS)
     if args.npz and not args.npz.endswith(".npz"):
         raise ValueError(f"--npz must name a .npz file, got {args.npz!r}")
+    if args.grid or not args.npz:
+        sampling.grid_format(args.grid or "samples.png")  # refuse a --grid x.gif before sampling
     env = setup_distributed(args.device)
     try:
         model, state, source = official.load_model(args.checkpoint, args.model, raw=args.raw, device=env.device)
@@ -337,14 +385,15 @@ def convert_main(argv=None):
 
 
 # ----------------------------------------------------------------------------- dip-eval
-def _number_pair(kind):
+def _number_pair(kind, positive=False):
     def parse(text):
         try:
             parts = [kind(v) for v in text.split(",")]
         except ValueError:
             parts = []
-        if len(parts) != 2:
-            raise argparse.ArgumentTypeError(f"expected two comma-separated numbers, got {text!r}")
+        if len(parts) != 2 or (positive and min(parts) <= 0):
+            raise argparse.ArgumentTypeError(
+                f"expected two comma-separated {'positive ' if positive else ''}numbers, got {text!r}")
         return tuple(parts)
     return parse
 
@@ -357,7 +406,7 @@ def eval_parser() -> ArgumentParser:
     p.add_argument("reference", help="reference images: .npz file or image folder (e.g. the ADM reference batch)")
     p.add_argument("--extractor", help="local TorchScript Inception feature network (.pt), see dip.evaluate")
     p.add_argument("--input-range", type=_number_pair(float), help="value range the extractor expects, e.g. 0,255")
-    p.add_argument("--resize", type=_number_pair(int), help="resize images to H,W before the extractor")
+    p.add_argument("--resize", type=_number_pair(int, positive=True), help="resize images to H,W before the extractor")
     p.add_argument("--batch-size", type=_positive_int, default=100)
     p.add_argument("--k", type=_positive_int, default=3, help="neighbourhood size for precision/recall")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -367,9 +416,11 @@ def eval_parser() -> ArgumentParser:
 
 
 def _eval(argv):
-    import json
     import torch
+    from .checkpoint import write_json
+    from .train import check_device
     args = eval_parser().parse_args(argv)
+    check_device(args.device)
     for path in (args.samples, args.reference):
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path!r} does not exist")
@@ -384,8 +435,7 @@ def _eval(argv):
     for name in ("fid", "precision", "recall"):
         print(f"{name}: {metrics[name]:.4f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(metrics, f, indent=2)
+        write_json(args.json, metrics)
     return 0
 
 

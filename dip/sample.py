@@ -12,12 +12,14 @@ reads a GPU value back, and a CUDA-graph sampler can capture one graph per branc
 import contextlib
 import math
 import os
+import warnings
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from .checkpoint import atomic_write
 from .diffusion import DDPM, null_class_id
 
 try:
@@ -238,9 +240,15 @@ def sample(model: nn.Module, labels: Union[Sequence[int], torch.Tensor], image_s
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(B, C, H, W) tensor in [-1, 1] -> uint8 (B, H, W, C) numpy, value = round((x + 1) * 127.5)
-    clamped to [0, 255]."""
+    clamped to [0, 255]. NaN / infinite values become 0 (black), with a warning naming how many
+    images hold them."""
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         raise ValueError("images must be a (B, C, H, W) tensor in [-1, 1]")
+    bad = int((~torch.isfinite(images.detach())).flatten(1).any(1).sum())
+    if bad:
+        warnings.warn(f"{bad} of {images.shape[0]} sampled images hold NaN or infinite values; "
+                      "NaN pixels are written black, infinite ones saturated", RuntimeWarning)
+        images = torch.nan_to_num(images.detach(), nan=-1.0, posinf=1.0, neginf=-1.0)
     x = ((images.detach().float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
@@ -262,15 +270,28 @@ def make_grid(images: Union[torch.Tensor, np.ndarray], nrow: int = 8, padding: i
     return grid
 
 
+GRID_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+
+
+def grid_format(path: str) -> str:
+    """The image format ``path``'s extension asks for (PNG or JPEG); ValueError for any other."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in GRID_FORMATS:
+        raise ValueError(f"cannot write an image grid as {path!r}: the name must end in "
+                         f"{', '.join(GRID_FORMATS)}")
+    return GRID_FORMATS[ext]
+
+
 def save_grid(images: Union[torch.Tensor, np.ndarray], path: str, nrow: int = 8, padding: int = 2) -> str:
-    """Saves ``make_grid(images, nrow, padding)`` as a PNG at ``path`` (parent folders created);
-    returns the path."""
+    """Saves ``make_grid(images, nrow, padding)`` at ``path`` as PNG or JPEG (by its extension,
+    see grid_format; parent folders created, written atomically); returns the path."""
     from PIL import Image
 
+    image_format = grid_format(path)
     grid = make_grid(images, nrow, padding)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path, format="PNG")
+    with atomic_write(path, "wb") as f:
+        Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(
+            f, format=image_format, **({"quality": 95} if image_format == "JPEG" else {}))
     return path
 
 
@@ -286,7 +307,7 @@ def save_npz(path: str, images_uint8: np.ndarray, labels: Optional[Union[np.ndar
         if labels.shape[0] != images_uint8.shape[0]:
             raise ValueError(f"labels must have {images_uint8.shape[0]} entries, got {labels.shape[0]}")
         arrays.append(labels)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    np.savez(path, *arrays)
-    return path if path.endswith(".npz") else path + ".npz"
+    path = path if path.endswith(".npz") else path + ".npz"
+    with atomic_write(path, "wb") as f:
+        np.savez(f, *arrays)
+    return path
