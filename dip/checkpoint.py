@@ -195,12 +195,21 @@ def state_checksum(state: Dict[str, Any]) -> str:
     return h.hexdigest()
 
 
+def with_checksum(state: Dict[str, Any]) -> Dict[str, Any]:
+    """A copy of the checkpoint dict ``state`` with its ``"checksum"`` entry (see the module docstring)."""
+    return {**state, CHECKSUM_KEY: {"sha256": state_checksum(state)}}
+
+
+def write_checkpoint(state: Dict[str, Any], path: str, before_rename: Optional[Callable[[], None]] = None):
+    """``state`` with its checksum, written atomically to ``path`` (``before_rename``: see atomic_save)."""
+    atomic_save(with_checksum(state), path, before_rename)
+
+
 def save_checkpoint(state: Dict[str, Any], out_dir: str, step: int, keep_numbered: bool = False,
                     before_rename: Optional[Callable[[], None]] = None) -> str:
     """Write ``state`` with its checksum as ``<out_dir>/latest.pt`` (and ``step_<step>.pt`` when
     ``keep_numbered``). Returns the path of latest.pt. ``before_rename``: see atomic_save."""
-    state = dict(state)
-    state[CHECKSUM_KEY] = {"sha256": state_checksum(state)}
+    state = with_checksum(state)
     latest = os.path.join(out_dir, LATEST)
     if keep_numbered:
         atomic_save(state, os.path.join(out_dir, f"step_{step:08d}.pt"))
@@ -251,11 +260,8 @@ def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
 def load_state_dict_checked(module: torch.nn.Module, state_dict: Dict[str, torch.Tensor], path: str):
     """``module.load_state_dict(state_dict)``, a mismatch reported as one CheckpointError line
     (load_state_dict's own message is a multi-line list of every key)."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    shapes = sorted(k for k in set(own) & set(state_dict)
-                    if torch.is_tensor(state_dict[k]) and tuple(state_dict[k].shape) != tuple(own[k].shape))
+    from .models import state_dict_mismatches
+    missing, unexpected, shapes = state_dict_mismatches(module.state_dict(), state_dict)
     problems = []
     for what, keys in (("missing", missing), ("unexpected", unexpected), ("different shape", shapes)):
         if keys:

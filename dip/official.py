@@ -331,7 +331,7 @@ def convert(src: str, dst: str, model_name: str, image_size: int = OFFICIAL_IMAG
             check_fit(config, weights, checkpoint.path, f"--model {model_name}")
             check_finite(weights, checkpoint.path, which, "convert them")
     state = converted_state(checkpoint, config, model_name, image_size)
-    ckpt.atomic_save(state, dst)
+    ckpt.write_checkpoint(state, dst)
     return state, checkpoint
 
 

@@ -45,6 +45,7 @@ from . import checkpoint as ckpt
 from .diffusion import drop_labels
 from .data import CountReadFailures, ImageFolderDataset, ResumableBatchSampler, advance_position, collate
 from .errors import CheckpointError, TrainingDiverged, UserError
+from .official import nonfinite_tensors
 from .run_folder import METRICS_NAME, SAMPLES_DIR, MetricsLog, RunFolder, config_changes, kill_point
 
 
@@ -532,7 +533,8 @@ def _load_resume_state(path, cfg, model_config, dataset, is_main) -> Dict[str, A
     state = ckpt.load_checkpoint(path)
     for key in ("model", "ema", "optimizer", "step", "data"):
         if key not in state:
-            raise CheckpointError(f"{path} is not a dip-train checkpoint (it has no {key!r})")
+            raise CheckpointError(f"{path} is not a checkpoint dip-train can resume (it has no {key!r}); "
+                                  "to start a new run from its weights, use --init-from")
     refused, allowed = config_changes(state, _run_identity(cfg, model_config, dataset))
     if refused:
         raise CheckpointError(f"cannot resume {path} with another run's settings: {'; '.join(refused)} "
@@ -540,14 +542,6 @@ def _load_resume_state(path, cfg, model_config, dataset, is_main) -> Dict[str, A
     if allowed and is_main:
         print(f"resume: changed settings: {'; '.join(allowed)}", flush=True)
     return state
-
-
-def _first_nonfinite(*state_dicts) -> Optional[str]:
-    for sd in state_dicts:
-        for name, value in (sd or {}).items():
-            if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                return name
-    return None
 
 
 def _init_weights(cfg, resume_path: Optional[str]):
@@ -733,9 +727,9 @@ def _train(cfg, env, folder, resume_path, cleanup, dataset, on_step, DiPConfig, 
         }
 
         def write():
-            bad = _first_nonfinite(state["model"], state["ema"])
-            if bad is not None:
-                raise TrainingDiverged(f"step {step}: the weights hold NaN or infinity ({bad}); nothing was saved, "
+            bad = nonfinite_tensors(state["model"]) + nonfinite_tensors(state["ema"])
+            if bad:
+                raise TrainingDiverged(f"step {step}: the weights hold NaN or infinity ({bad[0]}); nothing was saved, "
                                        f"{_kept(latest)}")
             state.update({
                 "step": step,
