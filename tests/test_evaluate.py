@@ -1,5 +1,6 @@
 """Metrics of dip.evaluate: Frechet distance, k-NN precision/recall, inputs, extractor loading."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*:FutureWarning")
 from PIL import Image
 
 import dip.evaluate as ev
+from dip import cli
 from dip.sample import save_npz
 
 
@@ -83,6 +85,29 @@ def test_frechet_distance_handles_singular_covariance():
     assert sigma.shape == (20, 20)
     fid = ev.frechet_distance(mu, sigma, mu, sigma)
     assert np.isfinite(fid) and abs(fid) < 1e-6
+
+
+def test_frechet_distance_from_few_features_equals_the_full_route():
+    rng = np.random.default_rng(2)
+    d = 40
+    m = rng.normal(size=(d, d))
+    s1 = m @ m.T / d + 0.05 * np.eye(d)
+    mu1 = rng.normal(size=d)
+    # two features: S2 = v v^T with v = (f1 - f0) / sqrt(2), so tr sqrt(S1 S2) = sqrt(v^T S1 v) exactly
+    feats = rng.normal(size=(2, d))
+    mu2, s2 = ev.feature_statistics(feats)
+    v = (feats[1] - feats[0]) / np.sqrt(2)
+    exact = (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + v @ v - 2 * np.sqrt(v @ s1 @ v)
+    assert ev.frechet_distance(mu1, s1, mu2, s2, features2=feats) == pytest.approx(exact, rel=1e-12)
+    for n in (2, 7, 30, 60):  # 60 > d: the full route is taken either way
+        feats = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) + 3.0
+        mu2, s2 = ev.feature_statistics(feats)
+        full = ev.frechet_distance(mu1, s1, mu2, s2)
+        assert ev.frechet_distance(mu1, s1, mu2, s2, features2=feats) == pytest.approx(full, rel=1e-10), n
+        small = ev.FeatureStatistics.of_features(feats)
+        big = ev.FeatureStatistics(mu1, s1)
+        assert ev.statistics_fid(big, small) == pytest.approx(full, rel=1e-10)
+        assert ev.statistics_fid(small, big) == ev.statistics_fid(big, small)
 
 
 def test_fid_against_itself_is_zero_and_grows_with_noise(tmp_path, extractor_path):
@@ -163,8 +188,9 @@ def test_missing_extractor_gives_clear_error(tmp_path, monkeypatch, capsys):
     with pytest.raises(FileNotFoundError, match="--extractor"):
         ev.load_extractor(str(tmp_path / "missing.pt"))
     npz = save_npz(str(tmp_path / "a.npz"), smooth_images(8, size=8))
-    with pytest.raises(SystemExit, match="Nothing is downloaded"):
-        ev.main([npz, npz, "--no-progress"])
+    assert cli.eval_main([npz, npz, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and 'dip-kernels[eval]' in err and "nothing is downloaded" in err
 
 
 def test_cli_writes_metrics(tmp_path, extractor_path, capsys):
@@ -172,8 +198,168 @@ def test_cli_writes_metrics(tmp_path, extractor_path, capsys):
     a = save_npz(str(tmp_path / "a.npz"), real)
     b = save_npz(str(tmp_path / "b.npz"), add_noise(real, 30))
     out_json = tmp_path / "metrics.json"
-    metrics = ev.main([b, a, "--extractor", extractor_path, "--batch-size", "8", "--no-progress",
-                       "--json", str(out_json)])
-    assert "fid:" in capsys.readouterr().out
+    assert cli.eval_main([b, a, "--extractor", extractor_path, "--batch-size", "8", "--no-progress",
+                          "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
     saved = json.loads(out_json.read_text())
-    assert saved["fid"] == pytest.approx(metrics["fid"]) and saved["fid"] > 0
+    assert f"fid: {saved['fid']:.4f}" in out and f"recall: {saved['recall']:.4f}" in out and saved["fid"] > 0
+    assert saved["network"].startswith("tiny_inception.pt sha1:") and saved["num_samples"] == 16
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
+
+
+class CountingFeatures:
+    """Mean colour and its square per image; counts the images it sees."""
+    identity = "counting mean colour"
+
+    def __init__(self):
+        self.seen = 0
+
+    def __call__(self, batch):
+        self.seen += len(batch)
+        m = batch.reshape(batch.shape[0], -1, 3).mean(1) / 255.0
+        return np.concatenate([m, m ** 2], 1)
+
+
+def test_saved_statistics_are_reused_without_extraction(tmp_path):
+    real, fake = smooth_images(20, seed=0), add_noise(smooth_images(12, seed=5), 20)
+    stats_path = str(tmp_path / "ref_stats.npz")
+    first = ev.evaluate(fake, real, feature_fn=CountingFeatures(), progress=False, save_stats=stats_path)
+    assert set(ev.npz_keys(stats_path)) == {"mu", "sigma", "features", "num_images", "sizes", "network"}
+    counting = CountingFeatures()
+    again = ev.evaluate(fake, stats_path, feature_fn=counting, progress=False)
+    assert counting.seen == 12  # the samples only
+    for key in ("fid", "precision", "recall"):
+        assert again[key] == pytest.approx(first[key], rel=1e-6, abs=1e-12), key  # features stored as float32
+    assert again["reference_sizes"] == first["reference_sizes"] == "16x16"
+    assert again["num_reference"] == first["num_reference"] == 20
+
+    class OtherNetwork(CountingFeatures):
+        identity = "another network"
+    with pytest.raises(ValueError, match="statistics of network 'counting mean colour'"):
+        ev.evaluate(fake, stats_path, feature_fn=OtherNetwork(), progress=False)
+
+
+def test_adm_reference_batch_with_stored_statistics(tmp_path):
+    """An .npz holding mu/sigma beside arr_0 (ADM's VIRTUAL_imagenet256_labeled.npz layout): FID uses the
+    stored statistics; the images are read only for precision/recall, and then compared with them."""
+    real, fake = smooth_images(24, seed=1), smooth_images(10, seed=2)
+    fn = CountingFeatures()
+    own_mu, own_sigma = ev.feature_statistics(fn(real))
+    stored_mu, stored_sigma = own_mu + 0.01, own_sigma * 1.1  # as if another network had made them
+    path = tmp_path / "VIRTUAL_ref.npz"
+    np.savez(path, arr_0=real, mu=stored_mu, sigma=stored_sigma)
+    fake_mu, fake_sigma = ev.feature_statistics(fn(fake))
+
+    fid_only = CountingFeatures()
+    r = ev.evaluate(fake, str(path), feature_fn=fid_only, progress=False, with_precision_recall=False)
+    assert fid_only.seen == 10 and r["precision"] is None and "reference_stored_fid" not in r
+    assert r["fid"] == pytest.approx(ev.frechet_distance(stored_mu, stored_sigma, fake_mu, fake_sigma), rel=1e-9)
+    assert r["num_reference"] == 24 and r["reference_sizes"] == "16x16"
+
+    full = CountingFeatures()
+    r2 = ev.evaluate(fake, str(path), feature_fn=full, progress=False)
+    assert full.seen == 34 and r2["fid"] == pytest.approx(r["fid"], rel=1e-9)
+    assert (r2["precision"], r2["recall"]) == ev.precision_recall(fn(real), fn(fake))
+    assert r2["reference_stored_fid"] == pytest.approx(
+        ev.frechet_distance(stored_mu, stored_sigma, own_mu, own_sigma), rel=1e-9)
+    # a statistics-only file: FID, and precision/recall reported as not available
+    np.savez(tmp_path / "stats_only.npz", mu=stored_mu, sigma=stored_sigma)
+    r3 = ev.evaluate(fake, str(tmp_path / "stats_only.npz"), feature_fn=CountingFeatures(), progress=False)
+    assert r3["fid"] == pytest.approx(r["fid"], rel=1e-9) and r3["precision"] is None and r3["reference_sizes"] is None
+
+
+def test_cli_save_stats_then_reuse(tmp_path, extractor_path, capsys):
+    a = save_npz(str(tmp_path / "a.npz"), smooth_images(16))
+    b = save_npz(str(tmp_path / "b.npz"), add_noise(smooth_images(16), 25))
+    stats = str(tmp_path / "a_stats.npz")
+    args = ["--extractor", extractor_path, "--no-progress"]
+    assert cli.eval_main([b, a, "--save-stats", stats] + args) == 0
+    first = capsys.readouterr().out
+    assert f"wrote {stats}" in first
+    assert cli.eval_main([b, stats] + args) == 0
+    assert capsys.readouterr().out.splitlines()[:3] == first.splitlines()[:3]
+    assert cli.eval_main([b, stats, "--save-stats", str(tmp_path / "x.txt")] + args) == 2
+    assert "--save-stats must name a .npz file" in capsys.readouterr().err
+
+
+def test_size_mismatch_note(tmp_path, capsys):
+    small, large = smooth_images(8, size=8), smooth_images(8, size=16)
+    ev.evaluate(small, large, feature_fn=CountingFeatures(), progress=False)
+    err = capsys.readouterr().err
+    assert "note: samples are 8x8, reference images 16x16" in err and "network sees each at its own size" in err
+    extractor = ev.TorchFeatureExtractor(TinyInception(), resize=12)
+    ev.evaluate(small, large, feature_fn=extractor, progress=False)
+    assert "both are resized to 12x12 for the network" in capsys.readouterr().err
+
+
+def test_folder_of_mixed_sizes_batches_by_size(tmp_path):
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    images = {f"{i}.png": smooth_images(1, size=8 + 4 * (i % 3), seed=i)[0] for i in range(7)}
+    for i, (name, im) in enumerate(images.items()):
+        Image.fromarray(im).save(folder / ("sub" if i % 2 else "") / name)
+    (folder / "notes.txt").write_text("not an image")
+    source = ev.ImageSource(str(folder))
+    assert source.sizes == {(8, 8): 3, (12, 12): 2, (16, 16): 2} and len(source) == 7
+    batches = list(source.batches(2))
+    assert [b.shape[:3] for b in batches] == [(2, 8, 8), (1, 8, 8), (2, 12, 12), (2, 16, 16)]
+    by_name = {os.path.basename(f): im for f, im in zip(source.files, (im for b in batches for im in b))}
+    assert all(np.array_equal(by_name[n], im) for n, im in images.items())
+    with pytest.raises(ValueError, match="differ in size"):
+        ev.load_images(str(folder))
+
+
+def test_npz_is_read_in_blocks(tmp_path):
+    images = smooth_images(11, size=8)
+    for save in (np.savez, np.savez_compressed):
+        path = tmp_path / f"{save.__name__}.npz"
+        save(path, arr_0=images)
+        blocks = list(ev.ImageSource(str(path)).batches(4))
+        assert [len(b) for b in blocks] == [4, 4, 3] and np.array_equal(np.concatenate(blocks), images)
+    np.savez(tmp_path / "floats.npz", arr_0=images.astype(np.float32))
+    with pytest.raises(ValueError, match="must be uint8"):
+        ev.ImageSource(str(tmp_path / "floats.npz"))
+    np.savez(tmp_path / "other.npz", x=images)
+    with pytest.raises(ValueError, match="neither images"):
+        ev.evaluate(str(tmp_path / "other.npz"), images, feature_fn=CountingFeatures(), progress=False)
+
+
+def test_legacy_bilinear_resize_is_tf1_resize_bilinear():
+    # TF1 ResizeBilinear (no half-pixel centres) of [a, b] to 4 pixels samples at 0, 0.5, 1, 1.5 -> clamped
+    x = torch.tensor([[[[10.0, 30.0]]]])
+    assert ev.legacy_bilinear_resize(x, (1, 4)).flatten().tolist() == [10.0, 20.0, 30.0, 30.0]
+    # the same sampling expressed through grid_sample (normalised coordinates, border padding)
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(2, 3, 13, 17, generator=g) * 255
+    for size in ((29, 31), (7, 5), (13, 17)):
+        ys = (2 * torch.arange(size[0]) * 13 / size[0] + 1) / 13 - 1
+        xs = (2 * torch.arange(size[1]) * 17 / size[1] + 1) / 17 - 1
+        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).expand(2, -1, -1, -1).float()
+        expected = torch.nn.functional.grid_sample(img, grid, mode="bilinear", padding_mode="border",
+                                                   align_corners=False)
+        torch.testing.assert_close(ev.legacy_bilinear_resize(img, size), expected, atol=2e-3, rtol=0)
+
+
+def test_training_fid_is_repeatable_and_tracks_the_weights(tmp_path):
+    from dip.models import build_model
+    torch.manual_seed(0)
+    model = build_model("DiP-Tiny", hidden_size=32, num_heads=2, depth=1, num_classes=2, head="none")
+    meter = ev.TrainingFID(smooth_images(12), num_samples=6, num_classes=2, image_size=16, steps=2, batch_size=4,
+                           feature_fn=CountingFeatures())
+    assert meter.labels.tolist() == [0, 1, 0, 1, 0, 1]
+    first = meter(model)
+    assert meter(model) == first and np.isfinite(first) and first > 0  # fixed classes and noises
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    assert meter(model) != first
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        ev.TrainingFID(smooth_images(4), num_samples=1, num_classes=2, image_size=16, feature_fn=CountingFeatures())
+
+
+def test_readme_reports_the_results_file():
+    from bench import eval_agreement
+    with open(eval_agreement.RESULTS) as f:
+        results = json.load(f)
+    readme = open(os.path.join(os.path.dirname(eval_agreement.RESULTS), "..", "..", "README.md")).read()
+    assert eval_agreement.readme_tables(results) in readme
