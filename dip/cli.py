@@ -135,8 +135,9 @@ def train_parser() -> ArgumentParser:
     p.add_argument("--fid-interval", type=int, help="every N steps, FID of --fid-samples EMA samples (fixed classes and "
                                                      "noises) against --fid-ref, to metrics.jsonl; default 0 = off")
     p.add_argument("--fid-samples", type=_positive_int, help="samples per FID measurement (default 1000)")
-    p.add_argument("--fid-ref", help="FID reference: image folder, ADM .npz or dip-eval --save-stats file "
-                                     "(network: the bundled Inception, or --set fid_extractor=PATH)")
+    p.add_argument("--fid-ref", help="FID reference: a dip-eval --save-stats file or ADM .npz (read once), or an image "
+                                     "folder (all of it extracted at start); network: the bundled Inception, or "
+                                     "--set fid_extractor=PATH")
     p.add_argument("--seed", type=int)
     p.add_argument("--init-from", metavar="PATH",
                    help="start a new run (fresh optimizer, step 0) from these weights: a dip-train checkpoint or "

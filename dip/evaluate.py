@@ -30,12 +30,14 @@ resolution difference. ``TrainingFID`` measures FID during training (``dip-train
 
 Command line: ``dip-eval SAMPLES REFERENCE`` (or ``python -m dip.evaluate``), see dip.cli.
 """
+import contextlib
 import glob
 import hashlib
 import importlib.util
 import os
 import sys
 import zipfile
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -88,8 +90,17 @@ class _NpzArray:
 
     def __init__(self, path: str, key: str):
         self.path, self.member = path, key + ".npy"
-        with zipfile.ZipFile(path) as zf, zf.open(self.member) as f:
+        with self._open() as f:
             self.shape, self.fortran, self.dtype = self._header(f)
+
+    @contextlib.contextmanager
+    def _open(self):
+        try:
+            with zipfile.ZipFile(self.path) as zf, zf.open(self.member) as f:
+                yield f
+        except (ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:  # what damaged bytes raise
+            raise ValueError(f"{self.path!r} is not a readable .npz file: "
+                             f"{str(err).strip() or type(err).__name__}") from None
 
     @staticmethod
     def _header(f):
@@ -106,7 +117,7 @@ class _NpzArray:
             return
         row_shape = self.shape[1:]
         row_bytes = int(np.prod(row_shape, dtype=np.int64)) * self.dtype.itemsize
-        with zipfile.ZipFile(self.path) as zf, zf.open(self.member) as f:
+        with self._open() as f:
             self._header(f)
             for s in range(0, self.shape[0], rows):
                 n = min(rows, self.shape[0] - s)
@@ -377,18 +388,21 @@ def feature_statistics(features: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 class FeatureStatistics:
     """What FID and precision/recall need of one image set: mean and covariance of its features,
     the features themselves when known (precision/recall), the image count and sizes, and the
-    identity of the network that made them (None: unknown, e.g. ADM's files)."""
+    identity of the network that made them (None: unknown, e.g. ADM's files). ``from_features``:
+    mu and sigma were computed from ``features`` (not so for ADM's stored statistics with features
+    of ours beside them), which lets statistics_fid work from the features."""
     mu: np.ndarray
     sigma: np.ndarray
     features: Optional[np.ndarray] = None
     num_images: int = 0
     sizes: Optional[Dict[Tuple[int, int], int]] = None
     network: Optional[str] = None
+    from_features: bool = False
 
     @classmethod
     def of_features(cls, features: np.ndarray, sizes=None, network=None) -> "FeatureStatistics":
         mu, sigma = feature_statistics(features)
-        return cls(mu, sigma, features, len(features), sizes, network)
+        return cls(mu, sigma, features, len(features), sizes, network, from_features=True)
 
 
 def compute_statistics(source: Union[Source, ImageSource], feature_fn, batch_size: int = 100, progress: bool = True,
@@ -400,11 +414,13 @@ def compute_statistics(source: Union[Source, ImageSource], feature_fn, batch_siz
 
 
 def save_statistics(stats: FeatureStatistics, path: str) -> str:
-    """Writes ``stats`` as an .npz (``mu``, ``sigma``, float32 ``features`` when known, ``num_images``,
-    ``sizes`` rows (H, W, count), ``network``) through atomic_write; read back by read_statistics."""
+    """Writes ``stats`` as an .npz (``mu``, ``sigma``, float32 ``features`` and ``from_features``
+    when known, ``num_images``, ``sizes`` rows (H, W, count), ``network``) through atomic_write;
+    read back by read_statistics."""
     arrays = {"mu": stats.mu, "sigma": stats.sigma, "num_images": np.int64(stats.num_images)}
     if stats.features is not None:
         arrays["features"] = stats.features.astype(np.float32)  # the networks emit float32: lossless
+        arrays["from_features"] = np.bool_(stats.from_features)
     if stats.sizes:
         arrays["sizes"] = np.array([(h, w, n) for (h, w), n in sorted(stats.sizes.items())], np.int64)
     if stats.network:
@@ -426,13 +442,14 @@ def read_statistics(path: str) -> Optional[FeatureStatistics]:
         network = str(data["network"]) if "network" in keys else None
         sizes = {(int(h), int(w)): int(n) for h, w, n in data["sizes"]} if "sizes" in keys else None
         num_images = int(data["num_images"]) if "num_images" in keys else 0
+        from_features = bool(data["from_features"]) if "from_features" in keys else False
     if "arr_0" in keys:
         images = _NpzArray(path, "arr_0")
         num_images = num_images or int(images.shape[0])
         sizes = sizes or {tuple(images.shape[1:3]): int(images.shape[0])}
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ValueError(f"{path!r}: mu must be (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}")
-    return FeatureStatistics(mu, sigma, features, num_images, sizes, network)
+    return FeatureStatistics(mu, sigma, features, num_images, sizes, network, from_features)
 
 
 def _stored_statistics(source: Source, feature_fn) -> Optional[FeatureStatistics]:
@@ -497,7 +514,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 def statistics_fid(a: "FeatureStatistics", b: "FeatureStatistics") -> float:
     """frechet_distance of two FeatureStatistics, through the features of the side that has fewer
     of them when that is fewer than the feature width (FID is symmetric)."""
-    candidates = [s for s in (a, b) if s.features is not None]
+    candidates = [s for s in (a, b) if s.features is not None and s.from_features]
     if candidates:
         small = min(candidates, key=lambda s: len(s.features))
         other = b if small is a else a
@@ -582,9 +599,9 @@ def evaluate(samples: Source, reference: Source, extractor: Optional[str] = None
         elif stats.features is None and with_precision_recall and "arr_0" in npz_keys(source):
             # stored statistics serve FID as they are; precision/recall need the features
             fresh = compute_statistics(source, feature_fn, batch_size, progress, desc + " (precision/recall)")
-            stats.features = fresh.features
+            stats.features, stats.network = fresh.features, stats.network or fresh.network
             if side == 1:
-                result["reference_stored_fid"] = statistics_fid(FeatureStatistics(stats.mu, stats.sigma), fresh)
+                result["reference_stored_fid"] = statistics_fid(stats, fresh)
         sides.append(stats)
     fake, real = sides
     if fake.mu.shape != real.mu.shape:

@@ -84,6 +84,10 @@ class TrainConfig:
     sample_interval: int = 0                # 0 = never sample during training
     sample_steps: int = 50
     sample_cfg_scale: float = 1.0
+    fid_interval: int = 0                   # 0 = never; else FID of fid_samples EMA samples every N steps
+    fid_samples: int = 1000                 # same classes and noises each time (sample_steps, sample_cfg_scale)
+    fid_ref: str = ""                       # image folder, ADM .npz or statistics .npz (dip.evaluate)
+    fid_extractor: str = ""                 # feature network file; "" = the bundled Inception (the [eval] extra)
     seed: int = 0
     precision: str = "auto"                 # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
     parallel: str = "ddp"                   # ddp | fsdp (FSDP2, torch.distributed.fsdp.fully_shard)
@@ -112,6 +116,9 @@ class TrainConfig:
             (self.log_interval > 0 and self.ckpt_interval > 0, "log_interval and ckpt_interval must be positive"),
             (self.sample_interval >= 0, "sample_interval must be >= 0"),
             (self.skip_nonfinite >= 0, "skip_nonfinite must be >= 0"),
+            (self.fid_interval >= 0, "fid_interval must be >= 0"),
+            (not self.fid_interval or bool(self.fid_ref), "fid_interval needs fid_ref (reference images or statistics)"),
+            (self.fid_samples >= 2, "fid_samples must be >= 2"),
             (isinstance(self.compile_backend, str) and bool(self.compile_backend),
              "compile_backend must be a torch.compile backend name"),
         ]
@@ -556,12 +563,16 @@ def _init_weights(cfg, resume_path: Optional[str]):
     return init, init.num_classes
 
 
-def _sample_grid(cfg, model_config, ema_state, num_classes, step, device):
+def _ema_model(model_config, ema_state, device):
     from .models import build_model
-    from . import sample as sampling
     model = build_model(model_config).to(device)
     model.load_state_dict(ema_state)
-    model.eval()
+    return model.eval()
+
+
+def _sample_grid(cfg, model_config, ema_state, num_classes, step, device):
+    from . import sample as sampling
+    model = _ema_model(model_config, ema_state, device)
     n = min(16, max(4, num_classes))
     labels = torch.arange(n) % num_classes
     images = sampling.sample(model, labels, cfg.image_size, steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg_scale,
@@ -569,6 +580,14 @@ def _sample_grid(cfg, model_config, ema_state, num_classes, step, device):
     path = os.path.join(cfg.out, SAMPLES_DIR, f"step_{step:08d}.png")
     sampling.save_grid(images, path)
     return path
+
+
+def _training_fid(cfg, num_classes, device):
+    """The FID meter of ``cfg.fid_*`` (network and reference statistics loaded once, here)."""
+    from .evaluate import TrainingFID
+    return TrainingFID(cfg.fid_ref, cfg.fid_samples, num_classes, cfg.image_size, steps=cfg.sample_steps,
+                       cfg_scale=cfg.sample_cfg_scale, method="euler" if cfg.objective == "flow" else "ddim",
+                       seed=cfg.seed, extractor=cfg.fid_extractor or None, device=device, progress=cfg.progress)
 
 
 def train(cfg: TrainConfig, dataset=None, on_step: Optional[Callable[[int, Dict[str, float]], None]] = None
@@ -751,8 +770,12 @@ def _train(cfg, env, folder, resume_path, cleanup, dataset, on_step, DiPConfig, 
         return os.path.join(cfg.out, ckpt.LATEST)
 
     identity = _run_identity(cfg, dataclasses.asdict(model_config), dataset)
+    # on the main rank, before any step, so a bad reference or missing network fails at once
+    fid_meter = (_agree(env, lambda: _training_fid(cfg, num_classes, device), main_only=True)
+                 if cfg.fid_interval else None)
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16
                 else contextlib.nullcontext())
+    postfix = {}
     loss_sum = torch.zeros((), device=device)
     loss_count = 0
     last_loss = float("nan")
@@ -845,7 +868,8 @@ def _train(cfg, env, folder, resume_path, cleanup, dataset, on_step, DiPConfig, 
                 metrics.append(info)
                 kill_point("metrics", step)
             if bar is not None:
-                bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{info['img_per_s']:.1f}")
+                postfix.update(loss=f"{last_loss:.4f}", img_s=f"{info['img_per_s']:.1f}")
+                bar.set_postfix(postfix)
             loss_sum.zero_()
             loss_count, images_since, t_last = 0, 0, now
         if bar is not None:
@@ -856,6 +880,18 @@ def _train(cfg, env, folder, resume_path, cleanup, dataset, on_step, DiPConfig, 
             ema_state = ema.full_state_dict(raw_model, env.is_main)
             _agree(env, lambda: _sample_grid(cfg, model_config, ema_state, num_classes, step, device),
                    main_only=True)
+        if cfg.fid_interval and step % cfg.fid_interval == 0:
+            ema_state = ema.full_state_dict(raw_model, env.is_main)
+            t_fid = time.perf_counter()
+            fid = _agree(env, lambda: fid_meter(_ema_model(model_config, ema_state, device)), main_only=True)
+            if metrics is not None:
+                info["fid"] = fid
+                metrics.append({"step": step, "fid": fid, "fid_samples": cfg.fid_samples,
+                                "fid_seconds": time.perf_counter() - t_fid})
+            if bar is not None:
+                postfix["fid"] = f"{fid:.2f}"
+                bar.set_postfix(postfix)
+            t_last += time.perf_counter() - t_fid  # img_per_s counts training time only
         if on_step is not None:
             on_step(step, info)
     failures = total_unreadable()

@@ -224,7 +224,8 @@ def test_saved_statistics_are_reused_without_extraction(tmp_path):
     real, fake = smooth_images(20, seed=0), add_noise(smooth_images(12, seed=5), 20)
     stats_path = str(tmp_path / "ref_stats.npz")
     first = ev.evaluate(fake, real, feature_fn=CountingFeatures(), progress=False, save_stats=stats_path)
-    assert set(ev.npz_keys(stats_path)) == {"mu", "sigma", "features", "num_images", "sizes", "network"}
+    assert set(ev.npz_keys(stats_path)) == {"mu", "sigma", "features", "from_features", "num_images", "sizes",
+                                            "network"}
     counting = CountingFeatures()
     again = ev.evaluate(fake, stats_path, feature_fn=counting, progress=False)
     assert counting.seen == 12  # the samples only
@@ -262,6 +263,14 @@ def test_adm_reference_batch_with_stored_statistics(tmp_path):
     assert (r2["precision"], r2["recall"]) == ev.precision_recall(fn(real), fn(fake))
     assert r2["reference_stored_fid"] == pytest.approx(
         ev.frechet_distance(stored_mu, stored_sigma, own_mu, own_sigma), rel=1e-9)
+    # saved for reuse: the stored statistics with our features beside them, FID still from the stored ones
+    saved = str(tmp_path / "saved.npz")
+    r4 = ev.evaluate(fake, str(path), feature_fn=CountingFeatures(), progress=False, save_stats=saved)
+    reused = CountingFeatures()
+    r5 = ev.evaluate(fake, saved, feature_fn=reused, progress=False)
+    assert reused.seen == 10 and r5["fid"] == pytest.approx(r4["fid"], rel=1e-9) == r["fid"]
+    assert (r5["precision"], r5["recall"]) == (r4["precision"], r4["recall"])
+    assert not ev.read_statistics(saved).from_features and ev.read_statistics(saved).network == "counting mean colour"
     # a statistics-only file: FID, and precision/recall reported as not available
     np.savez(tmp_path / "stats_only.npz", mu=stored_mu, sigma=stored_sigma)
     r3 = ev.evaluate(fake, str(tmp_path / "stats_only.npz"), feature_fn=CountingFeatures(), progress=False)
@@ -319,6 +328,10 @@ def test_npz_is_read_in_blocks(tmp_path):
     np.savez(tmp_path / "floats.npz", arr_0=images.astype(np.float32))
     with pytest.raises(ValueError, match="must be uint8"):
         ev.ImageSource(str(tmp_path / "floats.npz"))
+    damaged = (tmp_path / "savez_compressed.npz").read_bytes()
+    (tmp_path / "damaged.npz").write_bytes(damaged[:len(damaged) // 2])
+    with pytest.raises(ValueError, match="not .*readable|not an .npz"):
+        list(ev.ImageSource(str(tmp_path / "damaged.npz")).batches(4))
     np.savez(tmp_path / "other.npz", x=images)
     with pytest.raises(ValueError, match="neither images"):
         ev.evaluate(str(tmp_path / "other.npz"), images, feature_fn=CountingFeatures(), progress=False)
@@ -361,5 +374,8 @@ def test_readme_reports_the_results_file():
     from bench import eval_agreement
     with open(eval_agreement.RESULTS) as f:
         results = json.load(f)
-    readme = open(os.path.join(os.path.dirname(eval_agreement.RESULTS), "..", "..", "README.md")).read()
-    assert eval_agreement.readme_tables(results) in readme
+    with open(eval_agreement.README) as f:
+        readme = f.read()
+    expected = f"{eval_agreement.README_BEGIN}\n{eval_agreement.readme_tables(results)}\n{eval_agreement.README_END}"
+    assert expected in readme, "README's evaluation tables differ from docs/results/evaluation.json: " \
+                               "run python -m bench.eval_agreement --readme-only"
