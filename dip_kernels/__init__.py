@@ -1,7 +1,8 @@
 """dip-kernels: custom ops (``torch.ops.dip.*``) for DiP, with eager, Triton and CUDA backends."""
 from . import backends
-from .backends import available_backends, get_backend, set_backend, BackendUnavailableError, BACKENDS, OPS
-from .ops import attention, gated_residual, patch_detailer, patchify, plain_reference, rmsnorm_modulate, swiglu, unpatchify
+from .backends import available_backends, explain, get_backend, set_backend, BackendUnavailableError, BACKENDS, OPS
+from .ops import (attention, gated_residual, patch_detailer, patchify, plain_reference, rmsnorm_modulate, swiglu,
+                  unpatchify)
 from .reference.attention import rope_table
 from .reference.patch_detailer import HEAD_WEIGHT_NAMES
 
@@ -10,6 +11,6 @@ backends.warn_once_if_extension_missing()
 
 __all__ = [
     "attention", "gated_residual", "patch_detailer", "patchify", "rmsnorm_modulate", "swiglu", "unpatchify",
-    "rope_table", "HEAD_WEIGHT_NAMES", "plain_reference", "set_backend", "get_backend", "available_backends",
+    "rope_table", "HEAD_WEIGHT_NAMES", "plain_reference", "set_backend", "get_backend", "available_backends", "explain",
     "BackendUnavailableError", "BACKENDS", "OPS",
 ]

@@ -7,11 +7,19 @@ the tensors' device (cuda, then triton, then eager on a GPU; eager on a CPU).
 Choose with ``dip_kernels.set_backend("triton")`` (every op) or ``set_backend("cuda",
 op="patch_detailer")``, or with the environment variable read at import:
 ``DIP_KERNELS_BACKEND=triton`` or ``DIP_KERNELS_BACKEND=auto,patch_detailer=cuda``.
+
+A backend module may decline inputs it cannot run (``unsupported(*inputs)`` returns the reason,
+e.g. the CUDA head's tensor-core kernels and float32): ``auto`` then takes the next backend, and a
+backend chosen by name that declines runs the eager reference with a warning. Either way the choice
+is recorded: ``dip_kernels.explain(op, *inputs)`` says what would run and why, and
+``recorded_runs()`` lists what did.
 """
+import contextlib
 import functools
 import importlib
 import os
 import warnings
+from dataclasses import dataclass
 
 import torch
 
@@ -80,6 +88,13 @@ def triton_interpreted():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def capturing(t):
+    """Whether work on ``t``'s device is being captured into a CUDA graph right now. Weight caches
+    are bypassed then: a graph must re-lay the weights it replays with, or its replays would read
+    a cache entry's memory, stale after an in-place optimizer step and freed once evicted."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 @functools.lru_cache(None)
 def _triton_import_error():
     try:
@@ -140,24 +155,103 @@ def _module(op, backend):
 
 
 def resolve(op, device):
-    """The backend that runs ``op`` for tensors on ``device``; raises if the chosen one cannot."""
-    device = torch.device(device)
-    name = _choice[op]
+    """The backend that runs ``op`` for tensors on ``device`` whatever their dtype and shape (see
+    choose for given inputs); raises if the chosen one cannot run here."""
+    return _select(op, op_family(op), torch.device(device), None).backend
+
+
+def op_family(op):
+    """The op whose backend runs custom op ``op``: attention_backward -> attention, unpatchify -> patchify."""
+    family = op[:-len("_backward")] if op.endswith("_backward") else op
+    return "patchify" if family == "unpatchify" else family
+
+
+def backend_function(op, backend):
+    """The backend module function behind custom op ``op``: ``<op>`` for a backward op, else ``<op>_forward``."""
+    return getattr(_module(op_family(op), backend), op if op.endswith("_backward") else f"{op}_forward")
+
+
+def declines(op, backend, inputs):
+    """Why ``backend`` cannot run ``op`` on ``inputs`` (the forward op's leading inputs), or None."""
+    check = getattr(_module(op_family(op), backend), "unsupported", None)
+    return check(*inputs) if check is not None else None
+
+
+@dataclass(frozen=True)
+class Choice:
+    op: str       # the custom op, e.g. "attention_backward"
+    backend: str  # the implementation that runs it: eager, triton or cuda
+    reason: str   # why that one
+
+
+def _device_of(inputs):
+    for t in inputs:
+        if isinstance(t, torch.Tensor):
+            return t.device
+        if isinstance(t, (list, tuple)) and t and isinstance(t[0], torch.Tensor):
+            return t[0].device
+    raise ValueError("an op needs at least one tensor input")
+
+
+def choose(op, inputs):
+    """The implementation that runs custom op ``op`` on ``inputs`` (the forward op's leading inputs:
+    for a backward op, the forward's inputs, not the gradient), and why. Raises
+    BackendUnavailableError if the backend chosen by name cannot run here at all."""
+    return _select(op, op_family(op), _device_of(inputs), inputs)
+
+
+def _select(op, family, device, inputs):
+    check = (lambda b: declines(op, b, inputs)) if inputs is not None else (lambda b: None)
+    name = _choice[family]
     if name == "auto":
         if device.type != "cuda":
-            return "eager"
+            return Choice(op, "eager", f"auto on {device.type} tensors runs the eager reference")
+        passed = []
         for b in _AUTO_ORDER:
-            if not _unavailable_reason(op, b, device):
-                return b
-    problem = _unavailable_reason(op, name, device)
+            problem = _unavailable_reason(family, b, device) or check(b)
+            if not problem:
+                return Choice(op, b, "; ".join(["auto on cuda tensors"] + passed + [f"{b} runs them"]))
+            passed.append(f"not {b}: {problem}")
+    problem = _unavailable_reason(family, name, device)
     if problem:
-        raise BackendUnavailableError(f"backend {name!r} for op {op!r} is unavailable: {problem}")
-    return name
+        raise BackendUnavailableError(f"backend {name!r} for op {family!r} is unavailable: {problem}")
+    problem = check(name)
+    if problem:
+        return Choice(op, "eager", f"{name} selected, but it cannot run these inputs: {problem}")
+    return Choice(op, name, f"{name} selected")
 
 
-def implementation(op, device):
-    """The module holding the chosen backend's functions for ``op`` on ``device``."""
-    return _module(op, resolve(op, device))
+_runs = None  # a list while recorded_runs() is active
+
+
+@contextlib.contextmanager
+def recorded_runs():
+    """Every custom-op call in this block appends the Choice that ran it to the yielded list."""
+    global _runs
+    outer, _runs = _runs, []
+    try:
+        yield _runs
+    finally:
+        _runs = outer
+
+
+def implementation(op, *inputs):
+    """The backend module that runs custom op ``op`` on ``inputs`` (see choose); records the choice,
+    and warns when a backend selected by name cannot run these inputs and the reference runs them."""
+    choice = choose(op, inputs)
+    if _runs is not None:
+        _runs.append(choice)
+    if choice.backend != _choice[op_family(op)] != "auto":
+        # once per message, by the default warning filter
+        warnings.warn(f"dip_kernels: {choice.reason}; the eager reference runs {op}", RuntimeWarning, stacklevel=3)
+    return _module(op_family(op), choice.backend)
+
+
+def explain(op, *inputs):
+    """Which implementation runs ``op`` (e.g. "attention" or "patch_detailer_backward") on these
+    inputs, and why, as one line."""
+    choice = choose(op, inputs)
+    return f"dip.{choice.op}: {choice.backend} ({choice.reason})"
 
 
 _parse_env(os.environ.get("DIP_KERNELS_BACKEND", ""))

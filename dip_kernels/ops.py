@@ -138,8 +138,10 @@ def check_swiglu(ab):
 
 
 # ---------------------------------------------------------------- helpers
-def _impl(op, device):
-    return backends.implementation(op, device)
+def _impl(op, *inputs):
+    """The backend module running custom op ``op``; ``inputs`` are the forward op's leading inputs
+    (for a backward op too), from which the backend is chosen and recorded."""
+    return backends.implementation(op, *inputs)
 
 
 def _fresh(outputs, inputs):
@@ -159,7 +161,7 @@ def _fresh(outputs, inputs):
 @torch.library.custom_op("dip::patchify", mutates_args=())
 def _patchify(images: Tensor, patch_size: int, out_dtype: Optional[torch.dtype] = None) -> Tensor:
     check_patchify(images, patch_size)
-    return _fresh(_impl("patchify", images.device).patchify_forward(images, patch_size, out_dtype), [images])
+    return _fresh(_impl("patchify", images).patchify_forward(images, patch_size, out_dtype), [images])
 
 
 @_patchify.register_fake
@@ -174,7 +176,7 @@ def _(images, patch_size, out_dtype=None):
 def _unpatchify(tokens: Tensor, patch_size: int, height: int, width: int,
                 out_dtype: Optional[torch.dtype] = None) -> Tensor:
     check_unpatchify(tokens, patch_size, height, width)
-    out = _impl("patchify", tokens.device).unpatchify_forward(tokens, patch_size, height, width, out_dtype)
+    out = _impl("unpatchify", tokens).unpatchify_forward(tokens, patch_size, height, width, out_dtype)
     return _fresh(out, [tokens])
 
 
@@ -212,7 +214,7 @@ _unpatchify.register_autograd(_unpatchify_backward, setup_context=_unpatchify_se
 def _attention(qkv: Tensor, q_norm_weight: Tensor, k_norm_weight: Tensor, rope_cos: Tensor, rope_sin: Tensor,
                num_heads: int, eps: float) -> Tuple[Tensor, Tensor]:
     check_attention(qkv, q_norm_weight, k_norm_weight, rope_cos, rope_sin, num_heads)
-    out, lse = _impl("attention", qkv.device).attention_forward(
+    out, lse = _impl("attention", qkv, q_norm_weight, k_norm_weight).attention_forward(
         qkv, q_norm_weight, k_norm_weight, rope_cos, rope_sin, num_heads, eps)
     return _fresh((out, lse), [qkv, q_norm_weight, k_norm_weight, rope_cos, rope_sin])
 
@@ -230,7 +232,8 @@ def _attention_backward(grad_out: Tensor, qkv: Tensor, q_norm_weight: Tensor, k_
                         rope_cos: Tensor, rope_sin: Tensor, out: Tensor, lse: Tensor, num_heads: int,
                         eps: float) -> Tuple[Tensor, Tensor, Tensor]:
     inputs = [grad_out, qkv, q_norm_weight, k_norm_weight, rope_cos, rope_sin, out, lse]
-    grads = _impl("attention", qkv.device).attention_backward(*inputs, num_heads, eps)
+    impl = _impl("attention_backward", qkv, q_norm_weight, k_norm_weight)
+    grads = impl.attention_backward(*inputs, num_heads, eps)
     return _fresh(tuple(grads), inputs)
 
 
@@ -261,7 +264,7 @@ _attention.register_autograd(_attention_bwd, setup_context=_attention_setup)
 @torch.library.custom_op("dip::patch_detailer", mutates_args=())
 def _patch_detailer(patches: Tensor, tokens: Tensor, weights: List[Tensor]) -> Tensor:
     check_patch_detailer(patches, tokens, weights)
-    out = _impl("patch_detailer", patches.device).patch_detailer_forward(patches, tokens, weights)
+    out = _impl("patch_detailer", patches, tokens, weights).patch_detailer_forward(patches, tokens, weights)
     return _fresh(out, [patches, tokens, *weights])
 
 
@@ -274,7 +277,7 @@ def _(patches, tokens, weights):
 @torch.library.custom_op("dip::patch_detailer_backward", mutates_args=())
 def _patch_detailer_backward(grad_out: Tensor, patches: Tensor, tokens: Tensor,
                              weights: List[Tensor]) -> Tuple[Tensor, Tensor, List[Tensor]]:
-    g_p, g_t, g_w = _impl("patch_detailer", patches.device).patch_detailer_backward(
+    g_p, g_t, g_w = _impl("patch_detailer_backward", patches, tokens, weights).patch_detailer_backward(
         grad_out, patches, tokens, weights)
     inputs = [grad_out, patches, tokens, *weights]
     return _fresh(g_p, inputs), _fresh(g_t, inputs), [_fresh(g, inputs) for g in g_w]
@@ -304,7 +307,7 @@ _patch_detailer.register_autograd(_patch_detailer_bwd, setup_context=_patch_deta
 def _rmsnorm_modulate(x: Tensor, weight: Tensor, shift: Tensor, scale: Tensor, eps: float,
                       out_dtype: Optional[torch.dtype] = None) -> Tensor:
     check_rmsnorm_modulate(x, weight, shift, scale)
-    y = _impl("rmsnorm_modulate", x.device).rmsnorm_modulate_forward(x, weight, shift, scale, eps, out_dtype)
+    y = _impl("rmsnorm_modulate", x).rmsnorm_modulate_forward(x, weight, shift, scale, eps, out_dtype)
     return _fresh(y, [x, weight, shift, scale])
 
 
@@ -318,7 +321,7 @@ def _(x, weight, shift, scale, eps, out_dtype=None):
 def _rmsnorm_modulate_backward(grad_y: Tensor, x: Tensor, weight: Tensor, shift: Tensor, scale: Tensor,
                                eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     inputs = [grad_y, x, weight, shift, scale]
-    grads = _impl("rmsnorm_modulate", x.device).rmsnorm_modulate_backward(*inputs, eps)
+    grads = _impl("rmsnorm_modulate_backward", x).rmsnorm_modulate_backward(*inputs, eps)
     return _fresh(tuple(grads), inputs)
 
 
@@ -344,7 +347,7 @@ _rmsnorm_modulate.register_autograd(_rmsnorm_modulate_bwd, setup_context=_rmsnor
 @torch.library.custom_op("dip::gated_residual", mutates_args=())
 def _gated_residual(x: Tensor, gate: Tensor, f: Tensor) -> Tensor:
     check_gated_residual(x, gate, f)
-    return _fresh(_impl("gated_residual", x.device).gated_residual_forward(x, gate, f), [x, gate, f])
+    return _fresh(_impl("gated_residual", x).gated_residual_forward(x, gate, f), [x, gate, f])
 
 
 @_gated_residual.register_fake
@@ -356,7 +359,7 @@ def _(x, gate, f):
 @torch.library.custom_op("dip::gated_residual_backward", mutates_args=())
 def _gated_residual_backward(grad_y: Tensor, x: Tensor, gate: Tensor, f: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     inputs = [grad_y, x, gate, f]
-    return _fresh(tuple(_impl("gated_residual", x.device).gated_residual_backward(*inputs)), inputs)
+    return _fresh(tuple(_impl("gated_residual_backward", x).gated_residual_backward(*inputs)), inputs)
 
 
 @_gated_residual_backward.register_fake
@@ -378,7 +381,7 @@ _gated_residual.register_autograd(_gated_residual_bwd, setup_context=_gated_resi
 @torch.library.custom_op("dip::swiglu", mutates_args=())
 def _swiglu(ab: Tensor) -> Tensor:
     check_swiglu(ab)
-    return _fresh(_impl("swiglu", ab.device).swiglu_forward(ab), [ab])
+    return _fresh(_impl("swiglu", ab).swiglu_forward(ab), [ab])
 
 
 @_swiglu.register_fake
@@ -389,7 +392,7 @@ def _(ab):
 
 @torch.library.custom_op("dip::swiglu_backward", mutates_args=())
 def _swiglu_backward(grad_y: Tensor, ab: Tensor) -> Tensor:
-    return _fresh(_impl("swiglu", ab.device).swiglu_backward(grad_y, ab), [grad_y, ab])
+    return _fresh(_impl("swiglu_backward", ab).swiglu_backward(grad_y, ab), [grad_y, ab])
 
 
 @_swiglu_backward.register_fake

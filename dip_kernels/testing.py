@@ -1,30 +1,46 @@
-"""Helpers that keep kernel tests honest: poisoned output buffers and fp64-anchored tolerances.
+"""Helpers that keep kernel tests honest: poisoned allocations and fp64-anchored tolerances.
 
-Kernel wrappers allocate their outputs with ``output_buffer``; inside ``poisoned_outputs()`` those
-buffers start as NaN (floating) or -1 (integer), so an element a kernel forgets to write fails.
+Inside ``poisoned_allocations()`` every new tensor of uninitialised memory (``torch.empty`` and
+its relatives: kernel outputs, the wrappers' intermediates, blocks the caching allocator hands back
+still holding earlier results) starts as NaN (floating) or the dtype's maximum (integer), through
+torch's deterministic fill of uninitialised memory. An element a kernel forgets to write then fails
+the comparison instead of passing on stale, right-looking values.
 """
 import contextlib
 
 import torch
 
-_poison = False
-
 
 def output_buffer(shape, dtype, device):
-    t = torch.empty(shape, dtype=dtype, device=device)
-    if _poison:
-        t.fill_(float("nan") if t.is_floating_point() else -1)
-    return t
+    """A backend's output (uninitialised: a kernel writes every element)."""
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 @contextlib.contextmanager
-def poisoned_outputs():
-    global _poison
-    old, _poison = _poison, True
+def poisoned_allocations():
+    """Fill every uninitialised allocation made in this block with NaN / the integer maximum.
+    (Deterministic mode is on with warn_only inside, so an op without a deterministic
+    implementation warns instead of raising.)"""
+    old = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+           torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
     try:
         yield
     finally:
-        _poison = old
+        torch.use_deterministic_algorithms(old[0], warn_only=old[1])
+        torch.utils.deterministic.fill_uninitialized_memory = old[2]
+
+
+@contextlib.contextmanager
+def ran_on(backend):
+    """Assert that dip ops ran inside the block and every one of them ran on ``backend`` (as
+    dip_kernels.backends recorded it: no fallback goes unseen). Yields the recorded choices."""
+    from . import backends
+    with backends.recorded_runs() as runs:
+        yield runs
+    wrong = [(c.op, c.backend, c.reason) for c in runs if c.backend != backend]
+    assert runs and not wrong, f"expected every dip op on {backend}; ran {[(c.op, c.backend) for c in runs]}: {wrong}"
 
 
 def max_error(a, b):

@@ -7,15 +7,16 @@ schedule through a CPU emulation of the kernels (tests/test_patch_detailer_cuda.
 are channels-last (N, H, W, C); see the comment at the top of the .cu for the GEMM views and the
 recompute-vs-store memory budget.
 
-bf16 and fp16 run on the kernels. float32 / float64 inputs, and token widths that are not a
-multiple of 8, run the eager reference instead (the kernels are tensor-core only).
+bf16 and fp16 run on the kernels. The backend declines float32 / float64 inputs and token widths
+that are not a multiple of 8 (``unsupported``: the kernels are tensor-core only with 16-byte
+gathers); dip_kernels.backends then picks another backend, visibly (``dip_kernels.explain``).
 """
 import weakref
 
 import torch
 import torch.nn.functional as F
 
-from ..reference import patch_detailer as _reference
+from ..backends import capturing
 from ..reference.patch_detailer import DECODER_CHANNELS, ENCODER_CHANNELS, HEAD_WEIGHT_NAMES
 from ..testing import output_buffer
 
@@ -35,8 +36,13 @@ def _round_up(x, m):
     return (x + m - 1) // m * m
 
 
-def supported(patches, tokens):
-    return patches.dtype in KERNEL_DTYPES and tokens.shape[1] % 8 == 0
+def unsupported(patches, tokens, *_):
+    """Why the kernels cannot run these inputs, or None."""
+    if patches.dtype not in KERNEL_DTYPES:
+        return f"the CUDA head kernels are tensor-core only (bfloat16, float16), got {patches.dtype}"
+    if tokens.shape[1] % 8:
+        return f"the CUDA head kernels need a token width divisible by 8, got {tokens.shape[1]}"
+    return None
 
 
 # ---------------------------------------------------------------- weight re-layout (cached)
@@ -112,8 +118,9 @@ def prepare_backward(weights, bottleneck_taps):
 
 class _WeightCache:
     """Re-laid weights keyed on each weight's identity, data_ptr and version counter, so an in-place
-    optimizer step or a new tensor at a recycled address is a miss, never a stale hit. (A CUDA graph
-    that hit this cache while being captured replays the re-laid copies of that moment.)"""
+    optimizer step or a new tensor at a recycled address is a miss, never a stale hit. Bypassed
+    while a CUDA graph is being captured (see dip_kernels.backends.capturing): the capture records
+    the re-layout itself, so every replay re-lays the weights as they are then."""
 
     def __init__(self, size=4):
         self.size = size
@@ -128,6 +135,9 @@ class _WeightCache:
         return (t.data_ptr(), version, t.dtype, t.device)
 
     def get(self, weights, kind, build):
+        if capturing(weights[0]):
+            with torch.no_grad():
+                return build()
         stamps = [self._stamp(t) for t in weights]
         if all(s is not None for s in stamps):
             for refs, old, k, prepared in self.entries:
@@ -340,9 +350,14 @@ def _aligned(t):
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
+def _check_supported(patches, tokens):
+    problem = unsupported(patches, tokens)
+    if problem:  # dip_kernels.backends never sends such inputs here
+        raise ValueError(problem)
+
+
 def patch_detailer_forward(patches, tokens, weights):
-    if not supported(patches, tokens):
-        return _reference.patch_detailer_forward(patches, tokens, weights)
+    _check_supported(patches, tokens)
     weights = list(weights)
     prep = _cache.get(weights, "fwd", lambda: prepare_forward(weights))
     out, _ = run_forward(_aligned(patches), _aligned(tokens), prep, CudaOps, keep=False)
@@ -350,8 +365,7 @@ def patch_detailer_forward(patches, tokens, weights):
 
 
 def patch_detailer_backward(grad_out, patches, tokens, weights):
-    if not supported(patches, tokens):
-        return _reference.patch_detailer_backward(grad_out, patches, tokens, weights)
+    _check_supported(patches, tokens)
     weights = list(weights)
     taps = (patches.shape[2] // 16) ** 2
     prep_f = _cache.get(weights, "fwd", lambda: prepare_forward(weights))
@@ -361,4 +375,4 @@ def patch_detailer_backward(grad_out, patches, tokens, weights):
 
 
 __all__ = ["patch_detailer_forward", "patch_detailer_backward", "run_forward", "run_backward", "prepare_forward",
-           "prepare_backward", "CudaOps"]
+           "prepare_backward", "CudaOps", "unsupported"]
