@@ -20,26 +20,33 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpreted
-from ..reference import attention as _reference
 from ..testing import output_buffer
+from .launch import launch
 
 _LOG2E = 1.4426950408889634
 
 
 # ---------------------------------------------------------------- shared pieces
 @triton.jit
-def _load_norm_rope(head_ptr, rows, row_mask, stride_n, stride_c, cos_ptr, sin_ptr, w_ptr, half, half_mask,
-                    eps, D: tl.constexpr, HALF: tl.constexpr):
-    """Rows ``rows`` of one head's q or k: RMSNorm (fp32, with weight) then RoPE. Returns the
-    rotated even/odd halves, the normalised (pre-weight) halves and the rstd per row, all fp32;
-    masked rows and padded columns are zero."""
+def _load_normed(head_ptr, rows, row_mask, stride_n, stride_c, half, half_mask, eps, D: tl.constexpr):
+    """Rows ``rows`` of one head's q or k, RMS-normalised (fp32, before the weight): the even and
+    odd halves and the rstd per row. Masked rows and padded columns are zero."""
     mask = row_mask[:, None] & half_mask[None, :]
     even_ptr = head_ptr + rows[:, None] * stride_n + (2 * half)[None, :] * stride_c
     x_e = tl.load(even_ptr, mask=mask, other=0.0).to(tl.float32)
     x_o = tl.load(even_ptr + stride_c, mask=mask, other=0.0).to(tl.float32)
     rstd = tl.rsqrt((tl.sum(x_e * x_e, 1) + tl.sum(x_o * x_o, 1)) / D + eps)
-    xh_e = x_e * rstd[:, None]
-    xh_o = x_o * rstd[:, None]
+    return x_e * rstd[:, None], x_o * rstd[:, None], rstd
+
+
+@triton.jit
+def _load_norm_rope(head_ptr, rows, row_mask, stride_n, stride_c, cos_ptr, sin_ptr, w_ptr, half, half_mask,
+                    eps, D: tl.constexpr, HALF: tl.constexpr):
+    """Rows ``rows`` of one head's q or k: RMSNorm (fp32, with weight) then RoPE; the rotated even
+    and odd halves, fp32. (Only what the caller keeps is returned: a name a kernel binds before its
+    key loop and again inside it, even ``_``, is loop-carried and must keep its shape.)"""
+    xh_e, xh_o, rstd = _load_normed(head_ptr, rows, row_mask, stride_n, stride_c, half, half_mask, eps, D)
+    mask = row_mask[:, None] & half_mask[None, :]
     w_e = tl.load(w_ptr + 2 * half, mask=half_mask, other=0.0).to(tl.float32)
     w_o = tl.load(w_ptr + 2 * half + 1, mask=half_mask, other=0.0).to(tl.float32)
     a_e = xh_e * w_e[None, :]
@@ -47,7 +54,7 @@ def _load_norm_rope(head_ptr, rows, row_mask, stride_n, stride_c, cos_ptr, sin_p
     table = rows[:, None] * HALF + half[None, :]
     c = tl.load(cos_ptr + table, mask=mask, other=0.0)
     s = tl.load(sin_ptr + table, mask=mask, other=0.0)
-    return a_e * c - a_o * s, a_e * s + a_o * c, xh_e, xh_o, rstd
+    return a_e * c - a_o * s, a_e * s + a_o * c
 
 
 @triton.jit
@@ -94,7 +101,8 @@ def _store_halves(head_ptr, rows, row_mask, stride_n, stride_c, y_e, y_o, half, 
 
 
 # ---------------------------------------------------------------- forward
-@triton.jit
+# H needs no specialisation (head offsets are multiples of the constexpr D): 2 heads and 16 share binaries
+@triton.jit(do_not_specialize=["H"])
 def _attention_fwd_kernel(
         qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, out_ptr, lse_ptr,
         N, H, stride_qkv_b, stride_qkv_n, stride_qkv_c, stride_out_b, stride_out_n,
@@ -113,7 +121,7 @@ def _attention_fwd_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < N
 
-    q_e, q_o, _, _, _ = _load_norm_rope(q_ptr, rows, row_mask, stride_qkv_n, stride_qkv_c, cos_ptr, sin_ptr,
+    q_e, q_o = _load_norm_rope(q_ptr, rows, row_mask, stride_qkv_n, stride_qkv_c, cos_ptr, sin_ptr,
                                         qw_ptr, half, half_mask, eps, D, HALF)
     # the reference rounds the normed, rotated q and k to the input dtype before its matmuls
     q_e = q_e.to(dtype)
@@ -125,7 +133,7 @@ def _attention_fwd_kernel(
     for start_n in range(0, N, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         col_mask = cols < N
-        k_e, k_o, _, _, _ = _load_norm_rope(k_ptr, cols, col_mask, stride_qkv_n, stride_qkv_c, cos_ptr, sin_ptr,
+        k_e, k_o = _load_norm_rope(k_ptr, cols, col_mask, stride_qkv_n, stride_qkv_c, cos_ptr, sin_ptr,
                                             kw_ptr, half, half_mask, eps, D, HALF)
         s = tl.dot(q_e, tl.trans(k_e.to(dtype)), input_precision=DOT_PRECISION)
         s = tl.dot(q_o, tl.trans(k_o.to(dtype)), acc=s, input_precision=DOT_PRECISION)
@@ -151,7 +159,7 @@ def _attention_fwd_kernel(
 
 
 # ---------------------------------------------------------------- backward
-@triton.jit
+@triton.jit(do_not_specialize=["H"])
 def _attention_bwd_dq_kernel(
         qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, gqkv_ptr, gqw_part_ptr,
         N, H, stride_qkv_b, stride_qkv_n, stride_qkv_c, stride_o_b, stride_o_n, stride_do_b, stride_do_n,
@@ -171,7 +179,7 @@ def _attention_bwd_dq_kernel(
     row_mask = rows < N
     tile_mask = row_mask[:, None] & d_mask[None, :]
 
-    q_e, q_o, _, _, _ = _load_norm_rope(q_ptr, rows, row_mask, stride_qkv_n, stride_qkv_c, cos_ptr, sin_ptr,
+    q_e, q_o = _load_norm_rope(q_ptr, rows, row_mask, stride_qkv_n, stride_qkv_c, cos_ptr, sin_ptr,
                                         qw_ptr, half, half_mask, eps, D, HALF)
     q_e = q_e.to(dtype)
     q_o = q_o.to(dtype)
@@ -192,7 +200,7 @@ def _attention_bwd_dq_kernel(
         cols = start_n + tl.arange(0, BLOCK_N)
         col_mask = cols < N
         # padded key rows load as k = v = 0: their ds multiplies k = 0, so they add nothing to dq
-        k_e, k_o, _, _, _ = _load_norm_rope(k_ptr, cols, col_mask, stride_qkv_n, stride_qkv_c, cos_ptr, sin_ptr,
+        k_e, k_o = _load_norm_rope(k_ptr, cols, col_mask, stride_qkv_n, stride_qkv_c, cos_ptr, sin_ptr,
                                             kw_ptr, half, half_mask, eps, D, HALF)
         k_e = k_e.to(dtype)
         k_o = k_o.to(dtype)
@@ -207,8 +215,7 @@ def _attention_bwd_dq_kernel(
         dq_o = tl.dot(ds, k_o, acc=dq_o, input_precision=DOT_PRECISION)
 
     # the normalised q is reloaded rather than kept live through the loop, to spare registers
-    _, _, qh_e, qh_o, q_rstd = _load_norm_rope(q_ptr, rows, row_mask, stride_qkv_n, stride_qkv_c, cos_ptr,
-                                               sin_ptr, qw_ptr, half, half_mask, eps, D, HALF)
+    qh_e, qh_o, q_rstd = _load_normed(q_ptr, rows, row_mask, stride_qkv_n, stride_qkv_c, half, half_mask, eps, D)
     dx_e, dx_o, dw_e, dw_o = _norm_rope_backward(dq_e * sm_scale, dq_o * sm_scale, qh_e, qh_o, q_rstd, rows,
                                                  row_mask, cos_ptr, sin_ptr, qw_ptr, half, half_mask, D, HALF)
     gq_ptr = gqkv_ptr + b.to(tl.int64) * stride_g_b + h * D
@@ -218,7 +225,7 @@ def _attention_bwd_dq_kernel(
     tl.store(part + 2 * half + 1, dw_o, mask=half_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H"])
 def _attention_bwd_dkdv_kernel(
         qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, dout_ptr, lse_ptr, delta_ptr, gqkv_ptr, gkw_part_ptr,
         N, H, stride_qkv_b, stride_qkv_n, stride_qkv_c, stride_do_b, stride_do_n, stride_g_b, stride_g_n,
@@ -237,7 +244,7 @@ def _attention_bwd_dkdv_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
 
-    k_e, k_o, _, _, _ = _load_norm_rope(k_ptr, cols, col_mask, stride_qkv_n, stride_qkv_c, cos_ptr, sin_ptr,
+    k_e, k_o = _load_norm_rope(k_ptr, cols, col_mask, stride_qkv_n, stride_qkv_c, cos_ptr, sin_ptr,
                                         kw_ptr, half, half_mask, eps, D, HALF)
     k_e = k_e.to(dtype)
     k_o = k_o.to(dtype)
@@ -251,7 +258,7 @@ def _attention_bwd_dkdv_kernel(
     for start_m in range(0, N, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
         row_mask = rows < N
-        q_e, q_o, _, _, _ = _load_norm_rope(q_ptr, rows, row_mask, stride_qkv_n, stride_qkv_c, cos_ptr, sin_ptr,
+        q_e, q_o = _load_norm_rope(q_ptr, rows, row_mask, stride_qkv_n, stride_qkv_c, cos_ptr, sin_ptr,
                                             qw_ptr, half, half_mask, eps, D, HALF)
         q_e = q_e.to(dtype)
         q_o = q_o.to(dtype)
@@ -274,8 +281,7 @@ def _attention_bwd_dkdv_kernel(
     g_base = gqkv_ptr + b.to(tl.int64) * stride_g_b
     tl.store(g_base + cols[:, None] * stride_g_n + (2 * H + h) * D + dcol[None, :],
              dv.to(gqkv_ptr.dtype.element_ty), mask=col_mask[:, None] & d_mask[None, :])
-    _, _, kh_e, kh_o, k_rstd = _load_norm_rope(k_ptr, cols, col_mask, stride_qkv_n, stride_qkv_c, cos_ptr,
-                                               sin_ptr, kw_ptr, half, half_mask, eps, D, HALF)
+    kh_e, kh_o, k_rstd = _load_normed(k_ptr, cols, col_mask, stride_qkv_n, stride_qkv_c, half, half_mask, eps, D)
     dx_e, dx_o, dw_e, dw_o = _norm_rope_backward(dk_e * sm_scale, dk_o * sm_scale, kh_e, kh_o, k_rstd, cols,
                                                  col_mask, cos_ptr, sin_ptr, kw_ptr, half, half_mask, D, HALF)
     _store_halves(g_base + (H + h) * D, cols, col_mask, stride_g_n, 1, dx_e, dx_o, half, half_mask)
@@ -292,10 +298,15 @@ def _configs(gpu_choices, interpreter_choice):
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M tiles queries and BLOCK_N keys in every kernel.
-# Under the interpreter the tiles differ per kernel so the tests cover uneven tilings and tails.
-_FWD_CONFIGS = _configs([(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2)], (64, 32, 4, 1))
-_DQ_CONFIGS = _configs([(64, 64, 4, 2), (128, 64, 8, 2)], (64, 32, 4, 1))
-_DKDV_CONFIGS = _configs([(64, 64, 8, 2), (32, 64, 4, 2)], (32, 64, 4, 1))
+# On a GPU: the configs that compile for sm_90 and sm_80 with triton 3.6 and 3.8 at head dim 72 in
+# bf16 without a byte of spills and within both shared-memory limits (python -m
+# dip_kernels.precompile; bench/results/precompile_*), two per kernel so the autotuner has a choice
+# and a first run compiles six binaries. Each kernel keeps a config with BLOCK_M != BLOCK_N, which a
+# loop-carried value of the wrong tile shape fails to compile (tests/test_precompile.py). Under the
+# interpreter the tiles differ per kernel so the tests cover uneven tilings and tails.
+_FWD_CONFIGS = _configs([(128, 32, 8, 2), (64, 64, 8, 2)], (64, 32, 4, 1))
+_DQ_CONFIGS = _configs([(32, 64, 8, 2), (32, 32, 4, 2)], (64, 32, 4, 1))
+_DKDV_CONFIGS = _configs([(64, 32, 8, 2), (32, 32, 4, 2)], (32, 64, 4, 1))
 
 _fwd = triton.autotune(_FWD_CONFIGS, key=["N", "D"])(
     triton.heuristics({"EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0})(_attention_fwd_kernel))
@@ -309,20 +320,25 @@ def _geometry(qkv, num_heads):
     half = d // 2
     return b, n, d, dict(D=d, HALF=half, BLOCK_HALF=max(16, triton.next_power_of_2(half)),
                          BLOCK_D=max(16, triton.next_power_of_2(d)),
-                         # fp32 inputs get true fp32 products, as in the reference, not TF32;
-                         # half-precision inputs use the default
+                         # fp32 inputs (the interpreter only) get true fp32 products, as in the
+                         # reference, not TF32; half-precision inputs use the default
                          DOT_PRECISION="ieee" if qkv.dtype == torch.float32 else None)
 
 
-def _uses_reference(qkv):
-    # float64 is a testing dtype only; Triton's fp64 dot support varies by GPU and version
-    return qkv.dtype == torch.float64
-
-
 # ---------------------------------------------------------------- backend interface
+def unsupported(qkv, *_):
+    """Why these kernels do not run these inputs (dip_kernels.backends then picks another backend)."""
+    if qkv.dtype == torch.float64:
+        return "float64 is a testing dtype: Triton's fp64 dot support varies by GPU and version"
+    if qkv.dtype == torch.float32 and not triton_interpreted():
+        # the interpreter (CPU tests) runs float32, its bf16 dot being wrong
+        return ("float32: the kernels' ieee-precision dots spill at head dim 72 in every tile tried (2-40 KB "
+                "per thread) and their backward does not fit an A100's shared memory "
+                "(bench/results/precompile_before_triton3.6.0.md); torch's SDPA runs float32 attention")
+    return None
+
+
 def attention_forward(qkv, q_norm_weight, k_norm_weight, rope_cos, rope_sin, num_heads, eps):
-    if _uses_reference(qkv):
-        return _reference.attention_forward(qkv, q_norm_weight, k_norm_weight, rope_cos, rope_sin, num_heads, eps)
     b, n, d, meta = _geometry(qkv, num_heads)
     rope_cos, rope_sin = rope_cos.contiguous(), rope_sin.contiguous()
     q_norm_weight, k_norm_weight = q_norm_weight.contiguous(), k_norm_weight.contiguous()
@@ -330,16 +346,14 @@ def attention_forward(qkv, q_norm_weight, k_norm_weight, rope_cos, rope_sin, num
     lse = output_buffer((b, num_heads, n), torch.float32, qkv.device)
     grid = lambda cfg: (triton.cdiv(n, cfg["BLOCK_M"]), b * num_heads)  # noqa: E731
     with torch.cuda.device(qkv.device) if qkv.is_cuda else contextlib.nullcontext():
-        _fwd[grid](qkv, q_norm_weight, k_norm_weight, rope_cos, rope_sin, out, lse,
-                   n, num_heads, qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1),
-                   float(eps), _LOG2E / math.sqrt(d), **meta)
+        launch(_fwd, grid,
+               qkv, q_norm_weight, k_norm_weight, rope_cos, rope_sin, out, lse,
+               n, num_heads, qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1),
+               float(eps), _LOG2E / math.sqrt(d), **meta)
     return out, lse
 
 
 def attention_backward(grad_out, qkv, q_norm_weight, k_norm_weight, rope_cos, rope_sin, out, lse, num_heads, eps):
-    if _uses_reference(qkv):
-        return _reference.attention_backward(grad_out, qkv, q_norm_weight, k_norm_weight, rope_cos, rope_sin,
-                                             out, lse, num_heads, eps)
     b, n, d, meta = _geometry(qkv, num_heads)
     rope_cos, rope_sin = rope_cos.contiguous(), rope_sin.contiguous()
     q_norm_weight, k_norm_weight = q_norm_weight.contiguous(), k_norm_weight.contiguous()
@@ -364,14 +378,16 @@ def attention_backward(grad_out, qkv, q_norm_weight, k_norm_weight, rope_cos, ro
 
     scale = 1.0 / math.sqrt(d)
     with torch.cuda.device(device) if qkv.is_cuda else contextlib.nullcontext():
-        _bwd_dq[dq_grid](qkv, q_norm_weight, k_norm_weight, rope_cos, rope_sin, out, grad_out, lse, delta, g_qkv,
-                         gqw_part, n, num_heads, qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0),
-                         out.stride(1), grad_out.stride(0), grad_out.stride(1), g_qkv.stride(0), g_qkv.stride(1),
-                         float(eps), _LOG2E * scale, scale, **meta)
-        _bwd_dkdv[dkdv_grid](qkv, q_norm_weight, k_norm_weight, rope_cos, rope_sin, grad_out, lse, delta, g_qkv,
-                             gkw_part, n, num_heads, qkv.stride(0), qkv.stride(1), qkv.stride(2), grad_out.stride(0),
-                             grad_out.stride(1), g_qkv.stride(0), g_qkv.stride(1), float(eps), _LOG2E * scale,
-                             scale, **meta)
+        launch(_bwd_dq, dq_grid,
+               qkv, q_norm_weight, k_norm_weight, rope_cos, rope_sin, out, grad_out, lse, delta, g_qkv,
+               gqw_part, n, num_heads, qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0),
+               out.stride(1), grad_out.stride(0), grad_out.stride(1), g_qkv.stride(0), g_qkv.stride(1),
+               float(eps), _LOG2E * scale, scale, **meta)
+        launch(_bwd_dkdv, dkdv_grid,
+               qkv, q_norm_weight, k_norm_weight, rope_cos, rope_sin, grad_out, lse, delta, g_qkv,
+               gkw_part, n, num_heads, qkv.stride(0), qkv.stride(1), qkv.stride(2), grad_out.stride(0),
+               grad_out.stride(1), g_qkv.stride(0), g_qkv.stride(1), float(eps), _LOG2E * scale,
+               scale, **meta)
     g_qw = output_buffer(q_norm_weight.shape, q_norm_weight.dtype, device)
     g_kw = output_buffer(k_norm_weight.shape, k_norm_weight.dtype, device)
     g_qw.copy_(gqw_part[: b * num_heads * rows_used["q"]].sum(0))

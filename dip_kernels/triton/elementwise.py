@@ -15,6 +15,7 @@ import triton.language as tl
 
 from ..backends import triton_interpreted
 from ..testing import output_buffer
+from .launch import launch
 
 # elements per tile: enough bytes in flight to saturate HBM, few enough registers per thread
 _TILE_ELEMENTS = 4096
@@ -51,7 +52,8 @@ def _row_tiling(n_rows, block_d, with_partials):
 
 
 # ---------------------------------------------------------------- rmsnorm_modulate
-@triton.jit
+# row counts need no specialisation (they only bound masks and scale row indices by D)
+@triton.jit(do_not_specialize=["N"])
 def _rmsnorm_modulate_fwd_kernel(
     x_ptr, w_ptr, shift_ptr, scale_ptr, y_ptr,
     N, D, eps,
@@ -78,7 +80,7 @@ def _rmsnorm_modulate_fwd_kernel(
     tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "n_chunks"])
 def _rmsnorm_modulate_bwd_kernel(
     gy_ptr, x_ptr, w_ptr, scale_ptr, gx_ptr, part_gy_ptr, part_gy_xhat_ptr,
     N, D, eps, n_chunks,
@@ -130,10 +132,10 @@ def rmsnorm_modulate_forward(x, weight, shift, scale, eps, out_dtype=None):
     rows, _ = _row_tiling(n, block_d, False)
     grid = (triton.cdiv(n, rows), b)
     with _device_guard(x):
-        _rmsnorm_modulate_fwd_kernel[grid](
-            x, weight, shift, scale, y, n, d, eps,
-            *x.stride(), *weight.stride(), *shift.stride(), *scale.stride(),
-            ROWS=rows, BLOCK_D=block_d, **_launch_options(8 if block_d >= 2048 else 4))
+        launch(_rmsnorm_modulate_fwd_kernel, grid,
+               x, weight, shift, scale, y, n, d, eps,
+               *x.stride(), *weight.stride(), *shift.stride(), *scale.stride(),
+               ROWS=rows, BLOCK_D=block_d, **_launch_options(8 if block_d >= 2048 else 4))
     return y
 
 
@@ -147,10 +149,10 @@ def rmsnorm_modulate_backward(grad_y, x, weight, shift, scale, eps):
     part_gy_xhat = output_buffer((b, n_chunks, d), torch.float32, x.device)
     if gx.numel():
         with _device_guard(x):
-            _rmsnorm_modulate_bwd_kernel[(n_chunks, b)](
-                grad_y, x, weight, scale, gx, part_gy, part_gy_xhat, n, d, eps, n_chunks,
-                *grad_y.stride(), *x.stride(), *weight.stride(), *scale.stride(),
-                ROWS=rows, BLOCK_D=block_d, ITERS=iters, **_launch_options(8 if block_d >= 2048 else 4))
+            launch(_rmsnorm_modulate_bwd_kernel, (n_chunks, b),
+                   grad_y, x, weight, scale, gx, part_gy, part_gy_xhat, n, d, eps, n_chunks,
+                   *grad_y.stride(), *x.stride(), *weight.stride(), *scale.stride(),
+                   ROWS=rows, BLOCK_D=block_d, ITERS=iters, **_launch_options(8 if block_d >= 2048 else 4))
     sum_gy_xhat = part_gy_xhat.sum(1)
     g_shift = part_gy.sum(1).to(shift.dtype)
     g_scale = (sum_gy_xhat * weight.float()).to(scale.dtype)
@@ -159,7 +161,7 @@ def rmsnorm_modulate_backward(grad_y, x, weight, shift, scale, eps):
 
 
 # ---------------------------------------------------------------- gated_residual
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _gated_residual_fwd_kernel(
     x_ptr, gate_ptr, f_ptr, y_ptr,
     N, D,
@@ -179,7 +181,7 @@ def _gated_residual_fwd_kernel(
     tl.store(y_ptr + (b * N + rows64) * D + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "n_chunks"])
 def _gated_residual_bwd_kernel(
     gy_ptr, gate_ptr, f_ptr, gx_ptr, gf_ptr, part_ggate_ptr,
     N, D, n_chunks,
@@ -215,9 +217,9 @@ def gated_residual_forward(x, gate, f):
     rows, _ = _row_tiling(n, block_d, False)
     grid = (triton.cdiv(n, rows), triton.cdiv(d, block_d), b)
     with _device_guard(x):
-        _gated_residual_fwd_kernel[grid](
-            x, gate, f, y, n, d, *x.stride(), *gate.stride(), *f.stride(),
-            ROWS=rows, BLOCK_D=block_d, **_launch_options(4))
+        launch(_gated_residual_fwd_kernel, grid,
+               x, gate, f, y, n, d, *x.stride(), *gate.stride(), *f.stride(),
+               ROWS=rows, BLOCK_D=block_d, **_launch_options(4))
     return y
 
 
@@ -232,15 +234,15 @@ def gated_residual_backward(grad_y, x, gate, f):
     if gx.numel():
         grid = (n_chunks, triton.cdiv(d, block_d), b)
         with _device_guard(x):
-            _gated_residual_bwd_kernel[grid](
-                grad_y, gate, f, gx, gf, part_ggate, n, d, n_chunks,
-                *grad_y.stride(), *gate.stride(), *f.stride(),
-                ROWS=rows, BLOCK_D=block_d, ITERS=iters, **_launch_options(4))
+            launch(_gated_residual_bwd_kernel, grid,
+                   grad_y, gate, f, gx, gf, part_ggate, n, d, n_chunks,
+                   *grad_y.stride(), *gate.stride(), *f.stride(),
+                   ROWS=rows, BLOCK_D=block_d, ITERS=iters, **_launch_options(4))
     return gx, part_ggate.sum(1).to(gate.dtype), gf
 
 
 # ---------------------------------------------------------------- swiglu
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _swiglu_fwd_kernel(
     ab_ptr, y_ptr, M, H, ab_sm, ab_sh,
     ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -255,7 +257,7 @@ def _swiglu_fwd_kernel(
     tl.store(y_ptr + rows[:, None].to(tl.int64) * H + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _swiglu_bwd_kernel(
     gy_ptr, ab_ptr, gab_ptr, M, H, gy_sm, gy_sh, ab_sm, ab_sh,
     ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -293,7 +295,7 @@ def swiglu_forward(ab):
         return y
     rows, block_h, grid = _swiglu_tiling(m, h)
     with _device_guard(ab):
-        _swiglu_fwd_kernel[grid](ab2, y, m, h, *ab2.stride(), ROWS=rows, BLOCK_H=block_h, **_launch_options(4))
+        launch(_swiglu_fwd_kernel, grid, ab2, y, m, h, *ab2.stride(), ROWS=rows, BLOCK_H=block_h, **_launch_options(4))
     return y
 
 
@@ -307,6 +309,6 @@ def swiglu_backward(grad_y, ab):
         return g_ab
     rows, block_h, grid = _swiglu_tiling(m, h)
     with _device_guard(ab):
-        _swiglu_bwd_kernel[grid](gy2, ab2, g_ab, m, h, *gy2.stride(), *ab2.stride(),
-                                 ROWS=rows, BLOCK_H=block_h, **_launch_options(4))
+        launch(_swiglu_bwd_kernel, grid, gy2, ab2, g_ab, m, h, *gy2.stride(), *ab2.stride(),
+               ROWS=rows, BLOCK_H=block_h, **_launch_options(4))
     return g_ab

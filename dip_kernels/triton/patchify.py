@@ -15,6 +15,7 @@ import triton.language as tl
 
 from ..backends import triton_interpreted
 from ..testing import output_buffer
+from .launch import launch
 
 # elements per program: enough bytes in flight per SM to saturate HBM, few enough registers per thread
 _TILE_ELEMENTS = 4096
@@ -62,22 +63,26 @@ def _device_guard(t):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def tiling(width, patch_size):
+    """(P_BLOCK, BLOCK_W, tiles per image row) of the copy kernel for images ``width`` pixels wide."""
+    p_block = triton.next_power_of_2(patch_size)
+    block_w = max(16, min(triton.next_power_of_2(width), _TILE_ELEMENTS // p_block))
+    return p_block, block_w, triton.cdiv(width, block_w)
+
+
 def _launch(images, tokens, patch_size, to_tokens):
     b, c, h, w = images.shape
     if images.numel() == 0:
         return
     p = patch_size
     gh, gw = h // p, w // p
-    p_block = triton.next_power_of_2(p)
-    block_w = max(16, min(triton.next_power_of_2(w), _TILE_ELEMENTS // p_block))
-    n_w_tiles = triton.cdiv(w, block_w)
+    p_block, block_w, n_w_tiles = tiling(w, p)
     grid = (b * c * gh * n_w_tiles,)
     extra = {} if triton_interpreted() else {"num_warps": 4}
     with _device_guard(images):
-        _patch_copy_kernel[grid](
-            images, tokens, c, gh, gw, w, n_w_tiles,
-            *images.stride(), *tokens.stride(),
-            P=p, P_BLOCK=p_block, BLOCK_W=block_w, TO_TOKENS=to_tokens, **extra)
+        launch(_patch_copy_kernel, grid, images, tokens, c, gh, gw, w, n_w_tiles,
+               *images.stride(), *tokens.stride(),
+               P=p, P_BLOCK=p_block, BLOCK_W=block_w, TO_TOKENS=to_tokens, **extra)
 
 
 def patchify_forward(images, patch_size, out_dtype=None):
