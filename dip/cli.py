@@ -213,8 +213,9 @@ def sample_parser() -> ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--raw", action="store_true",
                    help="use the raw weights instead of the EMA (official files: denoiser. instead of ema_denoiser.)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="bf16: the model runs under bf16 autocast (the solver state stays fp32)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="bf16: the model runs under bf16 autocast (the solver state stays fp32); "
+                        "auto (default): bf16 on CUDA, as in training, fp32 on CPU")
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="euler on CUDA: run the eager sampler instead of replaying CUDA graphs of whole steps "
                         "(dip.graph_sampler); the CPU always runs eagerly")
@@ -267,7 +268,7 @@ def _sample(argv):
         if (objective == "flow") != (method in ("euler", "heun")):
             raise ValueError(f"--method {method} does not fit a {objective} checkpoint")
         progress = not args.no_progress and env.is_main
-        autocast_dtype = torch.bfloat16 if args.precision == "bf16" else None
+        autocast_dtype = sampling.precision_autocast_dtype(args.precision, env.device)
         interval = {"guidance_interval": args.guidance_interval} if args.guidance_interval else {}
         graph_sampler = None
         if method == "euler" and not args.no_cuda_graph:

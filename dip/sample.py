@@ -194,6 +194,17 @@ def ddpm_sample(model: nn.Module, noise: torch.Tensor, y: torch.Tensor, steps: i
 
 
 _SAMPLERS = {"euler": euler_sample, "heun": heun_sample, "ddim": ddim_sample, "ddpm": ddpm_sample}
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def precision_autocast_dtype(precision: str, device: Union[str, torch.device]) -> Optional[torch.dtype]:
+    """The autocast dtype of a sampling precision: "auto" is bf16 autocast on CUDA, as in training
+    (the kernels' fast path; fp32 runs the slower fp32 kernels), and plain fp32 elsewhere."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda"):
+        return torch.bfloat16
+    return None
 
 
 def sample(model: nn.Module, labels: Union[Sequence[int], torch.Tensor], image_size: Union[int, Tuple[int, int]],
