@@ -45,8 +45,17 @@ def backend():
 
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
-    # fresh random inputs each run, but the seed is printed on failure so a run can be repeated
-    seed = int.from_bytes(os.urandom(4), "little")
+    # fresh random inputs each run; a failing test prints its seed, and DIP_TEST_SEED=<seed> repeats it
+    seed = int(os.environ.get("DIP_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
     torch.manual_seed(seed)
     request.node.user_properties.append(("seed", seed))
     yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    seed = dict(item.user_properties).get("seed")
+    if report.failed and seed is not None:
+        report.sections.append(("random seed", f"torch.manual_seed({seed}); rerun with DIP_TEST_SEED={seed}"))

@@ -9,7 +9,8 @@ import torch
 
 import dip_kernels
 from dip_kernels.reference import attention as ref
-from dip_kernels.testing import assert_close_to_fp64, poisoned_outputs
+from dip_kernels import backends
+from dip_kernels.testing import assert_close_to_fp64, poisoned_allocations, ran_on
 
 EPS = 1e-6
 
@@ -179,9 +180,10 @@ def test_triton_matches_reference(backend, b, h, n, d, dtype):
     weight_dtype = torch.float32 if dtype == torch.float16 else torch.float16
     qkv, qw, kw, cos, sin = make_inputs(b, h, n, d, dtype, weight_dtype)
     go = torch.randn(b, n, h * d).to(dtype)
-    with poisoned_outputs():
+    with poisoned_allocations(), ran_on("triton") as runs:
         out, lse = torch.ops.dip.attention(qkv, qw, kw, cos, sin, h, EPS)
         grads = torch.ops.dip.attention_backward(go, qkv, qw, kw, cos, sin, out, lse, h, EPS)
+    assert [c.op for c in runs] == ["attention", "attention_backward"]
     _check_against_reference(qkv, qw, kw, cos, sin, h, out, lse, go, grads)
 
 
@@ -189,7 +191,7 @@ def test_triton_256_tokens(backend):
     backend("triton", "attention")
     qkv, qw, kw, cos, sin = make_inputs(1, 1, 256, 72)
     go = torch.randn(1, 256, 72)
-    with poisoned_outputs():
+    with poisoned_allocations(), ran_on("triton"):
         out, lse = torch.ops.dip.attention(qkv, qw, kw, cos, sin, 1, EPS)
         grads = torch.ops.dip.attention_backward(go, qkv, qw, kw, cos, sin, out, lse, 1, EPS)
     _check_against_reference(qkv, qw, kw, cos, sin, 1, out, lse, go, grads)
@@ -241,6 +243,36 @@ def test_triton_backward_deterministic(backend):
         assert torch.equal(a, b)
 
 
+def test_float64_on_triton_runs_the_reference_visibly(backend):
+    """float64 is declined by the Triton kernels: the eager reference runs it, with a warning and
+    the choice recorded, never silently."""
+    backend("triton", "attention")
+    qkv, qw, kw, cos, sin, h, eps = _op_args(dtype=torch.float64, requires_grad=False)
+    explained = dip_kernels.explain("attention", qkv, qw, kw)
+    assert explained.startswith("dip.attention: eager") and "float64" in explained
+    warning = "triton selected, but it cannot run these inputs: float64"
+    with pytest.warns(RuntimeWarning, match=warning), backends.recorded_runs() as runs:
+        out = dip_kernels.attention(qkv, qw, kw, cos, sin, h, eps)
+    assert [(c.op, c.backend) for c in runs] == [("attention", "eager")] and "float64" in runs[0].reason
+    torch.testing.assert_close(out, ref.attention(qkv, qw, kw, cos, sin, h, eps), rtol=0, atol=0)
+
+
+def test_float32_goes_to_sdpa_on_a_gpu_with_the_reason(monkeypatch):
+    """On a GPU (not the interpreter) the Triton kernels decline float32 (they spill at head dim
+    72 and the backward does not fit an A100): auto on CUDA passes to the eager SDPA path and says why."""
+    from dip_kernels.triton import attention as tri
+    qkv = torch.randn(1, 16, 3 * 2 * 72)
+    assert tri.unsupported(qkv) is None  # the interpreter runs float32 (the CPU tests above)
+    monkeypatch.setattr(tri, "triton_interpreted", lambda: False)
+    assert "float32" in tri.unsupported(qkv) and tri.unsupported(qkv.bfloat16()) is None
+    # every backend this op has counts as available: as on a GPU machine with the CUDA build
+    monkeypatch.setattr(backends, "_unavailable_reason",
+                        lambda op, b, device=None: None if b in backends._MODULES[op] else "absent")
+    choice = backends._select("attention", "attention", torch.device("cuda"), (qkv,))
+    assert choice.backend == "eager" and "not triton: float32" in choice.reason
+    assert backends._select("attention", "attention", torch.device("cuda"), (qkv.bfloat16(),)).backend != "eager"
+
+
 def test_triton_opcheck_interpreted(backend):
     if not dip_kernels.backends.triton_interpreted():
         pytest.skip("the interpreter run; the GPU has its own opcheck test")
@@ -254,7 +286,7 @@ def _check_low_precision_against_fp32(b, h, n, d, dtype, device):
     float32 (float64 costs too much at real sizes)."""
     qkv, qw, kw, cos, sin = make_inputs(b, h, n, d, dtype, torch.float32, device=device)
     go = torch.randn(b, n, h * d, device=device).to(dtype)
-    with poisoned_outputs():
+    with poisoned_allocations(), ran_on("triton"):
         out, lse = torch.ops.dip.attention(qkv, qw, kw, cos, sin, h, EPS)
         grads = torch.ops.dip.attention_backward(go, qkv, qw, kw, cos, sin, out, lse, h, EPS)
     ref_out, ref_lse = ref.attention_forward(qkv, qw, kw, cos, sin, h, EPS)
@@ -280,9 +312,12 @@ def test_triton_bf16_real_sizes_gpu(backend, b, h, n, d):
 @pytest.mark.gpu
 def test_triton_opcheck_gpu(backend):
     backend("triton", "attention")
-    for dtype in (torch.float32, torch.bfloat16):
-        qkv, qw, kw, cos, sin = make_inputs(2, 2, 64, 72, dtype, torch.float32, device="cuda", requires_grad=True)
+    qkv, qw, kw, cos, sin = make_inputs(2, 2, 64, 72, torch.bfloat16, torch.float32, device="cuda", requires_grad=True)
+    with ran_on("triton"):
         torch.library.opcheck(torch.ops.dip.attention, (qkv, qw, kw, cos, sin, 2, EPS))
+    backend("auto", "attention")
+    fp32 = make_inputs(2, 2, 64, 72, torch.float32, device="cuda")
+    assert dip_kernels.explain("attention", *fp32).startswith("dip.attention: eager")
 
 
 @pytest.mark.gpu

@@ -28,16 +28,35 @@ def _ptxas_reports(log):
     return reports
 
 
+def built_architectures(log):
+    """The sm_* targets the build was asked for: setup.py prints the TORCH_CUDA_ARCH_LIST it builds
+    with ("8.0;9.0a" -> sm_80, sm_90a)."""
+    m = re.search(r"dip-kernels: building CUDA kernels with .* for (\S+)", log)
+    if not m:
+        return None
+    return {"sm_" + a.split("+")[0].replace(".", "") for a in re.split(r"[;\s]+", m.group(1)) if a}
+
+
 def test_cuda_kernels_have_no_spills_or_stack():
     if not os.path.exists(INSTALL_LOG):
         pytest.skip("no build/install.log: the extension was not built by `make setup`")
-    reports = _ptxas_reports(open(INSTALL_LOG, errors="replace").read())
+    log = open(INSTALL_LOG, errors="replace").read()
+    reports = _ptxas_reports(log)
     if not reports:
         pytest.skip("no ptxas report in the build log (CPU-only build)")
     archs = {arch for _, arch, *_ in reports}
-    assert {"sm_80", "sm_90a"} <= archs or os.environ.get("TORCH_CUDA_ARCH_LIST"), archs
+    asked = built_architectures(log)
+    assert asked, "the build log does not say which architectures it built"
+    assert asked <= archs, f"kernels were asked for {sorted(asked)} but ptxas compiled them for {sorted(archs)}"
     bad = [r for r in reports if any(r[2:])]
     assert not bad, f"kernels with stack frames or spills: {bad}"
+
+
+def test_built_architectures_parses_the_arch_list():
+    assert built_architectures("dip-kernels: building CUDA kernels with /usr/local/cuda for 8.0;9.0a\n") == \
+        {"sm_80", "sm_90a"}
+    assert built_architectures("dip-kernels: building CUDA kernels with /x for 8.6+PTX\n") == {"sm_86"}
+    assert built_architectures("no such line") is None
 
 
 def test_cmake_build_loads():

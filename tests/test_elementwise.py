@@ -8,7 +8,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import dip_kernels
 from dip_kernels.reference import elementwise as ref
-from dip_kernels.testing import assert_close_to_fp64, poisoned_outputs
+from dip_kernels.testing import assert_close_to_fp64, poisoned_allocations, ran_on
 
 EPS = 1e-6
 # (B, N, D): N = 7 and a D that is no power of two; N = 37 with D = 1000 spans two partial-sum
@@ -172,9 +172,10 @@ def test_bad_inputs(index):
 
 # ---------------------------------------------------------------- Triton backend vs reference
 def _run_op(fn, inputs, grad_out):
-    """Forward and backward through the public op (so the op layer's wiring is exercised too)."""
+    """Forward and backward through the public op (so the op layer's wiring is exercised too), on
+    the Triton kernels (asserted), every allocation poisoned."""
     leaves = [t.detach().requires_grad_(True) for t in inputs]
-    with poisoned_outputs():
+    with poisoned_allocations(), ran_on("triton"):
         out = fn(*leaves)
         grads = torch.autograd.grad(out, leaves, grad_out)
     return out, grads

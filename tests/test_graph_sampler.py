@@ -222,13 +222,22 @@ def test_bad_inputs_raise_value_error():
         sampler.sample([], 4)
 
 
+def test_sampling_precision_auto_is_bf16_on_cuda_like_training():
+    from dip.sample import precision_autocast_dtype
+    assert precision_autocast_dtype("auto", "cuda") == torch.bfloat16
+    assert precision_autocast_dtype("auto", "cpu") is None
+    assert precision_autocast_dtype("bf16", "cpu") == torch.bfloat16
+    assert precision_autocast_dtype("fp32", "cuda") is None
+    with pytest.raises(ValueError, match="precision"):
+        precision_autocast_dtype("fp16", "cuda")
+
+
 # ------------------------------------------------------------------------------------------ GPU
-# Tolerance: graph replay launches the same kernels on the same inputs as the eager sampler, so the
-# only possible differences are library choices made at capture time (cuBLAS/cuDNN algorithms); we
-# judge it like a kernel, against an fp64 Euler solve (fp64 model, eager reference ops, fp64 state):
-# its error may be at most 2x the eager sampler's own error in the same precision (fp32, or bf16
-# autocast) plus 1e-5 of the output's scale -- i.e. the graph adds no error of its own beyond the
-# rounding its precision forces.
+# Graph replay launches the same kernels on the same inputs as the eager sampler (the static-step
+# path is bit for bit euler_sample on CPU, above), so the replay must equal the eager sampler
+# exactly; both are also judged against an fp64 Euler solve (fp64 model, eager reference ops, fp64
+# state): at most 2x the eager sampler's own error in the same precision plus 1e-5 of the output's
+# scale.
 
 def euler_fp64(model, noise, y, steps, cfg_scale, interval):
     """Euler with guidance, everything in float64, written independently of the samplers."""
@@ -264,6 +273,7 @@ def check_against_eager(sampler, model, noise, y, backend):
     backend("auto")
     print(f"graph vs eager max diff {(out - eager).abs().max().item():.3e}, "
           f"eager vs fp64 {(eager.double() - ref64).abs().max().item():.3e}")
+    assert torch.equal(out, eager), "the graph replay differs from the eager sampler running the same kernels"
     assert_close_to_fp64(out, eager, ref64, name="graph sample")
     return out
 
@@ -293,6 +303,7 @@ def test_graph_replay_matches_eager_sampler(backend, autocast_dtype):
     backend("eager")
     ref2 = euler_fp64(model, noise2, y2, 10, 3.0, (0.3, 0.8))
     backend("auto")
+    assert torch.equal(out2, eager2)
     assert_close_to_fp64(out2, eager2, ref2, name="replayed graph sample")
 
 

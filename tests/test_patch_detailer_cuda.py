@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import dip_kernels
 from dip_kernels.cuda import patch_detailer as pd
 from dip_kernels.reference import patch_detailer as ref
-from dip_kernels.testing import assert_close_to_fp64, poisoned_outputs
+from dip_kernels.testing import assert_close_to_fp64, poisoned_allocations
 
 
 def make_inputs(m, patch, d, dtype, device="cpu"):
@@ -207,7 +207,7 @@ def _emulated_backward(grad_out, patches, tokens, weights, target_blocks=8):
 def test_emulated_schedule_forward_matches_reference(m, patch):
     p64, t64, w64 = make_inputs(m, patch, 16, torch.float64)
     p32, t32, w32 = p64.float(), t64.float(), [w.float() for w in w64]
-    with poisoned_outputs():
+    with poisoned_allocations():
         out = _emulated_forward(p32, t32, w32)
     assert_close_to_fp64(out, ref.patch_detailer(p32, t32, w32), ref.patch_detailer(p64, t64, w64))
 
@@ -217,7 +217,7 @@ def test_emulated_schedule_backward_matches_reference(m, patch):
     p64, t64, w64 = make_inputs(m, patch, 16, torch.float64)
     g64 = torch.randn(m, 3, patch, patch, dtype=torch.float64)
     p32, t32, w32, g32 = p64.float(), t64.float(), [w.float() for w in w64], g64.float()
-    with poisoned_outputs():
+    with poisoned_allocations():
         gp, gt, gw = _emulated_backward(g32, p32, t32, w32)
     rp, rt, rw = ref.patch_detailer_backward(g32, p32, t32, w32)
     ep, et, ew = ref.patch_detailer_backward(g64, p64, t64, w64)
@@ -240,6 +240,68 @@ def test_weight_cache_misses_after_inplace_update():
     assert cache.get(w, "fwd", build) == 2
     w2 = [t.clone() for t in w]
     assert cache.get(w2, "fwd", build) == 3
+
+
+class CountingEmulator(Emulator):
+    """The CPU model of the kernels, also recording which GEMM weight matrices the schedule reads."""
+    weights_read = []
+
+    @classmethod
+    def conv_gemm(cls, out, src1, src2, wgemm, *rest):
+        cls.weights_read.append(wgemm)
+        super().conv_gemm(out, src1, src2, wgemm, *rest)
+
+    @staticmethod
+    def target_blocks(device):
+        return 8
+
+
+def test_weight_cache_is_bypassed_while_a_graph_is_captured(monkeypatch):
+    """The CUDA entry points on the CPU model of the kernels: eagerly the re-laid weights are
+    cached and reused; while a CUDA graph is captured they are re-laid from the weights every call
+    and never stored, so a replay recomputes them from the weights of that moment (an in-place
+    optimizer step is seen) and never reads a cache entry that may be evicted and freed."""
+    monkeypatch.setattr(pd, "CudaOps", CountingEmulator)
+    monkeypatch.setattr(pd, "_cache", pd._WeightCache())
+    p64, t64, w64 = make_inputs(1, 16, 16, torch.float64)
+    p, t, w = p64.half(), t64.half(), [x.half() for x in w64]
+    pd.patch_detailer_forward(p, t, w)
+    cached = [e[3] for e in pd._cache.entries]
+    assert len(cached) == 1
+    pd.patch_detailer_forward(p, t, w)
+    assert [e[3] for e in pd._cache.entries] == cached  # eager: a hit
+
+    monkeypatch.setattr(pd, "capturing", lambda t: True)
+    cached_ids = {id(m) for m in cached[0].values()}
+    before_step = [x.clone() for x in w]
+    with torch.no_grad():
+        w[0].mul_(2.0)  # an optimizer step
+    CountingEmulator.weights_read = []
+    out = pd.patch_detailer_forward(p, t, w)
+    gp, gt, gw = pd.patch_detailer_backward(torch.randn_like(p), p, t, w)
+    assert CountingEmulator.weights_read and not any(id(m) in cached_ids for m in CountingEmulator.weights_read)
+    assert len(pd._cache.entries) == 1 and [e[3] for e in pd._cache.entries] == cached  # nothing stored
+    assert_close_to_fp64(out, ref.patch_detailer(p, t, w), ref.patch_detailer(p.double(), t.double(),
+                                                                            [x.double() for x in w]))
+    assert not torch.allclose(out, ref.patch_detailer(p, t, before_step), rtol=1e-2, atol=1e-2)
+
+
+def test_cuda_backend_declines_float32_visibly(monkeypatch):
+    """float32 heads on a CUDA build: the CUDA kernels decline them (tensor cores only), auto takes
+    the Triton head, and the choice says so; nothing falls back silently inside the backend."""
+    p, t, w = make_inputs(1, 16, 16, torch.float32)
+    assert "tensor-core only" in pd.unsupported(p, t, w)
+    assert pd.unsupported(p.half(), t.half(), w) is None and "divisible by 8" in pd.unsupported(p.half(), t[:, :12], w)
+    with pytest.raises(ValueError, match="tensor-core only"):
+        pd.patch_detailer_forward(p, t, w)
+    # every backend this op has counts as available: as on a GPU machine with the CUDA build
+    monkeypatch.setattr(dip_kernels.backends, "_unavailable_reason",
+                        lambda op, b, device=None: None if b in dip_kernels.backends._MODULES[op] else "absent")
+    choice = dip_kernels.backends._select("patch_detailer", "patch_detailer", torch.device("cuda"), (p, t, w))
+    assert choice.backend == "triton" and "not cuda: the CUDA head kernels are tensor-core only" in choice.reason
+    half = dip_kernels.backends._select("patch_detailer_backward", "patch_detailer", torch.device("cuda"),
+                                        (p.half(), t.half(), w))
+    assert half.backend == "cuda"
 
 
 # ---------------------------------------------------------------- fragment addressing (PTX layouts)
@@ -376,7 +438,7 @@ def test_cuda_forward_and_backward_match_reference(m, patch, dtype):
     (p64, t64, w64), (p, t, w) = _gpu_case(m, patch, d, dtype)
     g64 = torch.randn(m, 3, patch, patch, dtype=torch.float64, device="cuda")
     g = g64.to(dtype)
-    with poisoned_outputs():
+    with poisoned_allocations():
         out = pd.patch_detailer_forward(p, t, w)
         gp, gt, gw = pd.patch_detailer_backward(g, p, t, w)
     assert_close_to_fp64(out, ref.patch_detailer(p, t, w), ref.patch_detailer(p64, t64, w64))

@@ -10,11 +10,13 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import dip_kernels
 from dip_kernels.reference import patchify as ref
-from dip_kernels.testing import assert_close_to_fp64, poisoned_outputs
+from dip_kernels.testing import assert_close_to_fp64, poisoned_allocations, ran_on
 
 BACKENDS = ["eager", "triton"]
-# (B, C, H, W, P): square and non-square images, P = 16, 32, a small even P and an odd one
-SHAPES = [(2, 3, 32, 48, 16), (1, 3, 64, 32, 32), (2, 5, 12, 20, 4), (1, 2, 15, 10, 5)]
+# (B, C, H, W, P): square and non-square images, P = 16, 32, a small even P and an odd one; the
+# last two are wider than one tile of the kernel, the last tile partial (as 512-wide images at P=32)
+SHAPES = [(2, 3, 32, 48, 16), (1, 3, 64, 32, 32), (2, 5, 12, 20, 4), (1, 2, 15, 10, 5),
+          (1, 2, 32, 160, 32), (1, 1, 16, 272, 16)]
 
 
 def unfold_tokens(images, p):
@@ -148,7 +150,7 @@ def test_triton_forward_backward(backend, b, c, h, w, p, dtype, layout):
     backend("triton", "patchify")
     images = _noncontiguous(torch.randn(b, c, h, w).to(dtype), layout).requires_grad_(True)
     grad_tokens = torch.randn(b, (h // p) * (w // p), c * p * p, dtype=dtype)
-    with poisoned_outputs():
+    with poisoned_allocations(), ran_on("triton"):
         tokens = dip_kernels.patchify(images, p)
         tokens.backward(grad_tokens)  # the backward is the unpatchify kernel
     assert torch.equal(tokens, ref.patchify(images.detach(), p))
@@ -157,18 +159,24 @@ def test_triton_forward_backward(backend, b, c, h, w, p, dtype, layout):
     # unpatchify from non-contiguous tokens (transposed token axis), its backward is patchify
     tokens_in = grad_tokens.transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(True)
     grad_images = torch.randn(b, c, h, w, dtype=dtype)
-    with poisoned_outputs():
+    with poisoned_allocations(), ran_on("triton"):
         images_out = dip_kernels.unpatchify(tokens_in, p, h, w)
         images_out.backward(grad_images)
     assert torch.equal(images_out, ref.unpatchify(grad_tokens, p, h, w))
     assert torch.equal(tokens_in.grad, ref.patchify(grad_images, p))
 
 
+def test_shapes_cover_the_multi_tile_path_and_its_tail():
+    from dip_kernels.triton.patchify import tiling
+    wide = [(w, tiling(w, p)) for _, _, _, w, p in SHAPES if tiling(w, p)[2] > 1]
+    assert len(wide) >= 2 and all(w % block_w for w, (_, block_w, _) in wide)
+
+
 @pytest.mark.parametrize("b,c,h,w,p", SHAPES[:2])
 def test_triton_casting(backend, b, c, h, w, p):
     from dip_kernels.triton import patchify as tri
     images = _noncontiguous(torch.randn(b, c, h, w), "channels_last")
-    with poisoned_outputs():
+    with poisoned_allocations():
         tokens = tri.patchify_forward(images, p, torch.float16)
         back = tri.unpatchify_forward(tokens, p, h, w, torch.float32)
     expected = ref.patchify(images, p, torch.float16)
@@ -183,7 +191,7 @@ def test_triton_casting(backend, b, c, h, w, p):
 def test_gpu_real_size_bf16(backend, p):
     backend("triton", "patchify")
     images = torch.randn(64, 3, 256, 256, device="cuda")
-    with poisoned_outputs():
+    with poisoned_allocations(), ran_on("triton"):
         tokens = dip_kernels.patchify(images.bfloat16(), p)
         cast_tokens = dip_kernels.patchify(images, p, torch.bfloat16)
         back = dip_kernels.unpatchify(tokens, p, 256, 256, torch.float32)

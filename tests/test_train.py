@@ -144,11 +144,21 @@ def test_two_processes_match_one_process(tmp_path, parallel):
         except RuntimeError as err:
             pytest.skip(str(err))
     data = _write_folder(str(tmp_path / "data"))
-    common = dict(data=data, steps=4, global_batch=4, label_dropout=0.5, random_flip=True, ckpt_interval=100)
+    # a short EMA, so the EMA follows the steps it is compared after
+    common = dict(data=data, steps=4, global_batch=4, label_dropout=0.5, random_flip=True, ckpt_interval=100,
+                  ema=0.5)
     # one process runs the 2 shards of each global batch as 2 accumulation steps; 2 processes run one each
     single = train(_cfg(tmp_path, "single", grad_accum=2, **common))
     port = _free_port()
     mp.spawn(_ddp_worker, args=(2, port, _cfg(tmp_path, "ddp", parallel=parallel, **common)), nprocs=2, join=True)
+    # AdamW cancels a constant factor in the gradients, so the weights alone cannot see a gradient
+    # averaged wrongly across processes: every step's loss and gradient norm must agree too
+    logs = [[json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")] for run in ("single", "ddp")]
+    assert [m["step"] for m in logs[0]] == [m["step"] for m in logs[1]] == [1, 2, 3, 4]
+    for key in ("loss", "grad_norm"):
+        torch.testing.assert_close(torch.tensor([m[key] for m in logs[1]], dtype=torch.float64),
+                                   torch.tensor([m[key] for m in logs[0]], dtype=torch.float64),
+                                   atol=1e-6, rtol=1e-4, msg=lambda m: f"per-step {key}: {m}")
     model_a, ema_a = _weights(single["checkpoint"])
     model_b, ema_b = _weights(str(tmp_path / "ddp"))
     _assert_same_weights(model_a, model_b, atol=1e-5, rtol=1e-4)

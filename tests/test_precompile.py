@@ -1,0 +1,155 @@
+"""dip_kernels.precompile: the compile-only pre-flight of every Triton kernel for a GPU that is not here.
+
+The slow test compiles, for sm_90 and sm_80, every autotune config of every Triton kernel that the
+wrappers launch for DiP-XL/16 in bf16 (training step and guided sampling), with the triton installed
+here, and fails on what a GPU's first run would hit: a compile error (as the attention kernels'
+loop-carried ``_`` once was), shared memory or registers over the target's limit, a grid over CUDA's
+limits, or spills in a hot-path kernel (budget precompile.SPILL_BUDGET_BYTES). It runs in a
+subprocess without TRITON_INTERPRET (this process interprets Triton) and keeps its Triton cache in
+the temp directory between runs: about 3 minutes cold on 2 busy cores, seconds warm.
+
+The other tests check the pieces on small inputs: tracing, specialisation, the ptxas log parser and
+the checks."""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from dip_kernels import precompile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _compile_only_env():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _run_python(code, timeout=600):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_compile_only_env(),
+                          cwd=ROOT, timeout=timeout)
+
+
+# ---------------------------------------------------------------- the pieces
+def test_trace_records_the_dtypes_a_gpu_run_sees():
+    """bf16 autocast: the attention gets a bf16 qkv with fp32 norm weights, the head bf16 everything."""
+    workloads = dict(precompile.model_workloads("DiP-Tiny", [32], ["bf16"], [2], [1]))
+    calls = precompile.trace_op_calls(workloads["DiP-Tiny bf16 train B=2 32px"])
+    ops = [c.op for c in calls]
+    for op in ("patchify", "attention", "attention_backward", "patch_detailer", "patch_detailer_backward",
+               "rmsnorm_modulate", "gated_residual", "swiglu", "unpatchify"):
+        assert op in ops, op
+    attention = next(c for c in calls if c.op == "attention")
+    qkv, q_norm_weight = attention.args[:2]
+    assert (qkv.dtype, q_norm_weight.dtype) == ("bfloat16", "float32")
+    assert qkv.shape[:2] == (2, 4)  # 32 x 32 image, 16 x 16 patches
+    head = next(c for c in calls if c.op == "patch_detailer")
+    assert head.args[0].dtype == "bfloat16" and {w.dtype for w in head.args[2]} == {"bfloat16"}
+    sampling = precompile.trace_op_calls(workloads["DiP-Tiny bf16 sample B=1 32px"])
+    assert not any(c.op.endswith("_backward") for c in sampling)
+    assert next(c for c in sampling if c.op == "attention").args[0].shape[0] == 2  # guided: 2B
+
+
+def _specs(code):
+    out = _run_python("import json, dip_kernels.precompile as pc\n" + code)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_row_counts_do_not_specialise_and_configs_expand():
+    """The head's kernels for 1 and 3 patches are the same binaries (row counts are not
+    specialised), and each autotune config of the attention kernels is its own binary."""
+    got = _specs('''
+import torch
+from dip_kernels.reference.patch_detailer import head_weight_shapes
+def calls(m):
+    p = pc.TensorSpec((m, 3, 16, 16), (768, 256, 16, 1), 0, "bfloat16")
+    t = pc.TensorSpec((m, 64), (64, 1), 0, "bfloat16")
+    ws = tuple(pc.TensorSpec(s, tuple(torch.empty(s, device="meta").stride()), 0, "bfloat16")
+               for s in head_weight_shapes(64))
+    return [pc.OpCall("patch_detailer", (p, t, ws)), pc.OpCall("patch_detailer_backward", (p, p, t, ws))]
+from dip_kernels.triton import attention
+launches = []
+for m in (1, 3):
+    for call in calls(m):
+        launches += [(f"m={m}", call.op, l) for l in pc.triton_launches(call)[0]]
+qkv = pc.TensorSpec((2, 256, 3456), (884736, 3456, 1), 0, "bfloat16")
+w, tab = pc.TensorSpec((72,), (1,), 0, "float32"), pc.TensorSpec((256, 36), (36, 1), 0, "float32")
+call = pc.OpCall("attention", (qkv, w, w, tab, tab, 16, 1e-6))
+launches += [("att", "attention", l) for l in pc.triton_launches(call)[0]]
+specs = pc.kernel_specs(launches)
+head = [s for s in specs if "attention" not in s.name]
+print(json.dumps(dict(head=len(head), shared=sum(len(s.workloads) == 2 for s in head),
+                      attention=len([s for s in specs if s.name == "_attention_fwd_kernel"]),
+                      configs=len(attention._fwd.configs))))
+''')
+    assert got["head"] > 10 and got["shared"] == got["head"]
+    assert got["attention"] == got["configs"]
+
+
+def test_parse_ptxas_log():
+    log = ("ptxas info    : Compiling entry function '_k' for 'sm_90a'\n"
+           "ptxas info    : Function properties for _k\n"
+           "    56 bytes stack frame, 48 bytes spill stores, 52 bytes spill loads\n"
+           "ptxas info    : Used 255 registers, used 1 barriers, 56 bytes cumulative stack size\n")
+    assert precompile.parse_ptxas_log(log) == (255, 56, 48, 52)
+    assert precompile.parse_ptxas_log("") is None
+
+
+def _result(**kw):
+    base = dict(kernel="_k", config="", arch="sm_90", status="compiled", registers=128, num_warps=4,
+                shared_bytes=1000, spill_store_bytes=0, grids=[(10, 2, 1)], workloads=["DiP-XL/16 bf16 train B=32"])
+    base.update(kw)
+    return base
+
+
+def test_check_finds_what_a_first_gpu_run_would_hit():
+    assert precompile.check([_result()]) == []
+    problems = precompile.check([
+        _result(status="error", error="CompilationError: Loop-carried variable _ ..."),
+        _result(shared_bytes=precompile.SHARED_MEMORY_LIMIT[80] + 1, arch="sm_80"),
+        _result(registers=255, num_warps=16),
+        _result(grids=[(1, 70000, 1)]),
+        _result(spill_store_bytes=8),
+        _result(spill_store_bytes=8, workloads=["DiP-XL/16 fp32 sample B=1"]),  # not the bf16 hot path
+    ])
+    assert len(problems) == 5, problems
+    for problem, word in zip(problems, ("Loop-carried", "shared memory", "registers", "grid", "spill")):
+        assert word in problem
+
+
+def test_command_line_rejects_bad_arguments():
+    for argv in (["--arch", "sm_75"], ["--train-batch", "0"], ["--compare", "x.json"]):
+        with pytest.raises(SystemExit) as exit_info:
+            precompile.parse_args(argv)
+        assert exit_info.value.code == 2
+
+
+# ---------------------------------------------------------------- every kernel, compiled for sm_90 and sm_80
+def _cache_dir():
+    # shared across runs and worktrees: Triton keys its entries on source, triton build and target
+    return os.path.join(tempfile.gettempdir(), "dip-kernels-precompile-cache")
+
+
+@pytest.mark.slow
+def test_every_kernel_compiles_for_sm90_and_sm80_at_dip_xl16_bf16(tmp_path):
+    out = tmp_path / "report"
+    cmd = [sys.executable, "-m", "dip_kernels.precompile", "--model", "DiP-XL/16", "--dtype", "bf16",
+           "--arch", "sm_90", "--arch", "sm_80", "--cache-dir", _cache_dir(), "--jobs", str(os.cpu_count() or 2),
+           "--out", str(out), "--quiet"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_compile_only_env(), cwd=ROOT, timeout=1500)
+    assert os.path.exists(f"{out}.json"), done.stderr[-3000:]
+    report = json.load(open(f"{out}.json"))
+    assert not report["problems"], "\n".join(report["problems"])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    kernels = {r["kernel"] for r in report["results"]}
+    for name in ("_attention_fwd_kernel", "_attention_bwd_dq_kernel", "_attention_bwd_dkdv_kernel", "_conv_kernel",
+                 "_conv_pool_grad_kernel", "_weight_grad_kernel", "_patch_copy_kernel", "_swiglu_fwd_kernel",
+                 "_rmsnorm_modulate_bwd_kernel", "_gated_residual_bwd_kernel"):
+        assert name in kernels, name
+    assert {r["arch"] for r in report["results"]} == {"sm_90", "sm_80"}
+    assert all(r["status"] == "compiled" and r["registers"] is not None for r in report["results"])
