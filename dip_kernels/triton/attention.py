@@ -332,8 +332,8 @@ def unsupported(qkv, *_):
         return "float64 is a testing dtype: Triton's fp64 dot support varies by GPU and version"
     if qkv.dtype == torch.float32 and not triton_interpreted():
         # the interpreter (CPU tests) runs float32, its bf16 dot being wrong
-        return ("float32: the kernels' ieee-precision dots spill at head dim 72 in every tile tried (2-40 KB "
-                "per thread) and their backward does not fit an A100's shared memory "
+        return ("float32: the kernels' ieee-precision dots spill (at DiP-XL's head dim 72, in every tile "
+                "tried) and their backward does not fit an A100's shared memory "
                 "(bench/results/precompile_before_triton3.6.0.md); torch's SDPA runs float32 attention")
     return None
 
