@@ -129,6 +129,22 @@ def test_command_line_rejects_bad_arguments():
         assert exit_info.value.code == 2
 
 
+def _readme_block():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    start = text.index("<!-- precompile summary:")
+    start = text.index("-->", start) + 3
+    return text[start:text.index("<!-- end of precompile summary -->", start)]
+
+
+def test_readme_numbers_come_from_the_committed_report():
+    """The README's cache size, binary count and resources are the committed sm_90 report's."""
+    with open(os.path.join(ROOT, "bench", "results", "precompile_sm90_triton3.6.0.json")) as f:
+        report = json.load(f)
+    assert report["archs"] == ["sm_90"] and report["environment"]["triton"] == "3.6.0" and not report["problems"]
+    assert " ".join(_readme_block().split()) == " ".join(precompile.readme_summary(report).split())
+    assert report["archive_bytes"] < 64 * 2 ** 20  # what one call to the lent GPU carries
+
+
 # ---------------------------------------------------------------- every kernel, compiled for sm_90 and sm_80
 def _cache_dir():
     # shared across runs and worktrees: Triton keys its entries on source, triton build and target
