@@ -597,27 +597,45 @@ def run(args, argv=()):
                   compiled=sum(r["status"] == "compiled" and not r["cached"] for r in results),
                   cached=sum(r["status"] == "compiled" and r["cached"] for r in results),
                   not_triton=sorted(declined), results=results)
-    manifest = {k: report[k] for k in ("models", "dtypes", "archs", "argv", "environment")}
-    _write(os.path.join(args.cache_dir, MANIFEST), json.dumps(manifest, indent=1) + "\n")
+    record_run(args.cache_dir, report)
     if args.archive:
         report.update(archive=args.archive, archive_bytes=write_archive(args.cache_dir, args.archive))
     report["problems"] = check(results)
     return report
 
 
+def _manifest(cache_dir):
+    """The runs the manifest lists; none when there is none or it is not one this version reads."""
+    try:
+        with open(os.path.join(cache_dir, MANIFEST)) as f:
+            runs = json.load(f).get("runs")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return runs if isinstance(runs, list) else []
+
+
+def record_run(cache_dir, report):
+    """Add this run (what it compiled, with which triton build) to the cache directory's manifest."""
+    run_ = {k: report[k] for k in ("models", "dtypes", "archs", "image_sizes", "argv", "environment")}
+    runs = [r for r in _manifest(cache_dir) if r != run_] + [run_]
+    _write(os.path.join(cache_dir, MANIFEST), json.dumps({"runs": runs}, indent=1) + "\n")
+
+
 def check_cache(cache_dir):
-    """One line: whether the precompiled cache in ``cache_dir`` applies to the triton installed here."""
-    path = os.path.join(cache_dir, MANIFEST)
-    if not os.path.exists(path):
-        return f"{cache_dir} holds no {MANIFEST}: not made by dip_kernels.precompile"
-    with open(path) as f:
-        built = json.load(f)
-    env, here = built["environment"], environment()
-    verdict = ("its entries apply here" if env["triton_build"] == here["triton_build"] else
-               "a different triton build: every kernel compiles on this machine")
-    return (f"cache for {', '.join(built['models'])} {', '.join(built['dtypes'])} {', '.join(built['archs'])}, built "
-            f"with triton {env['triton']} (build {env['triton_build']}); here triton {here['triton']} (build "
-            f"{here['triton_build']}): {verdict}")
+    """Whether the precompiled cache in ``cache_dir`` applies to the triton installed here, one line
+    per precompile run that filled it."""
+    runs, here = _manifest(cache_dir), environment()
+    if not runs:
+        return f"{cache_dir} holds no {MANIFEST}: not filled by dip_kernels.precompile"
+    lines = []
+    for r in runs:
+        env = r["environment"]
+        verdict = ("applies here" if env["triton_build"] == here["triton_build"] else
+                   f"does not apply here (triton {here['triton']}, build {here['triton_build']}): those kernels "
+                   "compile on this machine")
+        lines.append(f"{', '.join(r['models'])} {', '.join(r['dtypes'])} {', '.join(r['archs'])}, compiled with "
+                     f"triton {env['triton']} (build {env['triton_build']}): {verdict}")
+    return "\n".join(lines)
 
 
 def main(argv=None):

@@ -122,6 +122,21 @@ def test_check_finds_what_a_first_gpu_run_would_hit():
         assert word in problem
 
 
+def test_cache_manifest_says_which_runs_apply(tmp_path, monkeypatch):
+    monkeypatch.setattr(precompile, "environment", lambda: dict(triton="3.6.0", triton_build="abc", torch="x",
+                                                                 python="3.12"))
+    report = dict(models=["DiP-XL/16"], dtypes=["bf16"], archs=["sm_90"], image_sizes=[], argv=[],
+                  environment=precompile.environment())
+    assert "not filled by dip_kernels.precompile" in precompile.check_cache(str(tmp_path))
+    precompile.record_run(str(tmp_path), report)
+    precompile.record_run(str(tmp_path), report)  # the same run again: recorded once
+    precompile.record_run(str(tmp_path), dict(report, models=["DiP-Tiny"], environment=dict(
+        report["environment"], triton_build="old")))
+    lines = precompile.check_cache(str(tmp_path)).splitlines()
+    assert len(lines) == 2 and lines[0].endswith("applies here") and "DiP-Tiny" in lines[1]
+    assert "does not apply here" in lines[1]
+
+
 def test_command_line_rejects_bad_arguments():
     for argv in (["--arch", "sm_75"], ["--train-batch", "0"], ["--compare", "x.json"]):
         with pytest.raises(SystemExit) as exit_info:
