@@ -247,7 +247,7 @@ def _sample(argv):
     import torch.distributed as dist
     from . import official
     from . import sample as sampling
-    from .train import setup_distributed
+    from .train import leave_process_group, setup_distributed
 
     args = sample_parser().parse_args(argv)
     preset = official.apply_preset(args, SAMPLE_DEFAULTS)
@@ -256,6 +256,7 @@ def _sample(argv):
     if args.grid or not args.npz:
         sampling.grid_format(args.grid or "samples.png")  # refuse a --grid x.gif before sampling
     env = setup_distributed(args.device)
+    finished = False
     try:
         model, state, source = official.load_model(args.checkpoint, args.model, raw=args.raw, device=env.device)
         if env.is_main:
@@ -338,9 +339,9 @@ def _sample(argv):
                 sampling.save_npz(args.npz, shard[0], shard[1])
             if env.is_main:
                 print(f"wrote {args.npz} ({len(all_labels)} images)")
+        finished = True
     finally:
-        if env.initialized_here:
-            torch.distributed.destroy_process_group()
+        leave_process_group(env, finished)
     return 0
 
 

@@ -27,6 +27,7 @@ run settings, and nothing non-finite is ever saved: see dip.run_folder and dip.c
 import contextlib
 import copy
 import dataclasses
+import gc
 import math
 import os
 import random
@@ -604,6 +605,7 @@ def train(cfg: TrainConfig, dataset=None, on_step: Optional[Callable[[int, Dict[
 
     cfg.validate()
     env = setup_distributed(cfg.device)
+    finished = False
     try:
         with contextlib.ExitStack() as cleanup:
             opened = _agree(env, lambda: _open_run_folder(cfg), main_only=True)
@@ -611,10 +613,27 @@ def train(cfg: TrainConfig, dataset=None, on_step: Optional[Callable[[int, Dict[
             if folder is not None:
                 cleanup.callback(folder.release)
             resume_path = _broadcast(resume_path, env)
-            return _train(cfg, env, folder, resume_path, cleanup, dataset, on_step, DiPConfig, build_model)
+            result = _train(cfg, env, folder, resume_path, cleanup, dataset, on_step, DiPConfig, build_model)
+            finished = True
+            return result
     finally:
-        if env.initialized_here:
-            dist.destroy_process_group()
+        leave_process_group(env, finished)
+
+
+def leave_process_group(env: DistEnv, finished: bool) -> None:
+    """Destroy the process group this process joined in ``setup_distributed`` (none otherwise).
+
+    DDP's reducer holds the group: left to interpreter shutdown, the two are torn down in any order
+    and gloo's threads abort the process (SIGABRT, "terminate called without an active exception")
+    after a run that succeeded. So the reducer goes first (its wrapper sits in reference cycles),
+    and ranks that finished wait for each other so none closes its connections under a peer
+    still talking. A failed rank skips the barrier: its peers may never reach it."""
+    if not env.initialized_here:
+        return
+    gc.collect()
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def _train(cfg, env, folder, resume_path, cleanup, dataset, on_step, DiPConfig, build_model):
