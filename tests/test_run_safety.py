@@ -340,7 +340,7 @@ def _bad_checkpoint(kind, run, tmp):
 BAD_INPUTS = [
     "truncated-checkpoint-sample", "zero-byte-checkpoint-sample", "text-checkpoint-sample",
     "truncated-checkpoint-train", "zero-byte-checkpoint-train", "text-checkpoint-train",
-    "malformed-yaml", "set-not-a-number", "set-not-yaml", "cuda-train", "cuda-sample", "cuda-eval",
+    "malformed-yaml", "set-not-a-number", "model-set-not-a-number", "set-not-yaml", "cuda-train", "cuda-sample", "cuda-eval",
     "corrupt-npz", "resize-0-0", "all-images-unreadable", "all-images-unreadable-in-a-worker",
     "empty-class-folder",
 ]
@@ -364,6 +364,9 @@ def test_bad_input_gives_one_line_and_exit_2(case, trained, tmp_path, capsys):
         main, argv, needles = cli.train_main, [config, "--data", data, "--out", out], ("not valid YAML", "line")
     elif case == "set-not-a-number":
         main, argv, needles = cli.train_main, _train_cli(data, out, "--set", "ema=abc"), ("ema must be a number",)
+    elif case == "model-set-not-a-number":
+        main, argv = cli.train_main, _train_cli(data, out, "--model-set", "mlp_ratio=abc")
+        needles = ("mlp_ratio must be a positive number",)
     elif case == "set-not-yaml":
         main, argv, needles = cli.train_main, _train_cli(data, out, "--set", "ema=[0.9"), ("not valid YAML",)
     elif case == "cuda-train":
