@@ -10,7 +10,7 @@
 #                  the model's torch.compile training step if the time budget still allows it
 #   --tests-only   build + tests
 #   --bench-only   build + ceilings + suites (no tests)
-#   --suite NAME   build + ceilings + every case of one suite (head, attention, elementwise,
+#   --suite NAME   build + ceilings + every case of one suite (patch_detailer, attention, elementwise,
 #                  patchify, model); repeatable
 #   --quick        the first run on a card, planned for under 5 minutes with a warm Triton cache:
 #                  budget 285 s, no build when a CUDA extension for this torch is already there,
@@ -41,7 +41,7 @@ while [[ $# -gt 0 ]]; do
     --tests-only) RUN_BENCH=0 ;;
     --bench-only) RUN_TESTS=0 ;;
     --suite) [[ $# -ge 2 ]] || usage
-             case $2 in head|attention|elementwise|patchify|model) ;; *) echo "unknown suite $2"; usage ;; esac
+             case $2 in patch_detailer|attention|elementwise|patchify|model) ;; *) echo "unknown suite $2"; usage ;; esac
              SUITES="$SUITES $2"; RUN_TESTS=0; shift ;;
     --quick) QUICK=1 ;;
     --full) FULL=1 ;;
@@ -216,7 +216,7 @@ if [[ $RUN_BENCH == 1 ]]; then
       fi
     done
   else
-    OPS=(bench/test_bench_head.py bench/test_bench_attention.py bench/test_bench_elementwise.py
+    OPS=(bench/test_bench_patch_detailer.py bench/test_bench_attention.py bench/test_bench_elementwise.py
          bench/test_bench_patchify.py)
     if [[ $FULL == 1 ]]; then bench ops 240 "" "${OPS[@]}"
     elif [[ $QUICK == 1 ]]; then bench ops 75 "not slow" "${OPS[@]}" "${QUICK_K[@]}"

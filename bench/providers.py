@@ -71,7 +71,7 @@ def unavailable_reason(op: str, provider: str, device: torch.device) -> Optional
     if provider in ("triton", "cuda"):
         if provider in dip_kernels.available_backends(op, device):
             return None
-        return backends._unavailable_reason(op, provider, torch.device(device)) or "unavailable"
+        return backends.why_unavailable(op, provider, device) or "unavailable"
     return f"unknown provider {provider!r}"
 
 

@@ -17,7 +17,7 @@ import re
 import sys
 from typing import Dict, List, Optional
 
-SUITE_ORDER = ("head", "attention", "elementwise", "patchify", "model")
+SUITE_ORDER = ("patch_detailer", "attention", "elementwise", "patchify", "model")
 PROVIDER_ORDER = ("eager", "compile", "op_eager", "triton", "cuda", "dip")
 BASELINES = ("eager", "compile", "op_eager")
 OURS = ("triton", "cuda", "dip")

@@ -1,6 +1,7 @@
-// Schemas of the Patch Detailer Head's CUDA building blocks (torch.ops.dip_C.pd_*). The layer
-// schedule that strings them together is dip_kernels/cuda/patch_detailer.py; the kernels and their
-// argument checks are csrc/cuda/patch_detailer.cu (registered only when built with CUDA).
+// Schemas of the Patch Detailer Head's CUDA building blocks (torch.ops.dip_C.patch_detailer_*). The
+// schedule that strings them together is the head's plan (dip_kernels/plan/patch_detailer.py), run
+// on them by dip_kernels/cuda/patch_detailer.py; the kernels and their argument checks are
+// csrc/cuda/patch_detailer.cu (registered only when built with CUDA).
 //
 // Every activation argument is a 4-D channels-last view (N, H, W, C): kernels take sizes and
 // strides from the views, so callers pass slices of a concat gradient or a stride-0 expand of the
@@ -14,15 +15,17 @@ TORCH_LIBRARY_FRAGMENT(dip_C, m) {
   // act: 0 none, 1 SiLU (z stored to aux when given), 2 multiply by silu'(aux). pool_order: rows
   // in 2x2-window order and the max-pooled result written to pooled.
   m.def(
-      "pd_conv_gemm_(Tensor(a!) out, Tensor src1, Tensor? src2, Tensor wgemm, Tensor? bias, Tensor(b!)? aux, "
-      "Tensor(c!)? pooled, int ks, int stride, int pad, bool pool_order, int act, bool upsample) -> ()");
+      "patch_detailer_conv_gemm_(Tensor(a!) out, Tensor src1, Tensor? src2, Tensor wgemm, Tensor? bias, "
+      "Tensor(b!)? aux, Tensor(c!)? pooled, int ks, int stride, int pad, bool pool_order, int act, "
+      "bool upsample) -> ()");
   // partial[s, m, (tap, c)] = sum over the pixels p of split s of a[p, m] * gather(src1|src2)[p, (tap, c)]
   m.def(
-      "pd_wgrad_partial_(Tensor(a!) partial, Tensor a, Tensor src1, Tensor? src2, int ks, int stride, int pad) -> ()");
+      "patch_detailer_wgrad_partial_(Tensor(a!) partial, Tensor a, Tensor src1, Tensor? src2, int ks, int stride, "
+      "int pad) -> ()");
   // partial[chunk, c] = sum over the pixels of chunk of x[..., c]
-  m.def("pd_colsum_partial_(Tensor(a!) partial, Tensor x) -> ()");
+  m.def("patch_detailer_colsum_partial_(Tensor(a!) partial, Tensor x) -> ()");
   // out[m, c, t] = sum over s in order of partial[s, m, t * ctot + c]
-  m.def("pd_grad_finalize_(Tensor(a!) out, Tensor partial, int ctot) -> ()");
+  m.def("patch_detailer_grad_finalize_(Tensor(a!) out, Tensor partial, int ctot) -> ()");
   // dz = (dskip + maxpool2x2_backward(dpooled, argmax of h)) * silu'(z)
-  m.def("pd_pool_silu_backward_(Tensor(a!) dz, Tensor h, Tensor z, Tensor dskip, Tensor dpooled) -> ()");
+  m.def("patch_detailer_pool_silu_backward_(Tensor(a!) dz, Tensor h, Tensor z, Tensor dskip, Tensor dpooled) -> ()");
 }

@@ -121,7 +121,7 @@ def train_parser() -> ArgumentParser:
     p.add_argument("--parallel", choices=("ddp", "fsdp"))
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"))
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--head", help="model head: unet (DiP), none (DiT-only), mlp, coord_mlp, attention")
+    p.add_argument("--head", help="model head: patch_detailer (DiP; also unet), none (DiT-only), mlp, coord_mlp, attention")
     p.add_argument("--grad-clip", type=float)
     p.add_argument("--grad-checkpointing", action="store_true", default=None,
                    help="recompute each block's activations in backward: less memory, ~1/3 more compute")

@@ -2,7 +2,7 @@
 
 Both models share one backbone (patch embedding on 16x16 pixel patches, the same DiT blocks) and
 differ only in the output head: ``head="none"`` is the DiT final layer (a linear map from each
-token to its 768 pixel values), ``head="unet"`` is DiP's Patch Detailer Head (a small conv U-Net on
+token to its 768 pixel values), ``head="patch_detailer"`` is DiP's Patch Detailer Head (a small conv U-Net on
 every patch, conditioned on the token). Each is trained with flow matching on copies of a single
 photo (scikit-image's astronaut; the copies differ in their noise and time draws, there is no other
 augmentation, so the target is the one image) for the same number of steps, and sampled with the
@@ -38,7 +38,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-MODELS = (("dit", "none", "DiT-only"), ("dip", "unet", "DiP"))
+MODELS = (("dit", "none", "DiT-only"), ("dip", "patch_detailer", "DiP"))
 HF_CUTOFF = 0.25  # of the Nyquist frequency
 
 
@@ -129,7 +129,7 @@ def build_demo_model(cfg: DemoConfig, head: str):
 
 
 def train_and_sample(cfg: DemoConfig, head: str, target: torch.Tensor, label: str = "") -> Dict[int, dict]:
-    """Overfit one model (``head`` "none" or "unet") on ``target``; returns, per checkpoint step,
+    """Overfit one model (``head`` "none" or "patch_detailer") on ``target``; returns, per checkpoint step,
     {"sample": (3, S, S) CPU tensor, "loss": mean training loss since the previous checkpoint}."""
     from .diffusion import FlowMatching
     from .sample import sample as draw

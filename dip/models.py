@@ -25,7 +25,8 @@ from torch.utils.checkpoint import checkpoint
 
 import dip_kernels
 
-HEADS = ("unet", "mlp", "coord_mlp", "attention", "none")
+HEADS = ("patch_detailer", "mlp", "coord_mlp", "attention", "none")
+HEAD_ALIASES = {"unet": "patch_detailer"}  # the Patch Detailer Head's earlier name, still accepted
 NORM_EPS = 1e-6
 TIME_FREQ_CHANNELS = 256
 TIME_MAX_PERIOD = 10.0  # t lives in [0, 1], so the frequencies span 1 .. 1/10 (official code)
@@ -289,7 +290,7 @@ class DiTFinalLayer(nn.Module):
 
 
 _HEAD_CLASSES = {
-    "unet": PatchDetailerHead,
+    "patch_detailer": PatchDetailerHead,
     "mlp": PatchMLPHead,
     "coord_mlp": CoordMLPHead,
     "attention": IntraPatchAttentionHead,
@@ -306,10 +307,11 @@ class DiPConfig:
     patch_size: int = 16
     num_classes: int = 1000
     in_channels: int = 3
-    head: str = "unet"
+    head: str = "patch_detailer"
     mlp_ratio: float = 4.0
 
     def __post_init__(self):
+        object.__setattr__(self, "head", HEAD_ALIASES.get(self.head, self.head))
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
         for name in ("hidden_size", "depth", "num_heads", "patch_size", "num_classes", "in_channels"):
@@ -318,6 +320,13 @@ class DiPConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if isinstance(self.mlp_ratio, bool) or not isinstance(self.mlp_ratio, (int, float)) or not self.mlp_ratio > 0:
             raise ValueError(f"mlp_ratio must be a positive number, got {self.mlp_ratio!r}")
+
+
+def canonical_model_config(fields):
+    """A saved DiPConfig dict (or None) with its head under its current name."""
+    if not fields or "head" not in fields:
+        return fields
+    return {**fields, "head": HEAD_ALIASES.get(fields["head"], fields["head"])}
 
 
 class DiP(nn.Module):

@@ -222,7 +222,7 @@ def _own_state_dict(config: DiPConfig) -> Dict[str, torch.Tensor]:
 
 def infer_config(state_dict: Dict[str, torch.Tensor]) -> Optional[DiPConfig]:
     """The DiPConfig whose model these weights (our names) fit exactly, read off their shapes, or None."""
-    heads = {"head.enc1.weight": "unet", "head.linear.weight": "none", "head.fc1.weight": "mlp",
+    heads = {"head.enc1.weight": "patch_detailer", "head.linear.weight": "none", "head.fc1.weight": "mlp",
              "head.cond.weight": "coord_mlp", "head.pos_embed": "attention"}
     try:
         embed = state_dict["x_embedder.weight"]

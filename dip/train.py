@@ -543,6 +543,8 @@ def _load_resume_state(path, cfg, model_config, dataset, is_main) -> Dict[str, A
         if key not in state:
             raise CheckpointError(f"{path} is not a checkpoint dip-train can resume (it has no {key!r}); "
                                   "to start a new run from its weights, use --init-from")
+    from .models import canonical_model_config  # a run saved with an earlier name of its head
+    state = {**state, "model_config": canonical_model_config(state.get("model_config"))}
     refused, allowed = config_changes(state, _run_identity(cfg, model_config, dataset))
     if refused:
         raise CheckpointError(f"cannot resume {path} with another run's settings: {'; '.join(refused)} "

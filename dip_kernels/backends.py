@@ -1,18 +1,21 @@
-"""Which implementation runs behind each ``torch.ops.dip.*`` op.
+"""Which implementation runs behind each ``torch.ops.dip.*`` op: dispatch by capability.
 
-Backends: ``eager`` (the reference ops in dip_kernels/reference), ``triton`` (dip_kernels/triton),
-``cuda`` (csrc/, the compiled extension dip_kernels._C), and ``auto``: the best one available for
-the tensors' device (cuda, then triton, then eager on a GPU; eager on a CPU).
+Backends: ``eager`` (the reference ops in dip_kernels/reference, the ground truth: it runs every
+input), ``triton`` (dip_kernels/triton) and ``cuda`` (dip_kernels/cuda over the compiled extension
+dip_kernels._C, csrc/). Each op's spec (dip_kernels/ops/<op>.py) lists the modules that implement
+it, fastest first; each backend module declares in ``CAPABILITY`` what it runs: the device types,
+the dtypes of the deciding (first) input, where ``auto`` may pick it, and any other limits (a
+function giving the reason it cannot run given inputs).
 
-Choose with ``dip_kernels.set_backend("triton")`` (every op) or ``set_backend("cuda",
-op="patch_detailer")``, or with the environment variable read at import:
-``DIP_KERNELS_BACKEND=triton`` or ``DIP_KERNELS_BACKEND=auto,patch_detailer=cuda``.
-
-A backend module may decline inputs it cannot run (``unsupported(*inputs)`` returns the reason,
-e.g. the CUDA head's tensor-core kernels and float32): ``auto`` then takes the next backend, and a
-backend chosen by name that declines runs the eager reference with a warning. Either way the choice
-is recorded: ``dip_kernels.explain(op, *inputs)`` says what would run and why, and
-``recorded_runs()`` lists what did.
+``auto`` (the default) runs each call on the first backend in the op's order that is available
+here and supports the call's inputs; eager supports everything and comes last, so auto is the
+eager reference on CPU tensors (Triton's CPU interpreter is never picked by auto) and cuda, then
+triton, then eager on CUDA tensors. A backend chosen by name (``dip_kernels.set_backend("triton")``,
+``set_backend("cuda", op="patch_detailer")``, or ``DIP_KERNELS_BACKEND=triton`` /
+``DIP_KERNELS_BACKEND=auto,patch_detailer=cuda`` read at import) runs every call it supports; a
+call it does not support runs the eager reference with a RuntimeWarning. Nothing falls back inside a
+backend. The user's choice is the only state kept; each call's choice is recorded
+(``recorded_runs()``) and ``dip_kernels.explain(op, *inputs)`` says what would run and why.
 """
 import contextlib
 import functools
@@ -20,36 +23,86 @@ import importlib
 import os
 import warnings
 from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
 BACKENDS = ("auto", "eager", "triton", "cuda")
+FLOATING = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
-# op -> backend -> module implementing ``<op>_forward`` / ``<op>_backward`` (patchify: patchify/unpatchify)
-_MODULES = {
-    "patchify": {"eager": "dip_kernels.reference.patchify", "triton": "dip_kernels.triton.patchify"},
-    "attention": {"eager": "dip_kernels.reference.attention", "triton": "dip_kernels.triton.attention"},
-    "patch_detailer": {"eager": "dip_kernels.reference.patch_detailer",
-                       "triton": "dip_kernels.triton.patch_detailer",
-                       "cuda": "dip_kernels.cuda.patch_detailer"},
-    "rmsnorm_modulate": {"eager": "dip_kernels.reference.elementwise", "triton": "dip_kernels.triton.elementwise"},
-    "gated_residual": {"eager": "dip_kernels.reference.elementwise", "triton": "dip_kernels.triton.elementwise"},
-    "swiglu": {"eager": "dip_kernels.reference.elementwise", "triton": "dip_kernels.triton.elementwise"},
-}
-OPS = tuple(_MODULES)
-_AUTO_ORDER = ("cuda", "triton", "eager")
-
-_choice = {op: "auto" for op in OPS}
+_MODULES: Dict[str, Dict[str, str]] = {}  # op family -> backend -> module, fastest first (the op specs')
+_choice: Dict[str, str] = {}              # op family -> the backend the user chose ("auto" by default)
 
 
 class BackendUnavailableError(RuntimeError):
     """A backend was asked for that cannot run here; the message says what is missing."""
 
 
-def _parse_env(value):
-    for item in filter(None, (s.strip() for s in value.split(","))):
-        op, _, name = item.rpartition("=")
-        set_backend(name, op=op or None)
+@dataclass(frozen=True)
+class Capability:
+    """What a backend module runs (its ``CAPABILITY``)."""
+    devices: Optional[Tuple[str, ...]]                       # device types of the tensors it runs (None: any)
+    dtypes: Tuple[torch.dtype, ...] = FLOATING               # dtypes of the deciding (first) input
+    auto_devices: Optional[Tuple[str, ...]] = None           # where auto may pick it (None: devices)
+    device_hint: str = ""                                    # how to run it on another device
+    dtype_reason: Optional[Callable[[torch.dtype], str]] = None  # why a dtype is not in dtypes
+    limits: Optional[Callable[..., Optional[str]]] = None    # limits(*inputs): why not, or None
+
+    def declines(self, device_type, inputs=None, auto=False):
+        """Why this backend cannot run tensors of ``device_type`` (and, given, these inputs: the
+        op's leading inputs), or None."""
+        devices = self.auto_devices if auto and self.auto_devices is not None else self.devices
+        if devices is not None and device_type not in devices:
+            if auto:
+                return f"auto picks it for {'/'.join(devices)} tensors, got {device_type}"
+            hint = f"; {self.device_hint}" if self.device_hint else ""
+            return f"it runs {'/'.join(devices)} tensors, got {device_type}{hint}"
+        if inputs is None:
+            return None
+        first = _first_tensor(inputs)
+        if first is not None and first.dtype not in self.dtypes:
+            if self.dtype_reason is not None:
+                return self.dtype_reason(first.dtype)
+            return f"it runs {', '.join(str(d).replace('torch.', '') for d in self.dtypes)}, got {first.dtype}"
+        return self.limits(*inputs) if self.limits is not None else None
+
+
+def triton_interpreted():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def capturing(t):
+    """Whether work on ``t``'s device is being captured into a CUDA graph right now (caches of
+    weight re-layouts are bypassed then; see dip_kernels.plan.patch_detailer.WeightCache)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+# ---------------------------------------------------------------- the op families and their backends
+def register(family, modules):
+    """Called by dip_kernels.opspec.define: ``modules`` maps backend -> module, fastest first."""
+    if family in _MODULES:
+        assert _MODULES[family] == dict(modules), f"{family}: two specs disagree on its backends"
+        return
+    assert list(modules)[-1] == "eager", f"{family}: the eager reference must come last"
+    _MODULES[family] = dict(modules)
+    _choice.setdefault(family, "auto")
+
+
+def ops():
+    """The op families, in definition order (what set_backend's ``op`` takes)."""
+    return tuple(_MODULES)
+
+
+def op_family(op):
+    """The op family (the key of the user's choice) of custom op ``op``, e.g. attention_backward ->
+    attention, unpatchify -> patchify."""
+    from .opspec import SPECS
+    family = op[:-len("_backward")] if op.endswith("_backward") else op
+    return SPECS[family].op_family if family in SPECS else family
+
+
+def has_backend(op, backend):
+    return backend in _MODULES[op_family(op)]
 
 
 def set_backend(name, op=None):
@@ -59,17 +112,17 @@ def set_backend(name, op=None):
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if op is None:
         # every op that has this backend; the others keep their choice
-        ops = tuple(o for o in OPS if name in ("auto", "eager") or name in _MODULES[o])
+        families = tuple(o for o in _MODULES if name in ("auto", "eager") or name in _MODULES[o])
     elif op not in _MODULES:
-        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+        raise ValueError(f"op must be one of {ops()}, got {op!r}")
     else:
-        ops = (op,)
-    for o in ops:
+        families = (op,)
+    for o in families:
         if name != "auto":
             problem = _unavailable_reason(o, name)
             if problem:
                 raise BackendUnavailableError(f"backend {name!r} for op {o!r} is unavailable: {problem}")
-    for o in ops:
+    for o in families:
         _choice[o] = name
 
 
@@ -79,22 +132,25 @@ def get_backend(op):
 
 
 def available_backends(op, device="cuda"):
-    """Backends that can run ``op`` on tensors of ``device``."""
-    device = torch.device(device)
-    return [b for b in _AUTO_ORDER if not _unavailable_reason(op, b, device)]
+    """Backends that can run ``op`` on tensors of ``device`` (whatever their dtype and shape), in
+    auto's order."""
+    return [b for b in _MODULES[op] if not why_unavailable(op, b, device)]
 
 
-def triton_interpreted():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def why_unavailable(op, backend, device):
+    """Why ``backend`` cannot run ``op`` on tensors of ``device`` at all here (not built, not
+    importable, another device), or None."""
+    return _unavailable_reason(op, backend) or _capability(op, backend).declines(torch.device(device).type)
 
 
-def capturing(t):
-    """Whether work on ``t``'s device is being captured into a CUDA graph right now. Weight caches
-    are bypassed then: a graph must re-lay the weights it replays with, or its replays would read
-    a cache entry's memory, stale after an in-place optimizer step and freed once evicted."""
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+def apply_environment():
+    """The choice in DIP_KERNELS_BACKEND (dip_kernels/__init__ calls it once every op is defined)."""
+    for item in filter(None, (s.strip() for s in os.environ.get("DIP_KERNELS_BACKEND", "").split(","))):
+        op, _, name = item.rpartition("=")
+        set_backend(name, op=op or None)
 
 
+# ---------------------------------------------------------------- availability (the install)
 @functools.lru_cache(None)
 def _triton_import_error():
     try:
@@ -124,46 +180,40 @@ def warn_once_if_extension_missing():
         warnings.warn(f"dip_kernels: {reason}. The eager and triton backends still work.", stacklevel=2)
 
 
-def _unavailable_reason(op, backend, device=None):
-    modules = _MODULES[op]
-    if backend == "eager":
-        return None
+def _unavailable_reason(op, backend):
+    """Why ``backend`` cannot run ``op`` here at all (not built, not importable), or None."""
+    modules = _MODULES[op_family(op)]
     if backend not in modules:
         return f"op {op!r} has no {backend} implementation (it has: {', '.join(modules)})"
+    if backend == "eager":
+        return None
     if backend == "triton":
         err = _triton_import_error()
         if err:
             return err
-        if device is not None and device.type != "cuda" and not triton_interpreted():
-            return f"triton kernels run on CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 to run them on CPU"
     if backend == "cuda":
         _, has_cuda, reason = _extension_status()
         if not has_cuda:
             return reason
-        if device is not None and device.type != "cuda":
-            return f"the cuda backend needs CUDA tensors, got {device.type}"
     try:
-        _module(op, backend)
+        _module(op_family(op), backend)
     except ImportError as e:
         return f"{modules[backend]} cannot be imported ({e})"
     return None
 
 
 @functools.lru_cache(None)
-def _module(op, backend):
-    return importlib.import_module(_MODULES[op][backend])
+def _module(family, backend):
+    return importlib.import_module(_MODULES[family][backend])
 
 
-def resolve(op, device):
-    """The backend that runs ``op`` for tensors on ``device`` whatever their dtype and shape (see
-    choose for given inputs); raises if the chosen one cannot run here."""
-    return _select(op, op_family(op), torch.device(device), None).backend
+_EAGER = Capability(devices=None)  # the reference runs everything
 
 
-def op_family(op):
-    """The op whose backend runs custom op ``op``: attention_backward -> attention, unpatchify -> patchify."""
-    family = op[:-len("_backward")] if op.endswith("_backward") else op
-    return "patchify" if family == "unpatchify" else family
+def _capability(op, backend):
+    if backend == "eager":
+        return _EAGER
+    return _module(op_family(op), backend).CAPABILITY
 
 
 def backend_function(op, backend):
@@ -171,12 +221,14 @@ def backend_function(op, backend):
     return getattr(_module(op_family(op), backend), op if op.endswith("_backward") else f"{op}_forward")
 
 
-def declines(op, backend, inputs):
-    """Why ``backend`` cannot run ``op`` on ``inputs`` (the forward op's leading inputs), or None."""
-    check = getattr(_module(op_family(op), backend), "unsupported", None)
-    return check(*inputs) if check is not None else None
+def declines(op, backend, inputs, device_type=None):
+    """Why ``backend`` cannot run ``op`` on ``inputs`` (the forward op's leading inputs), or None;
+    ``device_type`` judges them as tensors of that device (dip_kernels.precompile: meta tensors
+    standing for CUDA ones)."""
+    return _capability(op, backend).declines(device_type or _device_of(inputs).type, inputs)
 
 
+# ---------------------------------------------------------------- the choice, per call
 @dataclass(frozen=True)
 class Choice:
     op: str       # the custom op, e.g. "attention_backward"
@@ -184,38 +236,49 @@ class Choice:
     reason: str   # why that one
 
 
-def _device_of(inputs):
+def _first_tensor(inputs):
     for t in inputs:
         if isinstance(t, torch.Tensor):
-            return t.device
+            return t
         if isinstance(t, (list, tuple)) and t and isinstance(t[0], torch.Tensor):
-            return t[0].device
-    raise ValueError("an op needs at least one tensor input")
+            return t[0]
+    return None
+
+
+def _device_of(inputs):
+    t = _first_tensor(inputs)
+    if t is None:
+        raise ValueError("an op needs at least one tensor input")
+    return t.device
+
+
+def resolve(op, device):
+    """The backend that runs ``op`` for tensors on ``device`` whatever their dtype and shape (see
+    choose for given inputs); raises if the chosen one cannot run here."""
+    return _select(op, torch.device(device), None).backend
 
 
 def choose(op, inputs):
     """The implementation that runs custom op ``op`` on ``inputs`` (the forward op's leading inputs:
     for a backward op, the forward's inputs, not the gradient), and why. Raises
     BackendUnavailableError if the backend chosen by name cannot run here at all."""
-    return _select(op, op_family(op), _device_of(inputs), inputs)
+    return _select(op, _device_of(inputs), inputs)
 
 
-def _select(op, family, device, inputs):
-    check = (lambda b: declines(op, b, inputs)) if inputs is not None else (lambda b: None)
+def _select(op, device, inputs):
+    family = op_family(op)
     name = _choice[family]
     if name == "auto":
-        if device.type != "cuda":
-            return Choice(op, "eager", f"auto on {device.type} tensors runs the eager reference")
         passed = []
-        for b in _AUTO_ORDER:
-            problem = _unavailable_reason(family, b, device) or check(b)
+        for b in _MODULES[family]:
+            problem = _unavailable_reason(family, b) or _capability(family, b).declines(device.type, inputs, auto=True)
             if not problem:
-                return Choice(op, b, "; ".join(["auto on cuda tensors"] + passed + [f"{b} runs them"]))
+                return Choice(op, b, "; ".join([f"auto on {device.type} tensors"] + passed + [f"{b} runs them"]))
             passed.append(f"not {b}: {problem}")
-    problem = _unavailable_reason(family, name, device)
+    problem = _unavailable_reason(family, name) or _capability(family, name).declines(device.type)
     if problem:
         raise BackendUnavailableError(f"backend {name!r} for op {family!r} is unavailable: {problem}")
-    problem = check(name)
+    problem = _capability(family, name).declines(device.type, inputs) if inputs is not None else None
     if problem:
         return Choice(op, "eager", f"{name} selected, but it cannot run these inputs: {problem}")
     return Choice(op, name, f"{name} selected")
@@ -236,15 +299,16 @@ def recorded_runs():
 
 
 def implementation(op, *inputs):
-    """The backend module that runs custom op ``op`` on ``inputs`` (see choose); records the choice,
-    and warns when a backend selected by name cannot run these inputs and the reference runs them."""
+    """The backend function that runs custom op ``op`` on ``inputs`` (see choose); records the
+    choice, and warns when a backend selected by name cannot run these inputs and the reference
+    runs them."""
     choice = choose(op, inputs)
     if _runs is not None:
         _runs.append(choice)
     if choice.backend != _choice[op_family(op)] != "auto":
         # once per message, by the default warning filter
         warnings.warn(f"dip_kernels: {choice.reason}; the eager reference runs {op}", RuntimeWarning, stacklevel=3)
-    return _module(op_family(op), choice.backend)
+    return backend_function(op, choice.backend)
 
 
 def explain(op, *inputs):
@@ -252,6 +316,3 @@ def explain(op, *inputs):
     inputs, and why, as one line."""
     choice = choose(op, inputs)
     return f"dip.{choice.op}: {choice.backend} ({choice.reason})"
-
-
-_parse_env(os.environ.get("DIP_KERNELS_BACKEND", ""))

@@ -155,10 +155,11 @@ def triton_launches(call):
 
     args = [_unspec(a) for a in call.args]
     family = backends.op_family(call.op)
-    if "triton" not in backends._MODULES[family]:
+    if not backends.has_backend(family, "triton"):
         return [], f"{family} has no triton backend"
     forward_inputs = args[1:] if call.op.endswith("_backward") else args
-    problem = backends.declines(call.op, "triton", forward_inputs)
+    # the meta tensors stand for CUDA ones: what the kernels decline on a GPU
+    problem = backends.declines(call.op, "triton", forward_inputs, device_type="cuda")
     if problem:
         return [], problem
     with launch.recording() as launches:

@@ -1,35 +1,16 @@
-"""Helpers that keep kernel tests honest: poisoned allocations and fp64-anchored tolerances.
+"""Helpers that keep kernel tests honest: poisoned allocations (dip_kernels._alloc), the backend
+that ran, and fp64-anchored tolerances.
 
 Inside ``poisoned_allocations()`` every new tensor of uninitialised memory (``torch.empty`` and
 its relatives: kernel outputs, the wrappers' intermediates, blocks the caching allocator hands back
-still holding earlier results) starts as NaN (floating) or the dtype's maximum (integer), through
-torch's deterministic fill of uninitialised memory. An element a kernel forgets to write then fails
-the comparison instead of passing on stale, right-looking values.
+still holding earlier results) starts as NaN (floating) or the dtype's maximum (integer). An
+element a kernel forgets to write then fails the comparison instead of passing on stale values.
 """
 import contextlib
 
 import torch
 
-
-def output_buffer(shape, dtype, device):
-    """A backend's output (uninitialised: a kernel writes every element)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-@contextlib.contextmanager
-def poisoned_allocations():
-    """Fill every uninitialised allocation made in this block with NaN / the integer maximum.
-    (Deterministic mode is on with warn_only inside, so an op without a deterministic
-    implementation warns instead of raising.)"""
-    old = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-           torch.utils.deterministic.fill_uninitialized_memory)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(old[0], warn_only=old[1])
-        torch.utils.deterministic.fill_uninitialized_memory = old[2]
+from ._alloc import poisoned_allocations  # noqa: F401  (re-exported: the tests' entry point)
 
 
 @contextlib.contextmanager

@@ -31,6 +31,44 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def _openblas_thread_controls():
+    """(get, set) of the OpenBLAS that numpy loaded, or None."""
+    import ctypes
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for get, set_ in (("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
+                          ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
+                          ("openblas_get_num_threads", "openblas_set_num_threads")):
+            if hasattr(lib, get) and hasattr(lib, set_):
+                return getattr(lib, get), getattr(lib, set_)
+    return None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _single_threaded_numpy_blas():
+    # Triton's interpreter runs tl.dot as numpy matmuls on small tiles; on a shared CPU, OpenBLAS's
+    # thread pool makes those cost about 3x the CPU time of one thread
+    controls = _openblas_thread_controls() if dip_kernels.backends.triton_interpreted() else None
+    if controls is None:
+        yield
+        return
+    get, set_ = controls
+    old = get()
+    set_(1)
+    try:
+        yield
+    finally:
+        set_(old)
+
+
 @pytest.fixture
 def backend():
     """Use as ``backend("triton", op)``; restores every op's previous backend afterwards."""
@@ -41,6 +79,21 @@ def backend():
     yield select
     for op, name in saved.items():
         dip_kernels.set_backend(name, op=op)
+
+
+@pytest.fixture
+def gpu_machine(monkeypatch):
+    """Dispatch as on a GPU machine with the CUDA build: every backend an op has is available, and
+    the Triton modules declare what they do when Triton compiles instead of interpreting."""
+    from dip_kernels import backends
+    from dip_kernels.triton import attention, capability
+    monkeypatch.setattr(backends, "_unavailable_reason",
+                        lambda op, b: None if backends.has_backend(op, b) else "absent")
+    for family in backends.ops():
+        if backends.has_backend(family, "triton"):
+            module = backends._module(family, "triton")
+            monkeypatch.setattr(module, "CAPABILITY", capability(interpreted=False))
+    monkeypatch.setattr(attention, "CAPABILITY", attention.attention_capability(False))
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,11 @@
 """The attention op (qk-RMSNorm + 2D RoPE + non-causal attention): the eager reference against an
-independent naive implementation, the custom-op layer (opcheck, gradcheck, fake shapes,
-torch.compile), and the Triton backend against the reference (interpreter on CPU; bf16 at real
-sizes, opcheck and CUDA-graph capture on a GPU)."""
+independent naive implementation (forward, and its written-out backward), the custom-op layer
+(gradcheck, fake shapes, torch.compile, input checks), what is particular to the Triton kernels
+(strided qkv read in place, a deterministic backward, the dtypes they decline and where those go),
+and on a GPU bf16 at real sizes and CUDA-graph capture.
+
+Every backend against the reference over the op's sample catalogue, and opcheck, is
+tests/test_backends.py."""
 import math
 
 import pytest
@@ -10,31 +14,17 @@ import torch
 import dip_kernels
 from dip_kernels.reference import attention as ref
 from dip_kernels import backends
-from dip_kernels.testing import assert_close_to_fp64, poisoned_allocations, ran_on
+from dip_kernels.testing import ran_on
+
+import conformance
 
 EPS = 1e-6
 
 
-def _grid(n):
-    """A grid_h x grid_w factorisation of n tokens for rope_table (as square as possible)."""
-    h = int(math.isqrt(n))
-    while n % h:
-        h -= 1
-    return h, n // h
-
-
 def make_inputs(b, h, n, d, dtype=torch.float32, weight_dtype=None, device="cpu", requires_grad=False):
-    """Fresh random inputs: qkv with a non-unit scale, norm weights near but not at 1, the real
-    2D RoPE table."""
-    qkv = (torch.randn(b, n, 3 * h * d, device=device) * 1.5).to(dtype)
-    weight_dtype = weight_dtype or dtype
-    qw = (1 + 0.3 * torch.randn(d, device=device)).to(weight_dtype)
-    kw = (1 + 0.3 * torch.randn(d, device=device)).to(weight_dtype)
-    cos, sin = dip_kernels.rope_table(*_grid(n), d, device=device)
-    if requires_grad:
-        qkv.requires_grad_(True)
-        qw.requires_grad_(True)
-        kw.requires_grad_(True)
+    qkv, qw, kw, cos, sin, _, _ = conformance.attention_inputs(b, h, n, d, dtype, device, weight_dtype)
+    for t in (qkv, qw, kw) if requires_grad else ():
+        t.requires_grad_(True)
     return qkv, qw, kw, cos, sin
 
 
@@ -88,10 +78,6 @@ def _op_args(b=1, h=2, n=8, d=8, dtype=torch.float32, requires_grad=True):
     return (qkv, qw, kw, cos, sin, h, EPS)
 
 
-def test_opcheck_cpu():
-    torch.library.opcheck(torch.ops.dip.attention, _op_args(b=2, h=2, n=6, d=12))
-
-
 def test_gradcheck_fp64():
     qkv, qw, kw, cos, sin, h, eps = _op_args(b=1, h=2, n=6, d=8, dtype=torch.float64)
     fn = lambda x, a, c: dip_kernels.attention(x, a, c, cos, sin, h, eps)  # noqa: E731
@@ -136,80 +122,7 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(a, b)
 
 
-# ---------------------------------------------------------------- triton backend vs the reference
-def _fp64_anchor(qkv, qw, kw, cos, sin, h, go):
-    """out, lse and (g_qkv, g_qw, g_kw) of the reference in float64."""
-    q64, qw64, kw64 = (t.detach().double() for t in (qkv, qw, kw))
-    out64 = ref.attention(q64, qw64, kw64, cos, sin, h, EPS)
-    q, k, _ = ref.qk_norm_rope(q64, qw64, kw64, cos, sin, h, EPS)
-    lse64 = torch.logsumexp(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)  # not rounded to fp32
-    grads64 = ref.attention_backward(go.double(), q64, qw64, kw64, cos, sin, out64, lse64, h, EPS)
-    return out64, lse64, grads64
-
-
-# The kernel rounds P and dS to the input dtype for its tensor-core matmuls, as FA2 does; the CPU
-# reference keeps them in float32. Over 200 fp16 cases (50 seeds x SHAPES_CPU) the kernel's error
-# reached 1.7x (out) and 2.2x (gradients) the reference's own error, which at these small shapes is
-# a noisy max; hence 3x for out and gradients in half precision (lse stays at 2x).
-def _half_factor(dtype):
-    return 3.0 if dtype in (torch.float16, torch.bfloat16) else 2.0
-
-
-def _check_against_reference(qkv, qw, kw, cos, sin, h, out, lse, go, grads):
-    """Compare a backend's forward and backward with the reference in the same dtype and in fp64."""
-    ref_out, ref_lse = ref.attention_forward(qkv, qw, kw, cos, sin, h, EPS)
-    out64, lse64, grads64 = _fp64_anchor(qkv, qw, kw, cos, sin, h, go)
-    assert out.dtype == qkv.dtype and lse.dtype == torch.float32
-    assert_close_to_fp64(out, ref_out, out64, "out", factor=_half_factor(qkv.dtype))
-    assert_close_to_fp64(lse, ref_lse, lse64, "lse")
-    ref_grads = ref.attention_backward(go, qkv, qw, kw, cos, sin, ref_out, ref_lse, h, EPS)
-    for name, g, rg, g64, like in zip(("g_qkv", "g_qw", "g_kw"), grads, ref_grads, grads64, (qkv, qw, kw)):
-        assert g.dtype == like.dtype, f"{name} dtype {g.dtype} != {like.dtype}"
-        assert_close_to_fp64(g, rg, g64, name, factor=_half_factor(qkv.dtype))
-
-
-SHAPES_CPU = [(1, 2, 100, 72), (2, 2, 16, 64), (1, 2, 16, 128), (1, 2, 100, 64)]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("b,h,n,d", SHAPES_CPU)
-def test_triton_matches_reference(backend, b, h, n, d, dtype):
-    backend("triton", "attention")
-    # fp16 runs with fp32 norm weights (as under autocast), fp32 with fp16 weights: the weight
-    # gradients must come back in the weights' own dtype either way
-    weight_dtype = torch.float32 if dtype == torch.float16 else torch.float16
-    qkv, qw, kw, cos, sin = make_inputs(b, h, n, d, dtype, weight_dtype)
-    go = torch.randn(b, n, h * d).to(dtype)
-    with poisoned_allocations(), ran_on("triton") as runs:
-        out, lse = torch.ops.dip.attention(qkv, qw, kw, cos, sin, h, EPS)
-        grads = torch.ops.dip.attention_backward(go, qkv, qw, kw, cos, sin, out, lse, h, EPS)
-    assert [c.op for c in runs] == ["attention", "attention_backward"]
-    _check_against_reference(qkv, qw, kw, cos, sin, h, out, lse, go, grads)
-
-
-def test_triton_256_tokens(backend):
-    backend("triton", "attention")
-    qkv, qw, kw, cos, sin = make_inputs(1, 1, 256, 72)
-    go = torch.randn(1, 256, 72)
-    with poisoned_allocations(), ran_on("triton"):
-        out, lse = torch.ops.dip.attention(qkv, qw, kw, cos, sin, 1, EPS)
-        grads = torch.ops.dip.attention_backward(go, qkv, qw, kw, cos, sin, out, lse, 1, EPS)
-    _check_against_reference(qkv, qw, kw, cos, sin, 1, out, lse, go, grads)
-
-
-def test_triton_autograd_through_public_function(backend):
-    backend("triton", "attention")
-    qkv, qw, kw, cos, sin = make_inputs(1, 2, 20, 72, requires_grad=True)
-    out = dip_kernels.attention(qkv, qw, kw, cos, sin, 2)
-    go = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (qkv, qw, kw), go)
-    want = ref.attention(qkv, qw, kw, cos, sin, 2)
-    want_grads = torch.autograd.grad(want, (qkv, qw, kw), go)
-    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
-    for g, w in zip(grads, want_grads):
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
-
-
+# ---------------------------------------------------------------- the Triton kernels
 @pytest.mark.parametrize("layout", ["row_padded", "channel_strided"])
 def test_triton_non_contiguous_qkv(backend, layout):
     """A strided view of qkv runs without a copy and gives exactly the contiguous result."""
@@ -257,56 +170,26 @@ def test_float64_on_triton_runs_the_reference_visibly(backend):
     torch.testing.assert_close(out, ref.attention(qkv, qw, kw, cos, sin, h, eps), rtol=0, atol=0)
 
 
-def test_float32_goes_to_sdpa_on_a_gpu_with_the_reason(monkeypatch):
+def test_float32_goes_to_sdpa_on_a_gpu_with_the_reason(gpu_machine):
     """On a GPU (not the interpreter) the Triton kernels decline float32 (they spill at head dim
     72 and the backward does not fit an A100): auto on CUDA passes to the eager SDPA path and says why."""
     from dip_kernels.triton import attention as tri
     qkv = torch.randn(1, 16, 3 * 2 * 72)
-    assert tri.unsupported(qkv) is None  # the interpreter runs float32 (the CPU tests above)
-    monkeypatch.setattr(tri, "triton_interpreted", lambda: False)
-    assert "float32" in tri.unsupported(qkv) and tri.unsupported(qkv.bfloat16()) is None
-    # every backend this op has counts as available: as on a GPU machine with the CUDA build
-    monkeypatch.setattr(backends, "_unavailable_reason",
-                        lambda op, b, device=None: None if b in backends._MODULES[op] else "absent")
-    choice = backends._select("attention", "attention", torch.device("cuda"), (qkv,))
+    assert tri.attention_capability(True).declines("cpu", (qkv,)) is None  # the interpreter runs float32
+    assert "float32" in tri.CAPABILITY.declines("cuda", (qkv,)) and tri.CAPABILITY.declines("cuda", (qkv.bfloat16(),)) is None
+    choice = backends._select("attention", torch.device("cuda"), (qkv,))
     assert choice.backend == "eager" and "not triton: float32" in choice.reason
-    assert backends._select("attention", "attention", torch.device("cuda"), (qkv.bfloat16(),)).backend != "eager"
-
-
-def test_triton_opcheck_interpreted(backend):
-    if not dip_kernels.backends.triton_interpreted():
-        pytest.skip("the interpreter run; the GPU has its own opcheck test")
-    backend("triton", "attention")
-    torch.library.opcheck(torch.ops.dip.attention, _op_args(b=1, h=2, n=16, d=16))
+    assert backends._select("attention", torch.device("cuda"), (qkv.bfloat16(),)).backend != "eager"
 
 
 # ---------------------------------------------------------------- GPU: real sizes, bf16
-def _check_low_precision_against_fp32(b, h, n, d, dtype, device):
-    """The kernel in ``dtype`` against the reference in ``dtype``, anchored on the reference in
-    float32 (float64 costs too much at real sizes)."""
-    qkv, qw, kw, cos, sin = make_inputs(b, h, n, d, dtype, torch.float32, device=device)
-    go = torch.randn(b, n, h * d, device=device).to(dtype)
-    with poisoned_allocations(), ran_on("triton"):
-        out, lse = torch.ops.dip.attention(qkv, qw, kw, cos, sin, h, EPS)
-        grads = torch.ops.dip.attention_backward(go, qkv, qw, kw, cos, sin, out, lse, h, EPS)
-    ref_out, ref_lse = ref.attention_forward(qkv, qw, kw, cos, sin, h, EPS)
-    q32, go32 = qkv.float(), go.float()
-    out32, lse32 = ref.attention_forward(q32, qw, kw, cos, sin, h, EPS)
-    assert out.dtype == dtype and lse.dtype == torch.float32
-    assert_close_to_fp64(out, ref_out, out32, "out", factor=_half_factor(dtype))
-    assert_close_to_fp64(lse, ref_lse, lse32, "lse")
-    ref_grads = ref.attention_backward(go, qkv, qw, kw, cos, sin, ref_out, ref_lse, h, EPS)
-    grads32 = ref.attention_backward(go32, q32, qw, kw, cos, sin, out32, lse32, h, EPS)
-    for name, g, rg, g32, like in zip(("g_qkv", "g_qw", "g_kw"), grads, ref_grads, grads32, (qkv, qw, kw)):
-        assert g.dtype == like.dtype, f"{name} dtype {g.dtype} != {like.dtype}"
-        assert_close_to_fp64(g, rg, g32, name, factor=_half_factor(dtype))
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("b,h,n,d", [(2, 16, 256, 72), (32, 16, 256, 72), (2, 16, 1024, 72)])
 def test_triton_bf16_real_sizes_gpu(backend, b, h, n, d):
     backend("triton", "attention")
-    _check_low_precision_against_fp32(b, h, n, d, torch.bfloat16, "cuda")
+    # the anchor is float32 at these sizes (float64 would be slow)
+    conformance.check_against_reference("attention", "triton", conformance.attention_inputs(
+        b, h, n, d, torch.bfloat16, "cuda", torch.float32), high_precision=torch.float32)
 
 
 @pytest.mark.gpu

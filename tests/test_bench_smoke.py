@@ -62,9 +62,9 @@ def test_report_arithmetic_and_files(tmp_path):
     rows = [
         _row("ceiling", "matmul", "torch", 1.0, ceiling="matmul_tflops", ceiling_value=800.0),
         _row("ceiling", "copy", "torch", 1.0, ceiling="copy_gbps", ceiling_value=4000.0),
-        _row("head", "patch_detailer", "eager", 4.0, flops=400e9, nbytes=4e9),
-        _row("head", "patch_detailer", "compile", 2.0, flops=400e9, nbytes=4e9, first_call_s=12.5),
-        _row("head", "patch_detailer", "triton", 1.0, flops=400e9, nbytes=4e9),
+        _row("patch_detailer", "patch_detailer", "eager", 4.0, flops=400e9, nbytes=4e9),
+        _row("patch_detailer", "patch_detailer", "compile", 2.0, flops=400e9, nbytes=4e9, first_call_s=12.5),
+        _row("patch_detailer", "patch_detailer", "triton", 1.0, flops=400e9, nbytes=4e9),
         _row("model", "train_step", "dip", 100.0, case="b32", images_per_s=320.0, peak_memory_bytes=30e9),
     ]
     path = tmp_path / "run.json"
@@ -99,12 +99,12 @@ def test_cpu_bench_runs_and_renders(tmp_path):
     out_json = tmp_path / "bench.json"
     # the interpreted Triton head takes seconds per call: the op tests cover it, this run need not
     cmd = [sys.executable, "-m", "pytest", "bench", "-q", "-p", "no:cacheprovider", "-m", "not slow and not gpu",
-           "-k", "not (test_head and triton)", "--benchmark-json", str(out_json)]
+           "-k", "not (test_patch_detailer and triton)", "--benchmark-json", str(out_json)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     data = json.loads(out_json.read_text())
     suites = {b["extra_info"]["suite"] for b in data["benchmarks"]}
-    assert suites == {"ceiling", "head", "attention", "elementwise", "patchify", "model"}, suites
+    assert suites == {"ceiling", "patch_detailer", "attention", "elementwise", "patchify", "model"}, suites
     assert json.loads((tmp_path / "ceilings.json").read_text())["copy_gbps"] > 0
     proc = subprocess.run([sys.executable, "-m", "bench.report", str(out_json), "--out", str(tmp_path / "out")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -112,7 +112,7 @@ def test_cpu_bench_runs_and_renders(tmp_path):
     mds = list((tmp_path / "out").glob("*_cpu.md"))
     assert len(mds) == 1
     md = mds[0].read_text()
-    for section in ("## Ceilings", "## Summary", "## head", "## attention", "## elementwise", "## patchify",
+    for section in ("## Ceilings", "## Summary", "## patch_detailer", "## attention", "## elementwise", "## patchify",
                     "## model"):
         assert section in md, section
     assert list((tmp_path / "out").glob("*_cpu.png"))

@@ -15,7 +15,7 @@ from dip.models import DiPTiny
 from dip.train import TrainConfig, draw_loss_inputs, make_loss_fn, train
 
 # two blocks and the conv Patch Detailer Head: every dip op is in the traced step
-TINY = dict(hidden_size=32, num_heads=2, depth=2, head="unet")
+TINY = dict(hidden_size=32, num_heads=2, depth=2, head="patch_detailer")
 
 
 @pytest.fixture(autouse=True)

@@ -36,7 +36,7 @@ def test_tiny_demo_writes_png_and_json(tmp_path):
         saved = json.load(f)
     assert set(saved) >= {"config", "metrics_doc", "target_hf_share", "models", "figure", "seconds"}
     assert set(saved["models"]) == {"dit", "dip"}
-    for key, head in (("dit", "none"), ("dip", "unet")):
+    for key, head in (("dit", "none"), ("dip", "patch_detailer")):
         entry = saved["models"][key]
         assert entry["head"] == head and set(entry["checkpoints"]) == {"1", "2"}
         for m in entry["checkpoints"].values():

@@ -1,6 +1,10 @@
-"""rmsnorm_modulate, gated_residual, swiglu: op-layer checks (opcheck, gradcheck, fake shapes,
-torch.compile), bad inputs, and the Triton backend against the eager reference, forward and
-backward, with tolerances anchored on an independent float64 computation."""
+"""rmsnorm_modulate, gated_residual, swiglu: the eager reference (forward and its written-out
+backward) against independent float64 formulas, the op layer (gradcheck, fake shapes,
+torch.compile), bad inputs, the Triton backward's fresh and deterministic results, and on a GPU
+bf16 at real sizes and CUDA-graph capture.
+
+Every backend against the reference over the ops' sample catalogues, and opcheck, is
+tests/test_backends.py."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,13 +12,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import dip_kernels
 from dip_kernels.reference import elementwise as ref
-from dip_kernels.testing import assert_close_to_fp64, poisoned_allocations, ran_on
+
+import conformance
 
 EPS = 1e-6
-# (B, N, D): N = 7 and a D that is no power of two; N = 37 with D = 1000 spans two partial-sum
-# chunks, the second one partly masked
-SHAPES = [(2, 7, 48), (2, 37, 1000), (3, 5, 300)]
-DTYPES = [torch.float32, torch.float16]
 
 
 # ---------------------------------------------------------------- float64 ground truth
@@ -38,10 +39,21 @@ def swiglu_fp64(ab):
     return F.silu(a) * b
 
 
-def _check(actual, same_dtype, fp64, names):
-    for name, a, r, r64 in zip(names, actual, same_dtype, fp64):
-        assert a.dtype == r.dtype, f"{name}: dtype {a.dtype} != {r.dtype}"
-        assert_close_to_fp64(a, r, r64, name)
+@pytest.mark.parametrize("op,formula", [("rmsnorm_modulate", rmsnorm_modulate_fp64),
+                                        ("gated_residual", gated_residual_fp64), ("swiglu", swiglu_fp64)])
+def test_reference_matches_independent_fp64_formulas(op, formula):
+    """In float64 the reference (forward, and its written-out backward) is the formulas: checked on
+    every sample of the op's catalogue."""
+    for sample in conformance.SAMPLES[op]:
+        args = [a.double() if isinstance(a, torch.Tensor) else a for a in sample.make(torch.float64, "cpu")]
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        y = getattr(ref, f"{op}_forward")(*args[:-1] if op == "rmsnorm_modulate" else args)
+        grad_y = torch.randn_like(y)
+        grads = getattr(ref, f"{op}_backward")(grad_y, *args[:-1] if op == "rmsnorm_modulate" else args)
+        want, want_grads = _fp64_grads(formula, tensors, grad_y)
+        torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12, msg=f"{op} {sample.name}")
+        for g, w in zip(grads if isinstance(grads, tuple) else (grads,), want_grads):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=f"{op} {sample.name}")
 
 
 # ---------------------------------------------------------------- inputs
@@ -72,24 +84,6 @@ def _swiglu_input(shape, dtype, noncontiguous=False):
         h = shape[-1] // 2
         return (2 * torch.randn(*shape[:-1], 3 * h)).to(dtype)[..., :2 * h]
     return (2 * torch.randn(shape)).to(dtype)
-
-
-# ---------------------------------------------------------------- op-layer checks
-@pytest.mark.parametrize("name", ["eager", "triton"])
-def test_opcheck(backend, name):
-    for op in ("rmsnorm_modulate", "gated_residual", "swiglu"):
-        backend(name, op)
-    x, w, shift, scale = _rms_inputs(2, 3, 8, torch.float32)
-    torch.library.opcheck(torch.ops.dip.rmsnorm_modulate.default, (x, w, shift, scale, EPS, None))
-    torch.library.opcheck(torch.ops.dip.rmsnorm_modulate.default, (x, w, shift, scale, EPS, torch.float16))
-    torch.library.opcheck(torch.ops.dip.rmsnorm_modulate_backward.default,
-                          (torch.randn_like(x), x, w, shift, scale, EPS))
-    x, gate, f = _gated_inputs(2, 3, 8, torch.float32, torch.float16)
-    torch.library.opcheck(torch.ops.dip.gated_residual.default, (x, gate, f))
-    torch.library.opcheck(torch.ops.dip.gated_residual_backward.default, (torch.randn_like(x), x, gate, f))
-    ab = torch.randn(2, 3, 10)
-    torch.library.opcheck(torch.ops.dip.swiglu.default, (ab,))
-    torch.library.opcheck(torch.ops.dip.swiglu_backward.default, (torch.randn(2, 3, 5), ab))
 
 
 # The ops compute in float32 by contract, even for float64 tensors, so finite differences need a
@@ -170,62 +164,7 @@ def test_bad_inputs(index):
         call()
 
 
-# ---------------------------------------------------------------- Triton backend vs reference
-def _run_op(fn, inputs, grad_out):
-    """Forward and backward through the public op (so the op layer's wiring is exercised too), on
-    the Triton kernels (asserted), every allocation poisoned."""
-    leaves = [t.detach().requires_grad_(True) for t in inputs]
-    with poisoned_allocations(), ran_on("triton"):
-        out = fn(*leaves)
-        grads = torch.autograd.grad(out, leaves, grad_out)
-    return out, grads
-
-
-@pytest.mark.parametrize("noncontiguous", [False, True])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("b,n,d", SHAPES)
-def test_triton_rmsnorm_modulate(backend, b, n, d, dtype, noncontiguous):
-    backend("triton", "rmsnorm_modulate")
-    # float16 activations with a float32 weight, as under autocast; and an output dtype change
-    inputs = _rms_inputs(b, n, d, dtype, torch.float32 if dtype == torch.float16 else None, noncontiguous)
-    out_dtype = torch.float16 if dtype == torch.float32 else None
-    y_dtype = out_dtype or dtype
-    grad_y = torch.randn(b, n, d).to(y_dtype)
-    y, grads = _run_op(lambda *t: dip_kernels.rmsnorm_modulate(*t, EPS, out_dtype), inputs, grad_y)
-    y_ref = ref.rmsnorm_modulate_forward(*inputs, EPS, out_dtype)
-    grads_ref = ref.rmsnorm_modulate_backward(grad_y, *inputs, EPS)
-    y64, grads64 = _fp64_grads(rmsnorm_modulate_fp64, inputs, grad_y)
-    _check([y, *grads], [y_ref, *grads_ref], [y64, *grads64], ["y", "gx", "gweight", "gshift", "gscale"])
-
-
-@pytest.mark.parametrize("dtype,f_dtype,noncontiguous", [
-    (torch.float32, torch.float32, False), (torch.float16, torch.float16, False),
-    (torch.float32, torch.float16, True),  # float32 residual stream, half-precision branch output
-    (torch.float16, torch.float16, True)])
-@pytest.mark.parametrize("b,n,d", SHAPES)
-def test_triton_gated_residual(backend, b, n, d, dtype, f_dtype, noncontiguous):
-    backend("triton", "gated_residual")
-    inputs = _gated_inputs(b, n, d, dtype, f_dtype, noncontiguous)
-    grad_y = torch.randn(b, n, d).to(dtype)
-    y, grads = _run_op(dip_kernels.gated_residual, inputs, grad_y)
-    y_ref = ref.gated_residual_forward(*inputs)
-    grads_ref = ref.gated_residual_backward(grad_y, *inputs)
-    y64, grads64 = _fp64_grads(gated_residual_fp64, inputs, grad_y)
-    _check([y, *grads], [y_ref, *grads_ref], [y64, *grads64], ["y", "gx", "ggate", "gf"])
-
-
-@pytest.mark.parametrize("noncontiguous", [False, True])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(2, 7, 96), (37, 2000), (2, 3, 5, 600), (6,)])
-def test_triton_swiglu(backend, shape, dtype, noncontiguous):
-    backend("triton", "swiglu")
-    ab = _swiglu_input(shape, dtype, noncontiguous)
-    grad_y = torch.randn(*shape[:-1], shape[-1] // 2).to(dtype)
-    y, (g_ab,) = _run_op(dip_kernels.swiglu, [ab], grad_y)
-    y64, (g64,) = _fp64_grads(swiglu_fp64, [ab], grad_y)
-    _check([y, g_ab], [ref.swiglu_forward(ab), ref.swiglu_backward(grad_y, ab)], [y64, g64], ["y", "g_ab"])
-
-
+# ---------------------------------------------------------------- the Triton kernels
 def test_triton_backward_fresh_and_deterministic():
     from dip_kernels.triton import elementwise as tri
     x, gate, f = _gated_inputs(2, 37, 1000, torch.float16, torch.float16)
@@ -241,7 +180,7 @@ def test_triton_backward_fresh_and_deterministic():
 
 # ---------------------------------------------------------------- GPU: real sizes, bf16, CUDA graphs
 def _cuda(ts):
-    return [t.cuda() for t in ts]
+    return [t.cuda() if isinstance(t, torch.Tensor) else t for t in ts]
 
 
 @pytest.mark.gpu
@@ -249,37 +188,23 @@ def _cuda(ts):
 def test_gpu_rmsnorm_modulate_real_size(backend, x_dtype):
     # float32 residual stream with bf16 output is the autocast case; bf16 in and out the pure one
     backend("triton", "rmsnorm_modulate")
-    b, n, d = 32, 256, 1152
-    inputs = _cuda(_rms_inputs(b, n, d, x_dtype, torch.float32))
-    grad_y = torch.randn(b, n, d, device="cuda", dtype=torch.bfloat16)
-    y, grads = _run_op(lambda *t: dip_kernels.rmsnorm_modulate(*t, EPS, torch.bfloat16), inputs, grad_y)
-    y_ref = ref.rmsnorm_modulate_forward(*inputs, EPS, torch.bfloat16)
-    grads_ref = ref.rmsnorm_modulate_backward(grad_y, *inputs, EPS)
-    y64, grads64 = _fp64_grads(rmsnorm_modulate_fp64, inputs, grad_y)
-    _check([y, *grads], [y_ref, *grads_ref], [y64, *grads64], ["y", "gx", "gweight", "gshift", "gscale"])
+    args = _cuda(_rms_inputs(32, 256, 1152, x_dtype, torch.float32)) + [EPS, torch.bfloat16]
+    conformance.check_against_reference("rmsnorm_modulate", "triton", args)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
 def test_gpu_gated_residual_real_size(backend, x_dtype):
     backend("triton", "gated_residual")
-    b, n, d = 32, 256, 1152
-    inputs = _cuda(_gated_inputs(b, n, d, x_dtype, torch.bfloat16))
-    grad_y = torch.randn(b, n, d, device="cuda", dtype=x_dtype)
-    y, grads = _run_op(dip_kernels.gated_residual, inputs, grad_y)
-    y_ref, grads_ref = ref.gated_residual_forward(*inputs), ref.gated_residual_backward(grad_y, *inputs)
-    y64, grads64 = _fp64_grads(gated_residual_fp64, inputs, grad_y)
-    _check([y, *grads], [y_ref, *grads_ref], [y64, *grads64], ["y", "gx", "ggate", "gf"])
+    conformance.check_against_reference("gated_residual", "triton",
+                                        _cuda(_gated_inputs(32, 256, 1152, x_dtype, torch.bfloat16)))
 
 
 @pytest.mark.gpu
 def test_gpu_swiglu_real_size(backend):
     backend("triton", "swiglu")
     ab = torch.randn(32, 256, 2 * 3072, device="cuda", dtype=torch.bfloat16)
-    grad_y = torch.randn(32, 256, 3072, device="cuda", dtype=torch.bfloat16)
-    y, (g_ab,) = _run_op(dip_kernels.swiglu, [ab], grad_y)
-    y64, (g64,) = _fp64_grads(swiglu_fp64, [ab], grad_y)
-    _check([y, g_ab], [ref.swiglu_forward(ab), ref.swiglu_backward(grad_y, ab)], [y64, g64], ["y", "g_ab"])
+    conformance.check_against_reference("swiglu", "triton", [ab])
 
 
 @pytest.mark.gpu

@@ -1,6 +1,7 @@
 """DiP model tests: exact parameter counts, the forward/backward against an independent functional
 implementation written from the paper's spec, every head variant, the official-weights loader,
 input checks, torch.compile and gradient checkpointing."""
+import dataclasses
 import math
 
 import pytest
@@ -90,7 +91,7 @@ def functional_dip(sd, cfg, x, t, y):
         hiddens.append(h)
 
     s = F.silu(t_emb[:, None, :] + h)
-    if cfg.head == "unet":
+    if cfg.head == "patch_detailer":
         hw = {k[len("head."):]: v for k, v in sd.items() if k.startswith("head.")}
 
         def conv(name, v, pad):
@@ -205,7 +206,7 @@ def _check_against_functional(model, x, t, y):
         assert_close_to_fp64(got[n], g32[n], g64[n], name=f"grad {n}", factor=4.0)
 
 
-@pytest.mark.parametrize("head", ["unet", "none"])
+@pytest.mark.parametrize("head", ["patch_detailer", "none"])
 def test_forward_and_backward_match_functional_spec(head):
     model = randomize_(models.DiPTiny(head=head))
     x, t, y = make_inputs(model, height=32, width=48)  # non-square 2x3 patch grid
@@ -231,6 +232,14 @@ def test_patch32_matches_functional_spec():
 
 
 # ----------------------------------------------------------------------------- 4. heads
+def test_unet_is_the_patch_detailer_heads_earlier_name():
+    cfg = models.DiPConfig(hidden_size=64, depth=1, num_heads=4, head="unet")
+    assert cfg.head == "patch_detailer" and cfg == models.DiPConfig(hidden_size=64, depth=1, num_heads=4)
+    assert isinstance(models.DiPTiny(head="unet").head, models.PatchDetailerHead)
+    saved = dict(dataclasses.asdict(cfg), head="unet")  # a checkpoint written before the rename
+    assert models.canonical_model_config(saved) == dataclasses.asdict(cfg)
+
+
 @pytest.mark.parametrize("head", models.HEADS)
 def test_every_head_runs_forward_and_backward(head):
     model = randomize_(models.DiPTiny(head=head))

@@ -139,3 +139,44 @@ def test_plain_reference_runs_the_reference_functions_without_custom_ops():
         _every_op(a)
     assert any(e.name.startswith("dip::") for e in prof.events()), "the profiler does not see dip ops"
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_auto_takes_the_first_backend_that_supports_the_inputs(gpu_machine):
+    """On a GPU machine with the CUDA build: the order is each op's, the deciding input's dtype and
+    shape decide, and the reason lists what was passed over."""
+    head = lambda dtype, d=16: (torch.empty(2, 3, 16, 16, dtype=dtype), torch.empty(2, d, dtype=dtype))  # noqa: E731
+    cases = [("patch_detailer", head(torch.bfloat16), "cuda"), ("patch_detailer", head(torch.float32), "triton"),
+             ("patch_detailer", head(torch.float16, d=12), "triton"),
+             ("attention", (torch.empty(1, 4, 3 * 64, dtype=torch.bfloat16),), "triton"),
+             ("attention", (torch.empty(1, 4, 3 * 64, dtype=torch.float32),), "eager"),
+             ("swiglu", (torch.empty(2, 8, dtype=torch.float64),), "triton")]
+    for op, inputs, expected in cases:
+        inputs = tuple(t.to("meta") for t in inputs)
+        choice = backends._select(op, torch.device("cuda"), inputs)
+        assert choice.backend == expected, (op, choice)
+        assert choice.reason.startswith("auto on cuda tensors") and choice.reason.endswith(f"{expected} runs them")
+
+
+def test_auto_order_is_the_specs_and_never_the_interpreter(backend):
+    """Each op's backends in its spec's order, the reference last; auto on CPU tensors passes over
+    Triton's interpreter (it runs only when chosen by name) and says so."""
+    backend("auto")
+    for op in dip_kernels.OPS:
+        assert list(backends._MODULES[op])[-1] == "eager"
+        assert dip_kernels.available_backends(op, "cpu")[-1] == "eager"
+    reason = backends._select("swiglu", torch.device("cpu"), (torch.ones(2),)).reason
+    expected = "auto picks it for cuda tensors" if backends.triton_interpreted() else "it runs cuda tensors"
+    assert f"not triton: {expected}, got cpu" in reason and reason.endswith("eager runs them")
+
+
+def test_production_code_imports_no_test_helpers_and_no_dispatch_key_guards():
+    """Kernels and the op layer do not import dip_kernels.testing, and nothing re-enters autograd
+    through torch._C's private dispatch-key guards."""
+    package = os.path.join(ROOT, "dip_kernels")
+    for folder, _, files in os.walk(package):
+        for name in files:
+            if not name.endswith(".py") or name == "testing.py":
+                continue
+            text = open(os.path.join(folder, name)).read()
+            assert "testing import" not in text and "import testing" not in text, name
+            assert "_ForceDispatchKeyGuard" not in text and "_dispatch_tls" not in text, name

@@ -1,59 +1,26 @@
 """The Patch Detailer Head op: the eager reference against an nn.Module built from torch's own
-layers, the custom-op layer (opcheck, gradcheck, fake shapes, torch.compile, input checks), and
-the Triton backend against the reference (interpreter on CPU in float32 / float16; bf16 at real
-sizes, a short training run and CUDA-graph capture on a GPU).
+layers (forward, and its written-out backward against autograd), the custom-op layer (gradcheck,
+fake shapes, torch.compile, input checks), the head's plan (dip_kernels/plan/patch_detailer.py:
+derived from the weight names, run by the torch executor against the reference), the one weight
+cache (versioned and unversioned in-place updates, CUDA-graph capture), and on a GPU the Triton head
+at real sizes, a short training run and CUDA-graph capture.
 
-The head's channel counts (64..1024) are fixed by the architecture, so even one patch is a lot of
-work for Triton's CPU interpreter: the interpreter tests use M <= 3 patches and a small token
-dim, and go through the op (forward, then autograd's backward, which recomputes the forward)."""
+Every backend against the reference over the head's sample catalogue, and opcheck, is
+tests/test_backends.py; the CUDA executor's lowering is tests/test_patch_detailer_cuda.py."""
 import pytest
 import torch
 from torch import nn
 
 import dip_kernels
 from dip_kernels import HEAD_WEIGHT_NAMES
+from dip_kernels.cpu import patch_detailer as torch_head
+from dip_kernels.plan import patch_detailer as plan
 from dip_kernels.reference import patch_detailer as ref
 from dip_kernels.reference.patch_detailer import head_weight_shapes
-from dip_kernels.testing import assert_close_to_fp64, poisoned_allocations, ran_on
+from dip_kernels.testing import assert_close_to_fp64, poisoned_allocations
 
-
-
-def _openblas_thread_controls():
-    """(get, set) of the OpenBLAS that numpy loaded, or None."""
-    import ctypes
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line}
-    except OSError:
-        return None
-    for path in sorted(paths):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for get, set_ in (("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
-                          ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
-                          ("openblas_get_num_threads", "openblas_set_num_threads")):
-            if hasattr(lib, get) and hasattr(lib, set_):
-                return getattr(lib, get), getattr(lib, set_)
-    return None
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_threaded_numpy_blas():
-    # Triton's interpreter runs tl.dot as numpy matmuls on small tiles; on a shared CPU, OpenBLAS's
-    # thread pool makes those cost about 3x the CPU time of one thread
-    controls = _openblas_thread_controls() if dip_kernels.backends.triton_interpreted() else None
-    if controls is None:
-        yield
-        return
-    get, set_ = controls
-    old = get()
-    set_(1)
-    try:
-        yield
-    finally:
-        set_(old)
+import conformance
+from conformance import head_inputs as make_inputs
 
 
 class Head(nn.Module):
@@ -86,37 +53,24 @@ class Head(nn.Module):
         return self.out(x)
 
 
-def make_weights(token_dim, dtype=torch.float32, device="cpu"):
-    """torch's default initialisation (activations stay O(1) through the head), biases widened
-    so that they matter."""
-    head = Head(token_dim)
-    state = head.state_dict()
-    weights = []
-    for name in HEAD_WEIGHT_NAMES:
-        w = state[name].clone()
-        if name.endswith("bias"):
-            w = w + 0.1 * torch.randn_like(w)
-        weights.append(w.to(device=device, dtype=dtype))
-    return weights
-
-
-def make_inputs(m, p, d, dtype=torch.float32, device="cpu"):
-    patches = torch.randn(m, 3, p, p, device=device).to(dtype)
-    tokens = torch.randn(m, d, device=device).to(dtype)
-    return patches, tokens, make_weights(d, dtype, device)
-
-
-# ---------------------------------------------------------------- reference sanity
 @pytest.mark.parametrize("p", [16, 32])
 def test_reference_matches_torch_layers_fp64(p):
+    """Forward against the nn.Module, and the reference's written-out backward against autograd of
+    that module, in float64."""
     d = 8
     head = Head(d).double()
-    patches = torch.randn(2, 3, p, p, dtype=torch.float64)
-    tokens = torch.randn(2, d, dtype=torch.float64)
+    patches = torch.randn(2, 3, p, p, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randn(2, d, dtype=torch.float64, requires_grad=True)
     weights = [head.state_dict()[n] for n in HEAD_WEIGHT_NAMES]
     assert [tuple(w.shape) for w in weights] == head_weight_shapes(d)
-    torch.testing.assert_close(ref.patch_detailer(patches, tokens, weights), head(patches, tokens),
-                               rtol=1e-12, atol=1e-12)
+    want = head(patches, tokens)
+    torch.testing.assert_close(ref.patch_detailer(patches, tokens, weights), want, rtol=1e-12, atol=1e-12)
+    grad_out = torch.randn_like(want)
+    params = dict(head.named_parameters())
+    autograd = torch.autograd.grad(want, [patches, tokens] + [params[n] for n in HEAD_WEIGHT_NAMES], grad_out)
+    g_p, g_t, g_w = ref.patch_detailer_backward(grad_out, patches.detach(), tokens.detach(), weights)
+    for name, got, expected in zip(["patches", "tokens", *HEAD_WEIGHT_NAMES], [g_p, g_t, *g_w], autograd):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10, msg=name)
 
 
 def test_flops_per_patch_matches_the_anchor_arithmetic():
@@ -125,13 +79,6 @@ def test_flops_per_patch_matches_the_anchor_arithmetic():
 
 
 # ---------------------------------------------------------------- the eager op
-def test_opcheck_eager():
-    patches, tokens, weights = make_inputs(2, 16, 8)
-    for t in (patches, tokens, *weights):
-        t.requires_grad_(True)
-    torch.library.opcheck(torch.ops.dip.patch_detailer, (patches, tokens, weights))
-
-
 def test_gradcheck_fp64():
     patches, tokens, weights = make_inputs(1, 16, 4, torch.float64)
     parts = [patches, tokens, *weights]
@@ -217,96 +164,161 @@ def test_tokens_dtype_mismatch_names_tokens():
         dip_kernels.patch_detailer(patches, tokens.double(), weights)
 
 
-# ---------------------------------------------------------------- triton against the reference
-def _run_op(patches, tokens, weights, grad_out):
-    """Forward and every gradient through torch.ops.dip.patch_detailer (whichever backend)."""
-    leaves = [t.detach().clone().requires_grad_(True) for t in (patches, tokens, *weights)]
-    out = dip_kernels.patch_detailer(leaves[0], leaves[1], leaves[2:])
-    out.backward(grad_out)
-    return [out.detach()] + [t.grad for t in leaves]
+# ---------------------------------------------------------------- the plan
+def test_plan_is_derived_from_the_weight_names():
+    """Every head weight is read by one forward GEMM and gets one WeightGrad; every activation a
+    step reads was written by an earlier step (or is an op input); the output conv is the last
+    forward step and the backward ends with the patches' gradient."""
+    for p in (16, 32):
+        fwd, bwd = plan.forward_plan(p), plan.backward_plan(p)
+        weights = [s.weight.weight for s in fwd] + [s.bias.weight for s in fwd]
+        assert sorted(weights) == sorted(HEAD_WEIGHT_NAMES)
+        grads = [s.weight for s in bwd if isinstance(s, plan.WeightGrad)]
+        grads += [s.bias for s in bwd if isinstance(s, plan.WeightGrad)]
+        assert sorted(grads) == sorted(HEAD_WEIGHT_NAMES)
+        written = {"x", "tokens", "g_out"}
+        for step in fwd + bwd:
+            assert set(plan._reads(step)) <= written, (step.name, set(plan._reads(step)) - written)
+            written |= set(plan._writes(step))
+        assert fwd[-1].out == ("out",) and bwd[-1].out == ("g_x",)
 
 
-def _reference(patches, tokens, weights, grad_out, dtype, device=None):
-    """Forward and every gradient of the eager reference, inputs cast to dtype."""
-    cast = lambda t: t.detach().to(device=device or t.device, dtype=dtype)  # noqa: E731
-    p, t, ws, g = cast(patches), cast(tokens), [cast(w) for w in weights], cast(grad_out)
-    out = ref.patch_detailer_forward(p, t, ws)
-    g_p, g_t, g_w = ref.patch_detailer_backward(g, p, t, ws)
-    return [out, g_p, g_t, *g_w]
-
-
-RESULT_NAMES = ["out", "grad patches", "grad tokens"] + [f"grad {n}" for n in HEAD_WEIGHT_NAMES]
-
-
-def _check_triton(backend, m, p, d, dtype, device="cpu", hi_dtype=torch.float64):
-    patches, tokens, weights = make_inputs(m, p, d, dtype, device)
-    grad_out = torch.randn(m, 3, p, p, device=device).to(dtype)
-    want_hi = _reference(patches, tokens, weights, grad_out, hi_dtype)
-    want_lo = _reference(patches, tokens, weights, grad_out, dtype)
-    backend("triton", "patch_detailer")
-    with poisoned_allocations(), ran_on("triton") as runs:
-        got = _run_op(patches, tokens, weights, grad_out)
-    assert [c.op for c in runs] == ["patch_detailer", "patch_detailer_backward"]
-    for name, g, lo, hi in zip(RESULT_NAMES, got, want_lo, want_hi):
+@pytest.mark.parametrize("m,p,d,dtype", [(2, 16, 16, torch.float32), (1, 32, 8, torch.float32),
+                                         (3, 16, 8, torch.float16), (1, 16, 8, torch.float64)])
+def test_torch_executor_matches_reference(m, p, d, dtype):
+    """The plan run by the torch executor (its steps as explicit implicit GEMMs on the re-laid
+    weights, the kernels' epilogues) against the reference, forward and every gradient."""
+    patches, tokens, weights = make_inputs(m, p, d, dtype)
+    grad_out = torch.randn(m, 3, p, p).to(dtype)
+    with poisoned_allocations():
+        out = torch_head.patch_detailer_forward(patches, tokens, weights)
+        got = torch_head.patch_detailer_backward(grad_out, patches, tokens, weights)
+    hi = lambda t: t.double() if dtype != torch.float64 else t  # noqa: E731
+    assert_close_to_fp64(out, ref.patch_detailer(patches, tokens, weights),
+                         ref.patch_detailer(hi(patches), hi(tokens), [hi(w) for w in weights]))
+    want = ref.patch_detailer_backward(grad_out, patches, tokens, weights)
+    anchor = ref.patch_detailer_backward(hi(grad_out), hi(patches), hi(tokens), [hi(w) for w in weights])
+    names = ["grad patches", "grad tokens"] + [f"grad {n}" for n in HEAD_WEIGHT_NAMES]
+    for name, g, lo, h in zip(names, [got[0], got[1], *got[2]], [want[0], want[1], *want[2]],
+                              [anchor[0], anchor[1], *anchor[2]]):
         assert g.dtype == dtype, name
-        assert_close_to_fp64(g, lo, hi, name=name)
-
-
-# The interpreter's cost is set by the head's fixed channel counts: about 15 s of CPU per
-# patch-batch for forward + backward at P=16, M=1; M=3 adds little (one tile covers the rows).
-@pytest.mark.parametrize("m,p,d,dtype", [
-    (1, 16, 8, torch.float32),
-    (3, 16, 32, torch.float32),
-    (1, 16, 16, torch.float16),
-])
-def test_triton_matches_reference(backend, m, p, d, dtype):
-    _check_triton(backend, m, p, d, dtype)
-
-
-def test_triton_matches_reference_p32(backend):
-    _check_triton(backend, 1, 32, 8, torch.float32)
-
-
-def test_triton_weight_relayout_is_cached_and_follows_updates(backend):
-    from dip_kernels.triton import patch_detailer as tri
-    patches, tokens, weights = make_inputs(1, 16, 8)
-    backend("triton", "patch_detailer")
-    first = tri._conv_w(weights, "enc1.weight")
-    assert tri._conv_w(weights, "enc1.weight") is first  # one re-layout per weight version
-    weights[0].mul_(2)  # an optimizer's in-place step bumps the version
-    second = tri._conv_w(weights, "enc1.weight")
-    assert second is not first
-    torch.testing.assert_close(second, 2 * first)
-
-
-def test_triton_weight_cache_is_bypassed_under_graph_capture(monkeypatch):
-    """While a CUDA graph is captured every re-layout is made afresh (recorded in the graph) and
-    nothing is cached: a replay must never read a cache entry, stale after an optimizer step."""
-    from dip_kernels.triton import patch_detailer as tri
-    _, _, weights = make_inputs(1, 16, 8)
-    cached = tri._conv_w(weights, "enc2.weight")
-    entries = dict(tri._cache)
-    monkeypatch.setattr(tri, "capturing", lambda t: True)
-    first, second = tri._conv_w(weights, "enc2.weight"), tri._conv_w(weights, "enc2.weight")
-    assert first is not cached and second is not first and torch.equal(first, cached)
-    assert tri._cache.keys() == entries.keys() and all(tri._cache[k] is entries[k] for k in entries)
+        assert_close_to_fp64(g, lo, h, name=name)
 
 
 def test_interpreter_cases_cover_the_row_split_weight_gradient():
-    """The GPU splits weight-gradient rows over programs; test_triton_matches_reference's 3-patch
-    case runs that path too: several splits, the last one partial."""
+    """The GPU splits weight-gradient rows over programs; the catalogue's 3-patch head case runs
+    that path on the interpreter too: several splits, the last one partial."""
     from dip_kernels.triton import patch_detailer as tri
+    m = conformance.sample("patch_detailer", "3x16x32-strided").make(torch.float32, "cpu")[0].shape[0]
     bm = tri._config("weight_grad", 64)[0]
-    rows = 3 * 16 * 16  # enc1 / dec1 / out at M=3, P=16
+    rows = m * 16 * 16  # enc1 / dec1 / out at P=16
     splits, rows_per_split = tri._row_splits(rows, bm, tiles=1)
     assert splits >= 2 and (splits - 1) * rows_per_split < rows < splits * rows_per_split
 
 
 def test_activation_memory_recompute_is_below_eager():
-    from dip_kernels.triton.patch_detailer import activation_bytes_per_patch
     for p in (16, 32):
-        ours, eager = activation_bytes_per_patch(p, 1152)
+        ours, eager = plan.activation_bytes_per_patch(p, 1152)
         assert ours < eager
+        assert f"{ours:,} B" in plan.__doc__ and f"{eager:,} B" in plan.__doc__  # the docstring's numbers
+
+
+# ---------------------------------------------------------------- the one weight cache
+class _Counting(torch_head.TorchExecutor):
+    """The torch executor, counting its re-layouts and remembering the GEMM operands it read."""
+    name = "counting"
+
+    def __init__(self):
+        self.relaid, self.read = 0, []
+
+    def operand(self, layout, m, w):
+        self.relaid += 1
+        return super().operand(layout, m, w)
+
+    def conv(self, step, out, sources, weight, *rest, **kw):
+        self.read.append(weight)
+        return super().conv(step, out, sources, weight, *rest, **kw)
+
+
+@pytest.fixture
+def fresh_cache(monkeypatch):
+    cache = plan.WeightCache()
+    monkeypatch.setattr(plan, "CACHE", cache)
+    return cache
+
+
+def _fwd(ex, patches, tokens, weights):
+    return plan.forward(ex, patches, tokens, weights)
+
+
+def test_weight_cache_hits_and_follows_versioned_updates(fresh_cache):
+    """A forward re-lays each weight once; the backward and a second forward reuse them; an
+    in-place versioned update (an optimizer's step without fusing) or a new tensor is a miss."""
+    ex = _Counting()
+    patches, tokens, weights = make_inputs(1, 16, 8)
+    first = _fwd(ex, patches, tokens, weights)
+    relaid = ex.relaid
+    _fwd(ex, patches, tokens, weights)
+    assert ex.relaid == relaid  # all hits
+    plan.backward(ex, torch.randn_like(patches), patches, tokens, weights)
+    backward_only = ex.relaid - relaid  # the backward's own layouts (input-gradient convs)
+    with torch.no_grad():
+        weights[0].mul_(2)  # enc1's weight, versioned
+    second = _fwd(ex, patches, tokens, weights)
+    assert ex.relaid == relaid + backward_only + 1  # only enc1's forward operand again
+    assert not torch.allclose(first, second)
+    _fwd(ex, patches, tokens, [w.clone() for w in weights])
+    assert ex.relaid == 2 * relaid + backward_only + 1  # new tensors: every forward layout again
+
+
+def test_weight_cache_sees_a_fused_optimizer_step(fresh_cache):
+    """Fused AdamW writes parameters in place without bumping their version counters: the cache is
+    emptied by every optimizer step, so the next forward re-lays the updated weights."""
+    ex = _Counting()
+    patches, tokens, weights = make_inputs(2, 16, 8)
+    params = [nn.Parameter(w) for w in weights]
+    for q in params:
+        q.grad = torch.randn_like(q)
+    with torch.no_grad():
+        first = _fwd(ex, patches, tokens, params)
+        versions = [q._version for q in params]
+        torch.optim.AdamW(params, lr=0.1, fused=True).step()
+        assert [q._version for q in params] == versions  # the premise: no version bump
+        second = _fwd(ex, patches, tokens, params)
+    assert not torch.allclose(first, second)
+    assert_close_to_fp64(second, ref.patch_detailer(patches, tokens, [q.detach() for q in params]),
+                         ref.patch_detailer(patches.double(), tokens.double(), [q.detach().double() for q in params]))
+
+
+def test_weight_cache_is_bypassed_while_a_graph_is_captured(fresh_cache, monkeypatch):
+    """While a CUDA graph is captured every re-layout is made afresh (so the graph records it and a
+    replay re-lays the weights of that moment: an in-place optimizer step is seen) and nothing is
+    stored (no replay reads a cache entry that may be evicted and freed)."""
+    ex = _Counting()
+    patches, tokens, weights = make_inputs(1, 16, 8)
+    _fwd(ex, patches, tokens, weights)
+    entries = dict(fresh_cache.entries)
+    cached = {id(t) for _, t in entries.values()}
+    monkeypatch.setattr(plan, "capturing", lambda t: True)
+    with torch.no_grad():
+        weights[0].mul_(2.0)  # an optimizer step before the capture
+    ex.read = []
+    out = _fwd(ex, patches, tokens, weights)
+    plan.backward(ex, torch.randn_like(patches), patches, tokens, weights)
+    assert ex.read and not any(id(w) in cached for w in ex.read)
+    assert fresh_cache.entries.keys() == entries.keys()  # nothing stored, nothing evicted
+    assert_close_to_fp64(out, ref.patch_detailer(patches, tokens, weights),
+                         ref.patch_detailer(patches.double(), tokens.double(), [w.double() for w in weights]))
+
+
+def test_weight_cache_skips_tensors_it_cannot_key():
+    patches, tokens, weights = make_inputs(1, 16, 8)
+    layout = plan.Layout("enc1.weight", "conv")
+    with torch.inference_mode():
+        frozen = weights[0].clone()
+    assert plan.WeightCache.key("x", layout, frozen) is None  # no version counter
+    assert plan.WeightCache.key("x", layout, torch.empty(64, 3, 3, 3, device="meta")) is None
+    assert plan.WeightCache.key("x", layout, weights[0]) is not None
 
 
 # ---------------------------------------------------------------- GPU: real sizes, training, graphs
@@ -317,7 +329,9 @@ def test_triton_bf16_real_sizes(backend, m, p):
     old = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
     try:
-        _check_triton(backend, m, p, 1152, torch.bfloat16, device="cuda", hi_dtype=torch.float32)
+        backend("triton", "patch_detailer")
+        conformance.check_against_reference("patch_detailer", "triton", make_inputs(m, p, 1152, torch.bfloat16, "cuda"),
+                                            high_precision=torch.float32)
     finally:
         torch.backends.cudnn.allow_tf32 = old
 
@@ -325,13 +339,13 @@ def test_triton_bf16_real_sizes(backend, m, p):
 def _train(backend_name, backend, steps=30):
     torch.manual_seed(1234)
     d = 64
-    weights = [nn.Parameter(w) for w in make_weights(d, torch.float32, "cuda")]
-    teacher = make_weights(d, torch.float32, "cuda")
+    weights = [nn.Parameter(w) for w in conformance.head_weights(d, torch.float32, "cuda")]
+    teacher = conformance.head_weights(d, torch.float32, "cuda")
     patches = torch.randn(256, 3, 16, 16, device="cuda")
     tokens = torch.randn(256, d, device="cuda")
     with torch.no_grad():
         target = ref.patch_detailer(patches, tokens, teacher)
-    opt = torch.optim.AdamW(weights, lr=1e-3)
+    opt = torch.optim.AdamW(weights, lr=1e-3, fused=True)  # as dip.train: no version bumps
     backend(backend_name, "patch_detailer")
     losses = []
     for _ in range(steps):

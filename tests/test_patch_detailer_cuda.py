@@ -1,306 +1,141 @@
-"""The CUDA backend of the Patch Detailer Head.
+"""The CUDA executor of the Patch Detailer Head (dip_kernels/cuda/patch_detailer.py).
 
-CPU (no GPU needed): the CUDA backend's whole layer schedule (dip_kernels/cuda/patch_detailer.py:
-weight re-layouts, views, strides, split-K choices) runs through `Emulator`, a PyTorch model of
-each compiled kernel that mirrors its index math (row_coord / chunk_coord / chunk_ptr and the
-epilogues of csrc/cuda/patch_detailer.cu), and is checked against the eager reference. A second
-CPU test replays the kernels' per-lane ldmatrix / mma.sync fragment addressing against the PTX
-fragment layouts. GPU: the compiled kernels against the reference in bf16 / fp16.
+CPU (no GPU needed): the CUDA executor's whole lowering of the head's plan (its tile-padded GEMM
+operands, the 8-channel image packing, the split counts, the views it hands the kernels) runs on
+``TorchKernels``, the dip_C kernels' contracts (csrc/patch_detailer.cpp) written with the torch
+executor's implicit GEMM, and is checked against the eager reference; its operands against the
+plan's re-layouts; its capability (tensor cores only) through dispatch. Two more CPU tests replay
+the kernels' per-lane ldmatrix / mma.sync fragment addressing against the PTX fragment layouts and
+the pool-order row map against the epilogue's shuffles. GPU: the compiled kernels against the
+reference in bf16 / fp16, opcheck, CUDA-graph capture, determinism.
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
 import dip_kernels
+from dip_kernels import backends
+from dip_kernels.cpu.patch_detailer import columns, compute_dtype, implicit_gemm, silu_grad, unpool
 from dip_kernels.cuda import patch_detailer as pd
+from dip_kernels.plan import patch_detailer as plan
 from dip_kernels.reference import patch_detailer as ref
 from dip_kernels.testing import assert_close_to_fp64, poisoned_allocations
 
-
-def make_inputs(m, patch, d, dtype, device="cpu"):
-    shapes = ref.head_weight_shapes(d)
-    weights = []
-    for shape in shapes:
-        if len(shape) == 1:
-            w = 0.1 * torch.randn(shape, dtype=torch.float64)
-        else:
-            fan_in = shape[1] * shape[2] * shape[3] if shape[2] == 3 or shape[2] == 1 else shape[0]
-            w = torch.randn(shape, dtype=torch.float64) * (2.0 / fan_in) ** 0.5
-        weights.append(w)
-    patches = torch.randn(m, 3, patch, patch, dtype=torch.float64)
-    tokens = torch.randn(m, d, dtype=torch.float64)
-    cast = lambda t: t.to(dtype=dtype, device=device)  # noqa: E731
-    return cast(patches), cast(tokens), [cast(w) for w in weights]
+from conformance import head_inputs
 
 
-# ---------------------------------------------------------------- CPU model of the kernels
-def silu(v):
-    return v * torch.sigmoid(v)
-
-
-def silu_grad(z):
-    s = torch.sigmoid(z)
-    return s * (1 + z * (1 - s))
-
-
-class Emulator:
-    """Executes the pd_* ops' contracts on CPU in float64 (storing in the tensors' dtype), using the
-    kernels' index functions, so a wrong stride, tap order, row order or split in the schedule or
-    in those functions shows up as a mismatch with the reference."""
+# ---------------------------------------------------------------- the kernels' contracts, in torch
+class TorchKernels:
+    """torch.ops.dip_C.patch_detailer_* as csrc/patch_detailer.cpp states them, on CPU tensors:
+    every output element written (the partials' tile padding too), operands padded as the kernels
+    require them."""
 
     @staticmethod
-    def geometry(src1, src2, ks, stride, pad):
-        n, hi, wi, c1 = src1.shape
-        ctot = c1 + (src2.shape[3] if src2 is not None else 0)
-        ho = (hi + 2 * pad - ks) // stride + 1
-        wo = (wi + 2 * pad - ks) // stride + 1
-        return dict(nimg=n, hi=hi, wi=wi, c1=c1, ctot=ctot, ho=ho, wo=wo, rows=n * ho * wo, k=ks * ks * ctot,
-                    ks=ks, stride=stride, pad=pad)
+    def conv_gemm(out, src1, src2, wgemm, bias, aux, pooled, ks, stride, pad, pool_order, act, upsample):
+        assert wgemm.shape[0] % pd.BK == 0 and wgemm.shape[1] % pd.CONV_BN == 0 and wgemm.is_contiguous()
+        assert bias is None or (bias.dtype == torch.float32 and bias.numel() == wgemm.shape[1])
+        assert pool_order == (pooled is not None) and (act != pd.ACT_NONE or aux is None)
+        assert src1.shape[3] % 8 == 0 and (src2 is None or src2.shape[3] % 8 == 0)  # 16-byte gathers
+        size = out.shape[1] // 2 if upsample else out.shape[1]
+        sources = [src1] if src2 is None else [src1, src2]
+        implicit_gemm([out], sources, wgemm, bias, ks, stride, pad, size, silu=act == pd.ACT_SILU, z=aux,
+                      dsilu=act == pd.ACT_SILU_BACKWARD, pool=pooled, upsample=upsample)
 
     @staticmethod
-    def row_coord(r, g, pool_order):
-        valid = r < g["rows"]
-        rr = torch.where(valid, r, torch.zeros_like(r))
-        hw = g["ho"] * g["wo"]
-        n = rr // hw
-        p = rr - n * hw
-        if pool_order:
-            half_w = g["wo"] >> 1
-            q, sub = p >> 2, p & 3
-            qy = q // half_w
-            oy = 2 * qy + (sub >> 1)
-            ox = 2 * (q - qy * half_w) + (sub & 1)
-        else:
-            oy = p // g["wo"]
-            ox = p - oy * g["wo"]
-        return n, oy, ox, valid
-
-    @staticmethod
-    def chunk_coord(k0, g):
-        valid = k0 < g["k"]
-        kk = torch.where(valid, k0, torch.zeros_like(k0))
-        tap = kk // g["ctot"]
-        c = kk - tap * g["ctot"]
-        ky = tap // g["ks"]
-        kx = tap - ky * g["ks"]
-        return ky, kx, c, valid
-
-    @classmethod
-    def gather(cls, src1, src2, g, rowc, ncols):
-        """[len(rows), ncols] float64: element (r, k) of the implicit im2col matrix."""
-        n, oy, ox, rvalid = rowc
-        k = torch.arange(ncols)
-        ky, kx, c, kvalid = cls.chunk_coord((k // 8) * 8, g)
-        c = c + k % 8
-        iy = oy[:, None] * g["stride"] + ky[None, :] - g["pad"]
-        ix = ox[:, None] * g["stride"] + kx[None, :] - g["pad"]
-        valid = rvalid[:, None] & kvalid[None, :] & (iy >= 0) & (iy < g["hi"]) & (ix >= 0) & (ix < g["wi"])
-        iyc, ixc = iy.clamp(0, g["hi"] - 1), ix.clamp(0, g["wi"] - 1)
-        nn = n[:, None].expand_as(iy)
-        cc = c[None, :].expand_as(iy)
-        in1 = cc < g["c1"]
-        vals = src1.double()[nn, iyc, ixc, cc.clamp(max=g["c1"] - 1)]
-        if src2 is not None:
-            v2 = src2.double()[nn, iyc, ixc, (cc - g["c1"]).clamp(0, src2.shape[3] - 1)]
-            vals = torch.where(in1, vals, v2)
-        else:
-            valid = valid & in1
-        return torch.where(valid, vals, torch.zeros_like(vals))
-
-    @classmethod
-    def conv_gemm(cls, out, src1, src2, wgemm, bias, aux, pooled, ks, stride, pad, pool_order, act, upsample):
-        g = cls.geometry(src1, src2, ks, stride, pad)
-        kpad, npad = wgemm.shape
-        assert kpad % pd.BK == 0 and kpad >= g["k"] and npad % pd.CONV_BN == 0
-        up = 2 if upsample else 1
-        assert out.shape[:3] == (g["nimg"], up * g["ho"], up * g["wo"]), (out.shape, g)
-        n_valid = 4 * out.shape[3] if upsample else out.shape[3]
-        assert npad >= n_valid
-        rowc = cls.row_coord(torch.arange(g["rows"]), g, pool_order)
-        acc = cls.gather(src1, src2, g, rowc, kpad) @ wgemm.double()
-        acc = acc[:, :n_valid]
-        if bias is not None:
-            assert bias.dtype == torch.float32 and bias.numel() == npad
-            acc = acc + bias.double()[:n_valid]
-        n, oy, ox, _ = rowc
-        col = torch.arange(n_valid)
-        if upsample:
-            sub = col // out.shape[3]
-            ch = col - sub * out.shape[3]
-            oy = 2 * oy[:, None] + (sub >> 1)[None, :]
-            ox = 2 * ox[:, None] + (sub & 1)[None, :]
-        else:
-            ch = col
-            oy, ox = oy[:, None].expand_as(acc), ox[:, None].expand_as(acc)
-        idx = (n[:, None].expand_as(acc), oy, ox, ch[None, :].expand_as(acc))
-        if act == pd.ACT_SILU_BACKWARD:
-            acc = acc * silu_grad(aux[idx].double())
-        elif act == pd.ACT_SILU:
-            if aux is not None:
-                aux[idx] = acc.to(aux.dtype)
-            acc = silu(acc)
-        else:
-            assert aux is None
-        out[idx] = acc.to(out.dtype)
-        assert pool_order == (pooled is not None)
-        if pooled is not None:
-            win = acc.view(-1, 4, n_valid).amax(1)
-            first = torch.arange(0, g["rows"], 4)
-            pidx = (n[first][:, None].expand_as(win), (rowc[1][first] >> 1)[:, None].expand_as(win),
-                    (rowc[2][first] >> 1)[:, None].expand_as(win), col[None, :].expand_as(win))
-            pooled[pidx] = win.to(pooled.dtype)
-
-    @classmethod
-    def wgrad_partial(cls, partial, a, src1, src2, ks, stride, pad):
-        g = cls.geometry(src1, src2, ks, stride, pad)
+    def wgrad_partial(partial, a, src1, src2, ks, stride, pad):
         splits, mpad, npad = partial.shape
-        assert mpad % pd.WG_BM == 0 and npad % pd.WG_BN == 0 and npad >= g["k"] and mpad >= a.shape[3]
-        assert a.shape[:3] == (g["nimg"], g["ho"], g["wo"])
-        per_split = -(-g["rows"] // splits)
-        rows_per_split = -(-per_split // pd.BK) * pd.BK
+        assert mpad % pd.WG_BM == 0 and npad % pd.WG_BN == 0
+        rows = a.shape[0] * a.shape[1] * a.shape[2]
+        ct = compute_dtype(a)
+        cols = columns([src1] if src2 is None else [src1, src2], ks, stride, pad, a.shape[1], ct)
+        lhs = a.to(ct).reshape(rows, -1)
+        per = -(-(-(-rows // splits)) // pd.BK) * pd.BK  # rows per split, whole K-stages of BK
+        partial.zero_()
         for s in range(splits):
-            pix = torch.arange(s * rows_per_split, min((s + 1) * rows_per_split, g["rows"]))
-            if pix.numel() == 0:
-                partial[s] = 0
-                continue
-            rowc = cls.row_coord(pix, g, False)
-            amat = torch.zeros(pix.numel(), mpad, dtype=torch.float64)
-            amat[:, :a.shape[3]] = a.double()[rowc[0], rowc[1], rowc[2]]
-            partial[s] = (amat.t() @ cls.gather(src1, src2, g, rowc, npad)).float()
+            part = slice(s * per, min((s + 1) * per, rows))
+            partial[s, :lhs.shape[1], :cols.shape[1]] = (lhs[part].t() @ cols[part]).float()
 
     @staticmethod
     def colsum_partial(partial, x):
         chunks = partial.shape[0]
-        flat = x.double().reshape(-1, x.shape[3])  # linear (n, y, x) order, as the kernel walks it
+        flat = x.float().reshape(-1, x.shape[3])  # linear (n, y, x) order, as the kernel walks it
         per = -(-flat.shape[0] // chunks)
         for s in range(chunks):
-            partial[s] = flat[s * per:(s + 1) * per].sum(0).float()
+            partial[s] = flat[s * per:(s + 1) * per].sum(0)
 
     @staticmethod
     def grad_finalize(out, partial, ctot):
         mreal, creal, taps = out.shape
-        total = partial.double().sum(0)
-        n = (torch.arange(taps)[None, :] * ctot + torch.arange(creal)[:, None])  # [c, t]
-        out.copy_(total[:mreal][:, n].to(out.dtype))
+        index = torch.arange(taps)[None, :] * ctot + torch.arange(creal)[:, None]  # [c, t]
+        out.copy_(partial.sum(0)[:mreal][:, index])
 
     @staticmethod
     def pool_silu_backward(dz, h, z, dskip, dpooled):
-        n, hh, ww, c = h.shape
-        win = h.double().reshape(n, hh // 2, 2, ww // 2, 2, c).permute(0, 1, 3, 5, 2, 4).reshape(n, hh // 2, ww // 2, c, 4)
-        first_max = win.argmax(-1)  # torch returns the first maximal index
-        onehot = F.one_hot(first_max, 4).double() * dpooled.double()[..., None]
-        scatter = onehot.reshape(n, hh // 2, ww // 2, c, 2, 2).permute(0, 1, 4, 2, 5, 3).reshape(n, hh, ww, c)
-        dz.copy_(((dskip.double() + scatter) * silu_grad(z.double())).to(dz.dtype))
-
-
-def _emulated_forward(patches, tokens, weights):
-    return pd.run_forward(patches, tokens, pd.prepare_forward(weights), Emulator, keep=False)[0]
-
-
-def _emulated_backward(grad_out, patches, tokens, weights, target_blocks=8):
-    taps = (patches.shape[2] // 16) ** 2
-    return pd.run_backward(grad_out, patches, tokens, weights, pd.prepare_forward(weights),
-                           pd.prepare_backward(weights, taps), Emulator, target_blocks)
-
-
-@pytest.mark.parametrize("m,patch", [(2, 16), (1, 32)])
-def test_emulated_schedule_forward_matches_reference(m, patch):
-    p64, t64, w64 = make_inputs(m, patch, 16, torch.float64)
-    p32, t32, w32 = p64.float(), t64.float(), [w.float() for w in w64]
-    with poisoned_allocations():
-        out = _emulated_forward(p32, t32, w32)
-    assert_close_to_fp64(out, ref.patch_detailer(p32, t32, w32), ref.patch_detailer(p64, t64, w64))
-
-
-@pytest.mark.parametrize("m,patch", [(2, 16), (1, 32)])
-def test_emulated_schedule_backward_matches_reference(m, patch):
-    p64, t64, w64 = make_inputs(m, patch, 16, torch.float64)
-    g64 = torch.randn(m, 3, patch, patch, dtype=torch.float64)
-    p32, t32, w32, g32 = p64.float(), t64.float(), [w.float() for w in w64], g64.float()
-    with poisoned_allocations():
-        gp, gt, gw = _emulated_backward(g32, p32, t32, w32)
-    rp, rt, rw = ref.patch_detailer_backward(g32, p32, t32, w32)
-    ep, et, ew = ref.patch_detailer_backward(g64, p64, t64, w64)
-    assert_close_to_fp64(gp, rp, ep, name="grad patches")
-    assert_close_to_fp64(gt, rt, et, name="grad tokens")
-    for name, a, b, c in zip(dip_kernels.HEAD_WEIGHT_NAMES, gw, rw, ew):
-        assert a.dtype == b.dtype
-        assert_close_to_fp64(a, b, c, name=f"grad {name}")
-
-
-def test_weight_cache_misses_after_inplace_update():
-    _, _, w = make_inputs(1, 16, 16, torch.float32)
-    cache = pd._WeightCache()
-    calls = []
-    build = lambda: calls.append(1) or len(calls)  # noqa: E731
-    assert cache.get(w, "fwd", build) == 1
-    assert cache.get(w, "fwd", build) == 1
-    with torch.no_grad():
-        w[3].add_(1.0)
-    assert cache.get(w, "fwd", build) == 2
-    w2 = [t.clone() for t in w]
-    assert cache.get(w2, "fwd", build) == 3
-
-
-class CountingEmulator(Emulator):
-    """The CPU model of the kernels, also recording which GEMM weight matrices the schedule reads."""
-    weights_read = []
-
-    @classmethod
-    def conv_gemm(cls, out, src1, src2, wgemm, *rest):
-        cls.weights_read.append(wgemm)
-        super().conv_gemm(out, src1, src2, wgemm, *rest)
+        ct = compute_dtype(dz)
+        dz.copy_((dskip.to(ct) + unpool(dpooled.to(ct), h)) * silu_grad(z.to(ct)))
 
     @staticmethod
     def target_blocks(device):
-        return 8
+        return 8  # a small card: several splits at the tests' sizes
 
 
-def test_weight_cache_is_bypassed_while_a_graph_is_captured(monkeypatch):
-    """The CUDA entry points on the CPU model of the kernels: eagerly the re-laid weights are
-    cached and reused; while a CUDA graph is captured they are re-laid from the weights every call
-    and never stored, so a replay recomputes them from the weights of that moment (an in-place
-    optimizer step is seen) and never reads a cache entry that may be evicted and freed."""
-    monkeypatch.setattr(pd, "CudaOps", CountingEmulator)
-    monkeypatch.setattr(pd, "_cache", pd._WeightCache())
-    p64, t64, w64 = make_inputs(1, 16, 16, torch.float64)
-    p, t, w = p64.half(), t64.half(), [x.half() for x in w64]
-    pd.patch_detailer_forward(p, t, w)
-    cached = [e[3] for e in pd._cache.entries]
-    assert len(cached) == 1
-    pd.patch_detailer_forward(p, t, w)
-    assert [e[3] for e in pd._cache.entries] == cached  # eager: a hit
-
-    monkeypatch.setattr(pd, "capturing", lambda t: True)
-    cached_ids = {id(m) for m in cached[0].values()}
-    before_step = [x.clone() for x in w]
-    with torch.no_grad():
-        w[0].mul_(2.0)  # an optimizer step
-    CountingEmulator.weights_read = []
-    out = pd.patch_detailer_forward(p, t, w)
-    gp, gt, gw = pd.patch_detailer_backward(torch.randn_like(p), p, t, w)
-    assert CountingEmulator.weights_read and not any(id(m) in cached_ids for m in CountingEmulator.weights_read)
-    assert len(pd._cache.entries) == 1 and [e[3] for e in pd._cache.entries] == cached  # nothing stored
-    assert_close_to_fp64(out, ref.patch_detailer(p, t, w), ref.patch_detailer(p.double(), t.double(),
-                                                                            [x.double() for x in w]))
-    assert not torch.allclose(out, ref.patch_detailer(p, t, before_step), rtol=1e-2, atol=1e-2)
+LOWERED = pd.CudaExecutor(TorchKernels)
 
 
-def test_cuda_backend_declines_float32_visibly(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,patch", [(2, 16), (1, 32)])
+def test_cuda_lowering_matches_reference(m, patch, dtype):
+    """The CUDA executor's forward and backward, its kernels replaced by their contracts in torch,
+    against the reference: a wrong padding, packing, split, view or finalize layout is a mismatch."""
+    patches, tokens, weights = head_inputs(m, patch, 16, dtype)
+    grad_out = torch.randn(m, 3, patch, patch).to(dtype)
+    with poisoned_allocations():
+        out = plan.forward(LOWERED, patches, tokens, weights)
+        gp, gt, gw = plan.backward(LOWERED, grad_out, patches, tokens, weights)
+    hi = [t.double() for t in (patches, tokens)] + [[w.double() for w in weights]]
+    assert_close_to_fp64(out, ref.patch_detailer(patches, tokens, weights), ref.patch_detailer(*hi))
+    want = ref.patch_detailer_backward(grad_out, patches, tokens, weights)
+    anchor = ref.patch_detailer_backward(grad_out.double(), *hi)
+    names = ["grad patches", "grad tokens"] + [f"grad {n}" for n in dip_kernels.HEAD_WEIGHT_NAMES]
+    for name, g, lo, h in zip(names, [gp, gt, *gw], [want[0], want[1], *want[2]], [anchor[0], anchor[1], *anchor[2]]):
+        assert g.dtype == dtype
+        assert_close_to_fp64(g, lo, h, name=name)
+
+
+def test_cuda_operands_are_the_plan_layouts_padded():
+    """Every GEMM operand the CUDA executor hands its kernels is the plan's re-layout, each tap's
+    channels padded to a multiple of 8 (the 3-channel images), K to BK and N to CONV_BN, with zeros;
+    biases float32."""
+    _, _, weights = head_inputs(1, 32, 16, torch.bfloat16)
+    layouts = {s.weight for s in plan.forward_plan(32) + plan.backward_plan(32) if isinstance(s, plan.Conv)}
+    layouts |= {s.bias for s in plan.forward_plan(32) if s.bias is not None}
+    for layout in layouts:
+        w = weights[plan.SLOT[layout.weight]]
+        logical = plan.relayout(layout, w)
+        got = pd.EXECUTOR.operand(layout, logical, w)
+        if layout.kind in ("bias", "up_bias"):
+            assert got.dtype == torch.float32 and got.numel() % pd.CONV_BN == 0
+            assert torch.equal(got[:logical.numel()], logical.float()) and not got[logical.numel():].any()
+            continue
+        taps, c = layout.taps(w)
+        c8 = -(-c // 8) * 8
+        assert got.shape[0] % pd.BK == 0 and got.shape[1] % pd.CONV_BN == 0, layout
+        k = got[:taps * c8, :logical.shape[1]].reshape(taps, c8, -1)
+        assert torch.equal(k[:, :c].reshape(taps * c, -1), logical), layout
+        assert not k[:, c:].any() and not got[taps * c8:].any() and not got[:, logical.shape[1]:].any(), layout
+
+
+def test_cuda_backend_declines_float32_visibly(gpu_machine):
     """float32 heads on a CUDA build: the CUDA kernels decline them (tensor cores only), auto takes
     the Triton head, and the choice says so; nothing falls back silently inside the backend."""
-    p, t, w = make_inputs(1, 16, 16, torch.float32)
-    assert "tensor-core only" in pd.unsupported(p, t, w)
-    assert pd.unsupported(p.half(), t.half(), w) is None and "divisible by 8" in pd.unsupported(p.half(), t[:, :12], w)
+    p, t, w = head_inputs(1, 16, 16, torch.float32)
+    assert "tensor-core only" in pd.CAPABILITY.declines("cuda", (p, t, w))
+    assert pd.CAPABILITY.declines("cuda", (p.half(), t.half(), w)) is None
+    assert "divisible by 8" in pd.CAPABILITY.declines("cuda", (p.half(), t[:, :12].half(), w))
     with pytest.raises(ValueError, match="tensor-core only"):
         pd.patch_detailer_forward(p, t, w)
-    # every backend this op has counts as available: as on a GPU machine with the CUDA build
-    monkeypatch.setattr(dip_kernels.backends, "_unavailable_reason",
-                        lambda op, b, device=None: None if b in dip_kernels.backends._MODULES[op] else "absent")
-    choice = dip_kernels.backends._select("patch_detailer", "patch_detailer", torch.device("cuda"), (p, t, w))
+    choice = backends._select("patch_detailer", torch.device("cuda"), (p, t, w))
     assert choice.backend == "triton" and "not cuda: the CUDA head kernels are tensor-core only" in choice.reason
-    half = dip_kernels.backends._select("patch_detailer_backward", "patch_detailer", torch.device("cuda"),
-                                        (p.half(), t.half(), w))
+    half = backends._select("patch_detailer_backward", torch.device("cuda"), (p.half(), t.half(), w))
     assert half.backend == "cuda"
 
 
@@ -396,19 +231,29 @@ def test_wgrad_kernel_fragment_addressing():
                         assert abs(acc[mt][nt][lane][e] - want[row, col]) < 1e-9
 
 
+def _pool_order_rows(n_img, ho, wo):
+    """(patch, y, x) of each GEMM row in pool order, as the kernels' row_coord decodes it: rows
+    4q..4q+3 are the 2x2 window q."""
+    r = torch.arange(n_img * ho * wo)
+    n, p = r // (ho * wo), r % (ho * wo)
+    q, sub = p >> 2, p & 3
+    qy = q // (wo >> 1)
+    return n, 2 * qy + (sub >> 1), 2 * (q - qy * (wo >> 1)) + (sub & 1)
+
+
 def test_pool_order_windows_sit_in_shuffle_lanes():
     # In pool order, rows 4w..4w+3 are one 2x2 window; in the accumulator they sit in lanes whose
     # g = lane >> 2 differ in the low 2 bits, i.e. lane ^ 4 and lane ^ 8 (the epilogue's shuffles).
-    g = Emulator.geometry(torch.zeros(2, 8, 8, 8), None, 3, 1, 1)
-    n, oy, ox, _ = Emulator.row_coord(torch.arange(g["rows"]), g, True)
+    n, oy, ox = _pool_order_rows(2, 8, 8)
+    rows = n.numel()
     seen = set()
-    for base in range(0, g["rows"], 4):
+    for base in range(0, rows, 4):
         window = {(int(n[r]), int(oy[r]) // 2, int(ox[r]) // 2) for r in range(base, base + 4)}
         assert len(window) == 1
         subs = {(int(oy[r]) % 2, int(ox[r]) % 2) for r in range(base, base + 4)}
         assert subs == {(0, 0), (0, 1), (1, 0), (1, 1)} and int(oy[base]) % 2 == 0 and int(ox[base]) % 2 == 0
         seen |= {(int(n[r]), int(oy[r]), int(ox[r])) for r in range(base, base + 4)}
-    assert len(seen) == g["rows"]  # a bijection onto the pixels
+    assert len(seen) == rows  # a bijection onto the pixels
     for lane in range(32):
         group = {lane ^ 0, lane ^ 4, lane ^ 8, lane ^ 12}
         assert {(other >> 2) // 4 for other in group} == {(lane >> 2) // 4}
@@ -424,9 +269,8 @@ needs_cuda_backend = pytest.mark.skipif(not _cuda_available(), reason="needs the
 
 
 def _gpu_case(m, patch, d, dtype):
-    p64, t64, w64 = make_inputs(m, patch, d, torch.float64, "cuda")
-    low = (p64.to(dtype), t64.to(dtype), [w.to(dtype) for w in w64])
-    return (p64, t64, w64), low
+    p, t, w = head_inputs(m, patch, d, dtype, "cuda")
+    return (p.double(), t.double(), [x.double() for x in w]), (p, t, w)
 
 
 @gpu

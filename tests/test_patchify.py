@@ -1,8 +1,10 @@
-"""patchify / unpatchify: op-layer checks (opcheck, gradcheck, fake shapes, torch.compile), the token
-ordering against F.unfold, bad inputs, and the Triton backend against the eager reference.
+"""patchify / unpatchify: the token ordering against F.unfold, round trips and the cast in the same
+pass on every backend, op-layer checks (gradcheck, fake shapes, torch.compile), bad inputs, the
+Triton copy kernel's tiling, and on a GPU real sizes and CUDA-graph capture.
 
-The ops are pure copies (plus an optional cast), so kernel results must match the reference
-bit for bit; exact equality is the tolerance here (stricter than assert_close_to_fp64)."""
+The ops are pure copies (plus an optional cast), so kernel results must match the reference bit
+for bit. Every backend against the reference over the catalogue (layouts, tails, multi-tile
+widths), and opcheck, is tests/test_backends.py."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,30 +14,16 @@ import dip_kernels
 from dip_kernels.reference import patchify as ref
 from dip_kernels.testing import assert_close_to_fp64, poisoned_allocations, ran_on
 
+import conformance
+
 BACKENDS = ["eager", "triton"]
-# (B, C, H, W, P): square and non-square images, P = 16, 32, a small even P and an odd one; the
-# last two are wider than one tile of the kernel, the last tile partial (as 512-wide images at P=32)
-SHAPES = [(2, 3, 32, 48, 16), (1, 3, 64, 32, 32), (2, 5, 12, 20, 4), (1, 2, 15, 10, 5),
-          (1, 2, 32, 160, 32), (1, 1, 16, 272, 16)]
+SHAPES = conformance.PATCHIFY_SHAPES
 
 
 def unfold_tokens(images, p):
     """Independent ground truth for the token layout: F.unfold orders each patch (c, row, col)
     and patches row-major over the grid."""
     return F.unfold(images.double(), kernel_size=p, stride=p).transpose(1, 2).to(images.dtype)
-
-
-def _noncontiguous(images, kind):
-    if kind == "channels_last":
-        return images.contiguous(memory_format=torch.channels_last)
-    if kind == "transposed":  # H and W strides swapped
-        return images.transpose(2, 3).contiguous().transpose(2, 3)
-    if kind == "sliced":  # every other column of a wider image
-        b, c, h, w = images.shape
-        wide = torch.randn(b, c, h, 2 * w, dtype=images.dtype)
-        wide[..., ::2] = images
-        return wide[..., ::2]
-    return images
 
 
 # ---------------------------------------------------------------- layout and round trip
@@ -78,17 +66,6 @@ def test_cast_in_the_same_pass(backend, name):
 
 
 # ---------------------------------------------------------------- op-layer checks
-@pytest.mark.parametrize("name", BACKENDS)
-def test_opcheck(backend, name):
-    backend(name, "patchify")
-    images = torch.randn(2, 3, 8, 12)
-    torch.library.opcheck(torch.ops.dip.patchify.default, (images, 4, None))
-    torch.library.opcheck(torch.ops.dip.patchify.default, (images, 4, torch.float16))
-    tokens = torch.randn(2, 6, 3 * 16)
-    torch.library.opcheck(torch.ops.dip.unpatchify.default, (tokens, 4, 8, 12, None))
-    torch.library.opcheck(torch.ops.dip.unpatchify.default, (tokens, 4, 8, 12, torch.float64))
-
-
 @pytest.mark.parametrize("name", BACKENDS)
 def test_gradcheck(backend, name):
     # the copy is exact in float64 on the Triton path too, so both backends can be gradchecked
@@ -142,30 +119,7 @@ def test_bad_inputs(call, match):
         call()
 
 
-# ---------------------------------------------------------------- Triton backend vs reference
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed", "sliced"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("b,c,h,w,p", SHAPES)
-def test_triton_forward_backward(backend, b, c, h, w, p, dtype, layout):
-    backend("triton", "patchify")
-    images = _noncontiguous(torch.randn(b, c, h, w).to(dtype), layout).requires_grad_(True)
-    grad_tokens = torch.randn(b, (h // p) * (w // p), c * p * p, dtype=dtype)
-    with poisoned_allocations(), ran_on("triton"):
-        tokens = dip_kernels.patchify(images, p)
-        tokens.backward(grad_tokens)  # the backward is the unpatchify kernel
-    assert torch.equal(tokens, ref.patchify(images.detach(), p))
-    assert torch.equal(images.grad, ref.unpatchify(grad_tokens, p, h, w))
-
-    # unpatchify from non-contiguous tokens (transposed token axis), its backward is patchify
-    tokens_in = grad_tokens.transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(True)
-    grad_images = torch.randn(b, c, h, w, dtype=dtype)
-    with poisoned_allocations(), ran_on("triton"):
-        images_out = dip_kernels.unpatchify(tokens_in, p, h, w)
-        images_out.backward(grad_images)
-    assert torch.equal(images_out, ref.unpatchify(grad_tokens, p, h, w))
-    assert torch.equal(tokens_in.grad, ref.patchify(grad_images, p))
-
-
+# ---------------------------------------------------------------- the Triton copy kernel
 def test_shapes_cover_the_multi_tile_path_and_its_tail():
     from dip_kernels.triton.patchify import tiling
     wide = [(w, tiling(w, p)) for _, _, _, w, p in SHAPES if tiling(w, p)[2] > 1]
@@ -175,7 +129,7 @@ def test_shapes_cover_the_multi_tile_path_and_its_tail():
 @pytest.mark.parametrize("b,c,h,w,p", SHAPES[:2])
 def test_triton_casting(backend, b, c, h, w, p):
     from dip_kernels.triton import patchify as tri
-    images = _noncontiguous(torch.randn(b, c, h, w), "channels_last")
+    images = conformance.image_layout(torch.randn(b, c, h, w), "channels_last")
     with poisoned_allocations():
         tokens = tri.patchify_forward(images, p, torch.float16)
         back = tri.unpatchify_forward(tokens, p, h, w, torch.float32)

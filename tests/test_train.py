@@ -61,7 +61,7 @@ def one_thread():
 
 def test_overfit_tiny_model_drives_loss_down(tmp_path, one_thread):
     data = InMemoryImageDataset(_images(2))
-    cfg = _cfg(tmp_path, model_overrides=dict(TINY, head="unet"), steps=40, global_batch=4, lr=2e-3,
+    cfg = _cfg(tmp_path, model_overrides=dict(TINY, head="patch_detailer"), steps=40, global_batch=4, lr=2e-3,
                label_dropout=0.0, ckpt_interval=1000)
     result = train(cfg, dataset=data)
     lines = [json.loads(line) for line in open(os.path.join(cfg.out, "metrics.jsonl"))]

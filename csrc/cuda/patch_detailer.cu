@@ -1,8 +1,9 @@
 // CUDA kernels of the Patch Detailer Head (dip_kernels/reference/patch_detailer.py): bf16 / fp16
 // implicit-GEMM convolutions on tensor cores (mma.sync m16n8k16, fp32 accumulation), plus the
 // small deterministic reductions the backward needs. The layer schedule (which GEMM runs with which
-// operands) lives in Python, dip_kernels/cuda/patch_detailer.py, so that the very same schedule can
-// be executed by a CPU emulation of these kernels in tests/test_patch_detailer_cuda.py.
+// operands) is the head's plan, dip_kernels/plan/patch_detailer.py, shared with the Triton and torch
+// executors; dip_kernels/cuda/patch_detailer.py lowers its steps onto these kernels, and
+// tests/test_patch_detailer_cuda.py runs that lowering on CPU against these ops' contracts.
 //
 // Activations are channels-last (N, H, W, C) between layers. Every op here takes its tensors as
 // 4-D channels-last *views* and reads sizes and strides from them, so a concat is never
@@ -63,7 +64,7 @@
 
 #include <cstdint>
 
-namespace dip_patch_detailer {
+namespace patch_detailer {
 namespace {
 
 constexpr int kBK = 32;         // K depth of one pipeline stage
@@ -136,7 +137,9 @@ template <> struct Mma<__half> {
 };
 
 // ------------------------------------------------------------------ implicit-GEMM gather
-// Mirrored line by line by _Emulator.row_coord / chunk_coord in tests/test_patch_detailer_cuda.py.
+// Its contract (K ordered (ky, kx, c), windows zero-padded per image) is the torch executor's columns()
+// (dip_kernels/cpu/patch_detailer.py), on which tests/test_patch_detailer_cuda.py runs the CUDA executor's
+// lowering; the pool-order row map is mirrored by _pool_order_rows there.
 struct Gather {
   long long s1n, s1y, s1x, s2n, s2y, s2x;  // element strides of the two sources (channel stride 1)
   int rows, ho, wo;                        // GEMM rows = nimg * ho * wo
@@ -660,9 +663,9 @@ void conv_gemm_cuda(const at::Tensor& out, const at::Tensor& src1, const std::op
                     const std::optional<at::Tensor>& aux, const std::optional<at::Tensor>& pooled, int64_t ks,
                     int64_t stride, int64_t pad, bool pool_order, int64_t act, bool upsample) {
   const at::Device dev = src1.device();
-  TORCH_CHECK(dev.is_cuda(), "pd_conv_gemm_: src1 must be a CUDA tensor");
+  TORCH_CHECK(dev.is_cuda(), "patch_detailer_conv_gemm_: src1 must be a CUDA tensor");
   const auto dtype = src1.scalar_type();
-  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "pd_conv_gemm_: dtype must be bfloat16 or float16, got ", dtype);
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "patch_detailer_conv_gemm_: dtype must be bfloat16 or float16, got ", dtype);
   c10::cuda::CUDAGuard guard(dev);
   check_view4(src1, "src1", dtype, dev, true);
   if (src2) check_view4(*src2, "src2", dtype, dev, true);
@@ -720,9 +723,9 @@ void conv_gemm_cuda(const at::Tensor& out, const at::Tensor& src1, const std::op
 void wgrad_partial_cuda(const at::Tensor& partial, const at::Tensor& a, const at::Tensor& src1,
                         const std::optional<at::Tensor>& src2, int64_t ks, int64_t stride, int64_t pad) {
   const at::Device dev = src1.device();
-  TORCH_CHECK(dev.is_cuda(), "pd_wgrad_partial_: src1 must be a CUDA tensor");
+  TORCH_CHECK(dev.is_cuda(), "patch_detailer_wgrad_partial_: src1 must be a CUDA tensor");
   const auto dtype = src1.scalar_type();
-  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "pd_wgrad_partial_: dtype must be bfloat16 or float16");
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "patch_detailer_wgrad_partial_: dtype must be bfloat16 or float16");
   c10::cuda::CUDAGuard guard(dev);
   check_view4(src1, "src1", dtype, dev, true);
   if (src2) check_view4(*src2, "src2", dtype, dev, true);
@@ -770,9 +773,9 @@ void wgrad_partial_cuda(const at::Tensor& partial, const at::Tensor& a, const at
 
 void colsum_partial_cuda(const at::Tensor& partial, const at::Tensor& x) {
   const at::Device dev = x.device();
-  TORCH_CHECK(dev.is_cuda(), "pd_colsum_partial_: x must be a CUDA tensor");
+  TORCH_CHECK(dev.is_cuda(), "patch_detailer_colsum_partial_: x must be a CUDA tensor");
   const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "pd_colsum_partial_: dtype must be bfloat16 or float16");
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "patch_detailer_colsum_partial_: dtype must be bfloat16 or float16");
   c10::cuda::CUDAGuard guard(dev);
   check_view4(x, "x", dtype, dev, false);
   TORCH_CHECK(x.stride(3) == 1, "x must have channel stride 1");
@@ -799,9 +802,9 @@ void colsum_partial_cuda(const at::Tensor& partial, const at::Tensor& x) {
 
 void grad_finalize_cuda(const at::Tensor& out, const at::Tensor& partial, int64_t ctot) {
   const at::Device dev = out.device();
-  TORCH_CHECK(dev.is_cuda(), "pd_grad_finalize_: out must be a CUDA tensor");
+  TORCH_CHECK(dev.is_cuda(), "patch_detailer_grad_finalize_: out must be a CUDA tensor");
   const auto dtype = out.scalar_type();
-  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "pd_grad_finalize_: dtype must be bfloat16 or float16");
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "patch_detailer_grad_finalize_: dtype must be bfloat16 or float16");
   c10::cuda::CUDAGuard guard(dev);
   TORCH_CHECK(out.dim() == 3 && out.is_contiguous(), "out must be a contiguous (M, C, taps) tensor");
   TORCH_CHECK(partial.dim() == 3 && partial.is_contiguous() && partial.scalar_type() == at::kFloat &&
@@ -830,9 +833,9 @@ void grad_finalize_cuda(const at::Tensor& out, const at::Tensor& partial, int64_
 void pool_silu_backward_cuda(const at::Tensor& dz, const at::Tensor& h, const at::Tensor& z, const at::Tensor& dskip,
                              const at::Tensor& dpooled) {
   const at::Device dev = dz.device();
-  TORCH_CHECK(dev.is_cuda(), "pd_pool_silu_backward_: dz must be a CUDA tensor");
+  TORCH_CHECK(dev.is_cuda(), "patch_detailer_pool_silu_backward_: dz must be a CUDA tensor");
   const auto dtype = dz.scalar_type();
-  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "pd_pool_silu_backward_: dtype must be bfloat16 or float16");
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "patch_detailer_pool_silu_backward_: dtype must be bfloat16 or float16");
   c10::cuda::CUDAGuard guard(dev);
   check_view4(dz, "dz", dtype, dev, true);
   check_view4(h, "h", dtype, dev, true);
@@ -869,12 +872,12 @@ void pool_silu_backward_cuda(const at::Tensor& dz, const at::Tensor& h, const at
 }
 
 }  // namespace
-}  // namespace dip_patch_detailer
+}  // namespace patch_detailer
 
 TORCH_LIBRARY_IMPL(dip_C, CUDA, m) {
-  m.impl("pd_conv_gemm_", &dip_patch_detailer::conv_gemm_cuda);
-  m.impl("pd_wgrad_partial_", &dip_patch_detailer::wgrad_partial_cuda);
-  m.impl("pd_colsum_partial_", &dip_patch_detailer::colsum_partial_cuda);
-  m.impl("pd_grad_finalize_", &dip_patch_detailer::grad_finalize_cuda);
-  m.impl("pd_pool_silu_backward_", &dip_patch_detailer::pool_silu_backward_cuda);
+  m.impl("patch_detailer_conv_gemm_", &patch_detailer::conv_gemm_cuda);
+  m.impl("patch_detailer_wgrad_partial_", &patch_detailer::wgrad_partial_cuda);
+  m.impl("patch_detailer_colsum_partial_", &patch_detailer::colsum_partial_cuda);
+  m.impl("patch_detailer_grad_finalize_", &patch_detailer::grad_finalize_cuda);
+  m.impl("patch_detailer_pool_silu_backward_", &patch_detailer::pool_silu_backward_cuda);
 }

@@ -2,11 +2,12 @@
 rmsnorm_modulate: rmsnorm(x)*weight*(1+scale)+shift   x (B,N,D); weight (D,); shift, scale (B,D)
 gated_residual:   x + gate*f                           x, f (B,N,D); gate (B,D)
 swiglu:           silu(a)*b with (a, b) the two halves of the last dim of ab (..., 2H) -> (..., H)
+
+The backward functions are the forward's derivative written out (tests check them against autograd
+of the forward in float64), in the forward's compute dtype, each gradient in its input's dtype.
 """
 import torch
 import torch.nn.functional as F
-
-from ._autograd import grads_by_recompute
 
 
 def _compute_dtype(t):
@@ -36,8 +37,17 @@ def rmsnorm_modulate_forward(x, weight, shift, scale, eps, out_dtype=None):
 
 
 def rmsnorm_modulate_backward(grad_y, x, weight, shift, scale, eps):
-    fn = lambda x, w, sh, sc: rmsnorm_modulate(x, w, sh, sc, eps, grad_y.dtype)  # noqa: E731
-    return tuple(grads_by_recompute(fn, [x, weight, shift, scale], grad_y))
+    ct = _compute_dtype(x)
+    g, xf, w = grad_y.to(ct), x.to(ct), weight.to(ct)
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    xhat = xf * rstd
+    one_plus = 1 + scale.to(ct)[:, None, :]
+    g_xhat = g * w * one_plus
+    gx = rstd * (g_xhat - xhat * (g_xhat * xhat).mean(-1, keepdim=True))
+    g_weight = (g * xhat * one_plus).sum((0, 1))
+    g_shift = g.sum(1)
+    g_scale = (g * xhat * w).sum(1)
+    return gx.to(x.dtype), g_weight.to(weight.dtype), g_shift.to(shift.dtype), g_scale.to(scale.dtype)
 
 
 def gated_residual_forward(x, gate, f):
@@ -45,7 +55,11 @@ def gated_residual_forward(x, gate, f):
 
 
 def gated_residual_backward(grad_y, x, gate, f):
-    return tuple(grads_by_recompute(gated_residual, [x, gate, f], grad_y))
+    ct = _compute_dtype(x)
+    g = grad_y.to(ct)
+    g_gate = (g * f.to(ct)).sum(1)
+    g_f = g * gate.to(ct)[:, None, :]
+    return g.to(x.dtype), g_gate.to(gate.dtype), g_f.to(f.dtype)
 
 
 def swiglu_forward(ab):
@@ -53,4 +67,8 @@ def swiglu_forward(ab):
 
 
 def swiglu_backward(grad_y, ab):
-    return grads_by_recompute(swiglu, [ab], grad_y)[0]
+    a, b = ab.to(_compute_dtype(ab)).chunk(2, dim=-1)
+    g = grad_y.to(a.dtype)
+    sig = torch.sigmoid(a)
+    g_a = g * b * sig * (1 + a * (1 - sig))
+    return torch.cat([g_a, g * F.silu(a)], dim=-1).to(ab.dtype)

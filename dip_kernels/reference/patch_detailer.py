@@ -11,8 +11,6 @@ Output: conv1x1 64->3.
 import torch
 import torch.nn.functional as F
 
-from ._autograd import grads_by_recompute
-
 ENCODER_CHANNELS = (64, 128, 256, 512)
 DECODER_CHANNELS = (256, 128, 64, 64)  # dec4, dec3, dec2, dec1 outputs
 HEAD_WEIGHT_NAMES = (
@@ -44,31 +42,86 @@ def head_weight_shapes(token_dim, in_channels=3):
 
 
 def patch_detailer(patches, tokens, weights):
+    return _forward(patches, tokens, weights)[0]
+
+
+def _forward(patches, tokens, weights, saved=None):
+    """The head's output; with ``saved`` (a dict), also what the backward needs."""
     w = dict(zip(HEAD_WEIGHT_NAMES, weights))
+    keep = saved is not None
     h = patches
     skips = []
     for level in range(1, 5):
-        h = F.silu(F.conv2d(h, w[f"enc{level}.weight"], w[f"enc{level}.bias"], padding=1))
+        z = F.conv2d(h, w[f"enc{level}.weight"], w[f"enc{level}.bias"], padding=1)
+        if keep:
+            saved[f"enc{level}"] = h, z
+        h = F.silu(z)
         skips.append(h)
-        h = F.max_pool2d(h, 2)
+        if keep:
+            h, saved[f"pool{level}"] = F.max_pool2d(h, 2, return_indices=True)
+        else:
+            h = F.max_pool2d(h, 2)
     tok = tokens[:, :, None, None].expand(-1, -1, h.shape[2], h.shape[3])
-    h = F.silu(F.conv2d(torch.cat([h, tok], dim=1), w["bottleneck.weight"], w["bottleneck.bias"]))
+    cat = torch.cat([h, tok], dim=1)
+    z = F.conv2d(cat, w["bottleneck.weight"], w["bottleneck.bias"])
+    if keep:
+        saved["bottleneck"] = cat, z
+    h = F.silu(z)
     for level in range(4, 0, -1):
-        h = F.conv_transpose2d(h, w[f"up{level}.weight"], w[f"up{level}.bias"], stride=2)
-        h = torch.cat([h, skips[level - 1]], dim=1)
-        h = F.silu(F.conv2d(h, w[f"dec{level}.weight"], w[f"dec{level}.bias"], padding=1))
-    return F.conv2d(h, w["out.weight"], w["out.bias"])
+        up = F.conv_transpose2d(h, w[f"up{level}.weight"], w[f"up{level}.bias"], stride=2)
+        if keep:
+            saved[f"up{level}"] = h
+        cat = torch.cat([up, skips[level - 1]], dim=1)
+        z = F.conv2d(cat, w[f"dec{level}.weight"], w[f"dec{level}.bias"], padding=1)
+        if keep:
+            saved[f"dec{level}"] = cat, z
+        h = F.silu(z)
+    if keep:
+        saved["out"] = h
+    return F.conv2d(h, w["out.weight"], w["out.bias"]), skips
 
 
 def patch_detailer_forward(patches, tokens, weights):
     return patch_detailer(patches, tokens, weights)
 
 
+def _conv_backward(grad, x, weight, padding=0, stride=1, transposed=False):
+    """(input, weight, bias) gradients of a convolution, by aten's own backward (as autograd runs it)."""
+    n = weight.shape[1] if transposed else weight.shape[0]
+    return torch.ops.aten.convolution_backward(grad, x, weight, [n], [stride] * 2, [padding] * 2, [1, 1], transposed,
+                                               [0, 0], 1, [True, True, True])
+
+
 def patch_detailer_backward(grad_out, patches, tokens, weights):
-    n = len(weights)
-    fn = lambda p, t, *ws: patch_detailer(p, t, list(ws))  # noqa: E731
-    grads = grads_by_recompute(fn, [patches, tokens, *weights], grad_out)
-    return grads[0], grads[1], list(grads[2:2 + n])
+    """The forward's derivative, layer by layer with the backward ops autograd itself would run
+    (aten.convolution_backward, silu_backward, max_pool2d_with_indices_backward): the same numbers
+    as autograd of the forward, without re-entering autograd."""
+    w = dict(zip(HEAD_WEIGHT_NAMES, weights))
+    saved = {}
+    _, skips = _forward(patches, tokens, weights, saved)
+    grads = {}
+    g, grads["out.weight"], grads["out.bias"] = _conv_backward(grad_out, saved["out"], w["out.weight"])
+    g_skips = {}
+    for level in range(1, 5):
+        cat, z = saved[f"dec{level}"]
+        g_cat, grads[f"dec{level}.weight"], grads[f"dec{level}.bias"] = _conv_backward(
+            torch.ops.aten.silu_backward(g, z), cat, w[f"dec{level}.weight"], padding=1)
+        c_up = w[f"up{level}.weight"].shape[1]
+        g_skips[level] = g_cat[:, c_up:]
+        g, grads[f"up{level}.weight"], grads[f"up{level}.bias"] = _conv_backward(
+            g_cat[:, :c_up], saved[f"up{level}"], w[f"up{level}.weight"], stride=2, transposed=True)
+    cat, z = saved["bottleneck"]
+    g_cat, grads["bottleneck.weight"], grads["bottleneck.bias"] = _conv_backward(
+        torch.ops.aten.silu_backward(g, z), cat, w["bottleneck.weight"])
+    c4 = ENCODER_CHANNELS[-1]
+    g, g_tokens = g_cat[:, :c4], g_cat[:, c4:].sum((2, 3))
+    for level in range(4, 0, -1):
+        x, z = saved[f"enc{level}"]
+        g = torch.ops.aten.max_pool2d_with_indices_backward(g, skips[level - 1], [2, 2], [2, 2], [0, 0], [1, 1],
+                                                            False, saved[f"pool{level}"])
+        g, grads[f"enc{level}.weight"], grads[f"enc{level}.bias"] = _conv_backward(
+            torch.ops.aten.silu_backward(g_skips[level] + g, z), x, w[f"enc{level}.weight"], padding=1)
+    return g.contiguous(), g_tokens.contiguous(), [grads[name].contiguous() for name in HEAD_WEIGHT_NAMES]
 
 
 def flops_per_patch(patch_size, token_dim):

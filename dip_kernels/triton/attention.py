@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import triton_interpreted
-from ..testing import output_buffer
+from . import capability, triton_interpreted
+from .._alloc import output_buffer
 from .launch import launch
 
 _LOG2E = 1.4426950408889634
@@ -326,16 +326,22 @@ def _geometry(qkv, num_heads):
 
 
 # ---------------------------------------------------------------- backend interface
-def unsupported(qkv, *_):
-    """Why these kernels do not run these inputs (dip_kernels.backends then picks another backend)."""
-    if qkv.dtype == torch.float64:
-        return "float64 is a testing dtype: Triton's fp64 dot support varies by GPU and version"
-    if qkv.dtype == torch.float32 and not triton_interpreted():
-        # the interpreter (CPU tests) runs float32, its bf16 dot being wrong
-        return ("float32: the kernels' ieee-precision dots spill (at DiP-XL's head dim 72, in every tile "
-                "tried) and their backward does not fit an A100's shared memory "
-                "(bench/results/precompile_before_triton3.6.0.md); torch's SDPA runs float32 attention")
-    return None
+def attention_capability(interpreted):
+    """What the kernels run: float16 and bfloat16, and float32 only under the interpreter (the CPU
+    tests; its bf16 dot is wrong). dip_kernels.backends then picks another backend, visibly."""
+    def why_not(dtype):
+        if dtype == torch.float64:
+            return "float64 is a testing dtype: Triton's fp64 dot support varies by GPU and version"
+        if dtype == torch.float32:
+            return ("float32: the kernels' ieee-precision dots spill (at DiP-XL's head dim 72, in every tile "
+                    "tried) and their backward does not fit an A100's shared memory "
+                    "(bench/results/precompile_before_triton3.6.0.md); torch's SDPA runs float32 attention")
+        return f"the kernels run float16 and bfloat16, got {dtype}"
+    dtypes = (torch.float16, torch.bfloat16) + ((torch.float32,) if interpreted else ())
+    return capability(interpreted, dtypes=dtypes, dtype_reason=why_not)
+
+
+CAPABILITY = attention_capability(triton_interpreted())
 
 
 def attention_forward(qkv, q_norm_weight, k_norm_weight, rope_cos, rope_sin, num_heads, eps):

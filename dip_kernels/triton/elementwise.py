@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import triton_interpreted
-from ..testing import output_buffer
+from . import capability, triton_interpreted
+from .._alloc import output_buffer
 from .launch import launch
 
 # elements per tile: enough bytes in flight to saturate HBM, few enough registers per thread
@@ -314,3 +314,6 @@ def swiglu_backward(grad_y, ab):
         launch(_swiglu_bwd_kernel, grid, gy2, ab2, g_ab, m, h, *gy2.stride(), *ab2.stride(),
                ROWS=rows, BLOCK_H=block_h, **_launch_options(4))
     return g_ab
+
+
+CAPABILITY = capability()  # every floating dtype, any shape

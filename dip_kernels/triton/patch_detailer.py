@@ -1,9 +1,10 @@
-"""Triton backend of the Patch Detailer Head (torch.ops.dip.patch_detailer and its backward).
+"""Triton executor of the Patch Detailer Head plan (torch.ops.dip.patch_detailer and its backward).
 
-Every layer of the head is an implicit GEMM over (patch, pixel) rows, run on tensor cores with
-``tl.dot`` and fp32 accumulation; activations live channels-last, (M, S, S, C), between layers so
-that the on-the-fly im2col gathers read contiguous channels. One generic kernel does every
-convolution-like GEMM:
+The schedule is dip_kernels/plan/patch_detailer.py's (the layers as GEMM steps, the weight
+re-layouts, the one weight cache); this module lowers each of its steps onto one launch. Every
+layer is an implicit GEMM over (patch, pixel) rows, run on tensor cores with ``tl.dot`` and fp32
+accumulation; activations live channels-last, (M, S, S, C), so that the on-the-fly im2col gathers
+read contiguous channels. One generic kernel (`_conv_kernel`) runs every Conv step:
 
 * conv3x3 (pad 1), conv1x1, and the stride-2 2x2 conv that is the input gradient of a transposed
   conv: the A operand is gathered per (tap, channel block) with zero-padding masks computed per
@@ -17,46 +18,45 @@ convolution-like GEMM:
   is a per-pixel GEMM [rows, Cin] x [Cin, 4*Cout]), a split of the output columns into two tensors
   (the input gradient of a two-source conv), and the SiLU derivative.
 
-A second kernel variant (`_conv_pool_grad_kernel`) computes the input gradient of an encoder conv /
-the bottleneck and, in its epilogue, routes it through the 2x2 max-pool backward, adds the skip's
-gradient from the decoder and applies the SiLU derivative of the level below: the gradient of
-the previous conv's pre-activation in one pass. Weight gradients are GEMMs [K, rows] x [rows,
-Cout] (`_weight_grad_kernel`) split over rows into fp32 partials that torch sums in a fixed order
-(deterministic, no atomics); bias gradients come out of the same kernel.
+A second kernel variant (`_conv_pool_grad_kernel`) runs a Conv step with a pool_grad epilogue: the
+input gradient of an encoder conv / the bottleneck, routed in its epilogue through the 2x2 max-pool
+backward, plus the skip's gradient from the decoder, times the SiLU derivative of the level below:
+the gradient of the previous conv's pre-activation in one pass. WeightGrad steps are GEMMs [K, rows]
+x [rows, Cout] (`_weight_grad_kernel`) split over rows into fp32 partials that torch sums in a
+fixed order (deterministic, no atomics); bias gradients come out of the same kernel.
 
-Weights are re-laid once into [K, Cout] GEMM layouts (K ordered (ky, kx, cin)) and cached keyed
-on (data_ptr, version, dtype, shape): forward and backward of one step share one re-layout, and an
-optimizer's in-place update (a version bump) invalidates it. The cache holds a reference to each
-source weight, so its address cannot be reused by another tensor while the entry lives. Under
-CUDA-graph capture the cache is bypassed, so the re-layout is recorded in the graph and replays
-see the current weights.
+The token gradient (the bottleneck's whole map against the token weight repeated per pixel) runs
+as one 1x1 GEMM whose K is the flattened map. Re-laid weights come from the plan's cache as laid
+out there, unpadded: the kernels mask K and N tails.
 
-Activation memory per patch, bf16, token dim 1152 (``activation_bytes_per_patch`` computes them):
+Tiles: ``GPU_CONFIGS`` on a GPU; under the interpreter the biggest tiles (its cost is per program
+and per op), with a weight-gradient split rule that still runs several splits and a partial last
+one on the CPU tests' sizes, as the GPU does.
 
-* storing for backward what the backward needs (skips, pooled maps, upsampled maps, decoder and
-  bottleneck outputs, and every SiLU's pre-activation): 295,936 B (289 KiB) at P=16,
-  1,183,744 B (1,156 KiB) at P=32;
-* recomputing: 0 B kept from forward to backward (the op saves only its inputs); the backward
-  re-runs the forward, holding the same 289 / 1,156 KiB plus ~62 / 246 KiB of gradient buffers
-  while it runs, then frees them;
-* the eager head under autograd keeps 422,656 B (413 KiB) at P=16 and 1,690,624 B (1,651 KiB)
-  at P=32 from forward to backward (conv inputs incl. the materialised concats, SiLU inputs,
-  pool inputs and int64 indices).
+The kernels' source above the host code is kept line for line (Triton's cache key hashes source and
+line numbers), so a warm Triton cache and the committed precompile reports stay valid when only the
+host code below changes.
 
-We RECOMPUTE: between forward and backward the head holds no activations at all, and the
-backward's transient peak stays below what eager keeps alive across the whole step. The price is
-one extra forward (a third of the step's FLOPs).
+Kernel constexprs: S (rows' grid), S_IN (the source's grid), KS / STRIDE / PAD (the window),
+HAS_SRC2 (a second source), FLAT_K (few input channels: K over (tap, channel) together), HAS_BIAS,
+SILU, STORE_Z, DSILU, POOL, UPSAMPLE, SPLIT_N (the epilogue), BM / BN / BK (the tile) and
+DOT_PREC (float32 only: tf32 or ieee, as torch.backends.cudnn.allow_tf32 says).
+
+Row counts are never specialised (do_not_specialize), so 1 patch and 1000 share a binary; strides
+are plain integer arguments, specialised by Triton only on divisibility by 16 (``python -m
+dip_kernels.precompile`` compiles every specialisation a workload launches, for a GPU not here:
+bench/results/precompile_*).
 """
 import torch
 import triton
 import triton.language as tl
 
-from ..backends import capturing, triton_interpreted
-from ..reference.patch_detailer import DECODER_CHANNELS, ENCODER_CHANNELS, HEAD_WEIGHT_NAMES
-from ..testing import output_buffer
+from . import capability, triton_interpreted
+from ..plan import patch_detailer as plan
+from ..plan.patch_detailer import Executor
 from .launch import launch
 
-_W = {name: i for i, name in enumerate(HEAD_WEIGHT_NAMES)}
+# (the host side, below the kernels, lowers the plan's steps onto them)
 
 
 # ---------------------------------------------------------------- device helpers
@@ -395,12 +395,12 @@ def _conv(src1, weight, n, rows_s, *, src2=None, ks=3, stride=1, s_in=None, bias
     return out
 
 
-def _pool_grad(src, weight, n, rows_s, ks, skip, zskip, gskip):
-    """Input gradient of the conv reading a pooled map, through the pool and SiLU (see kernel)."""
+def _pool_grad(src, weight, n, rows_s, ks, skip, zskip, gskip, gz):
+    """Input gradient of the conv reading a pooled map, through the pool and SiLU (see kernel),
+    written to gz (channels-last, shaped like skip)."""
     m = src.t.shape[0]
     r = m * rows_s * rows_s
     bm, bn, bk, warps, stages = _config("pool_grad", n)
-    gz = torch.empty_like(skip)
     grid = (triton.cdiv(r, bm), triton.cdiv(n, bn))
     launch(_conv_pool_grad_kernel, grid,
            src.t, weight, skip, zskip, gskip, gz, r, src.c, n, *src.strides,
@@ -416,8 +416,7 @@ def _row_splits(rows, bm, tiles):
     rule for a small machine and 2 row tiles, so that the CPU tests run several splits and a partial
     last one, as the GPU does."""
     programs, min_tiles = (8, 2) if triton_interpreted() else (264, 8)
-    splits = max(1, min(programs // max(tiles, 1), triton.cdiv(rows, min_tiles * bm)))
-    return splits, triton.cdiv(triton.cdiv(rows, splits), bm) * bm
+    return plan.row_splits(rows, tiles, programs=programs, min_rows=min_tiles * bm, granule=bm)
 
 
 def _weight_grad(sources, g, n, rows_s, *, ks, transposed=False, g_strides=None):
@@ -447,228 +446,72 @@ def _weight_grad(sources, g, n, rows_s, *, ks, transposed=False, g_strides=None)
     return ws.sum(0).view(ks * ks, ct, n), wsb.sum((0, 1))
 
 
-# ---------------------------------------------------------------- re-laid weights, cached
-_cache = {}
+# ---------------------------------------------------------------- the plan's steps on these kernels
+class TritonExecutor(Executor):
+    """Sources are _Src (tensor, channels, strides); outputs (tensor, strides)."""
+    name = "triton"
+
+    def empty_split(self, shape, c1, like):
+        # two tensors: the split epilogue writes each contiguous
+        return self.empty((*shape[:3], c1), like), self.empty((*shape[:3], shape[3] - c1), like), None
+
+    def act(self, t):
+        return _nhwc(t)
+
+    def image(self, t):
+        return _nchw(t)
+
+    def token(self, t, size):
+        return _Src(t, t.shape[1], t.stride(0), 0, 0, t.stride(1))
+
+    def image_out(self, t):
+        return t, _strides_nchw(t)
+
+    def token_out(self, t):
+        return t, (t.stride(0), 0, 0, t.stride(1))
+
+    def conv(self, step, out, sources, weight, bias, z=None, pool=None, pool_grad=None, whole=None):
+        n = weight.shape[1]
+        if pool_grad is not None:
+            skip, zskip, gskip = pool_grad
+            _pool_grad(sources[0], weight, n, step.size, step.ks, skip, zskip, gskip, out[0].t)
+            return
+        src1, src2 = sources[0], sources[1] if len(sources) > 1 else None
+        s_in = src1.t.shape[2]
+        ks, stride = step.ks, step.stride
+        if isinstance(out[0], tuple) and out[0][0].dim() == 2:
+            # the token gradient: the whole bottleneck map against the token weight repeated per
+            # pixel is one 1x1 GEMM whose K is the flattened map
+            g = src1.t
+            src1 = _Src(g, g.shape[1] * g.shape[2] * g.shape[3], g.shape[1] * g.shape[2] * g.shape[3], 0, 0, 1)
+            ks, stride, s_in = 1, 1, 1
+        target, strides = out[0] if isinstance(out[0], tuple) else (out[0].t, out[0].strides)
+        split = len(out) == 2
+        _conv(src1, weight, n, step.size, src2=src2, ks=ks, stride=stride, s_in=s_in, bias=bias,
+              silu=step.silu, out=target, out_strides=strides, zbuf=z, store_z=step.silu and z is not None,
+              dsilu=step.dsilu is not None, pool=pool, upsample_c=n // 4 if step.upsample else 0,
+              out2=out[1].t if split else None, n1=out[0].c if split else 0)
+
+    def weight_grad(self, step, grad_weight, grad_bias, grad, sources):
+        n = grad.c
+        w_g, b_g = _weight_grad(sources, grad.t, n, step.size, ks=step.ks, transposed=step.transposed,
+                                g_strides=grad.strides)
+        kk, ci, co = w_g.shape
+        k = int(round(kk ** 0.5))
+        if step.transposed:  # [4, Cin, Cout] -> (Cin, Cout, 2, 2)
+            grad_weight.copy_(w_g.view(2, 2, ci, co).permute(2, 3, 0, 1))
+        else:  # [k*k, Cin, Cout] -> (Cout, Cin, k, k)
+            grad_weight.copy_(w_g.view(k, k, ci, co).permute(3, 2, 0, 1))
+        grad_bias.copy_(b_g)
 
 
-def _relaid(weights, slot, kind, make):
-    w = weights[slot]
-    if capturing(w) or w.device.type == "meta":  # meta tensors have no address to key on
-        return make(w)
-    try:
-        key = (kind, w.data_ptr(), w._version, w.dtype, tuple(w.shape), w.device)
-    except RuntimeError:  # inference tensors carry no version counter: re-lay every call
-        return make(w)
-    hit = _cache.get((slot, kind))
-    if hit is not None and hit[0] == key:
-        return hit[2]
-    t = make(w)
-    _cache[(slot, kind)] = (key, w, t)  # holding w keeps its address from being reused
-    return t
-
-
-def _conv_w(weights, name):
-    """conv weight (Cout, Cin, k, k) -> [k*k*Cin, Cout], K ordered (ky, kx, cin)."""
-    def make(w):
-        co, ci, k, _ = w.shape
-        return w.permute(2, 3, 1, 0).reshape(k * k * ci, co).contiguous()
-    return _relaid(weights, _W[name], "fwd", make)
-
-
-def _conv_w_input_grad(weights, name, n_in):
-    """Input gradient of a conv as a conv: [k*k*Cout, n_in] with the kernel flipped (the first
-    n_in input channels)."""
-    def make(w):
-        co, ci, k, _ = w.shape
-        return w[:, :n_in].flip(2, 3).permute(2, 3, 0, 1).reshape(k * k * co, n_in).contiguous()
-    return _relaid(weights, _W[name], f"bwd{n_in}", make)
-
-
-def _up_w(weights, name):
-    """ConvTranspose2d weight (Cin, Cout, 2, 2) -> [Cin, 4*Cout], columns (dy, dx, cout)."""
-    def make(w):
-        ci, co = w.shape[:2]
-        return w.permute(0, 2, 3, 1).reshape(ci, 4 * co).contiguous()
-    return _relaid(weights, _W[name], "fwd", make)
-
-
-def _up_b(weights, name):
-    return _relaid(weights, _W[name], "fwd4", lambda b: b.repeat(4).contiguous())
-
-
-def _up_w_input_grad(weights, name):
-    """Input gradient of ConvTranspose2d(k2, s2) as a stride-2 2x2 conv: [(dy, dx, cout), cin]."""
-    def make(w):
-        ci, co = w.shape[:2]
-        return w.permute(2, 3, 1, 0).reshape(4 * co, ci).contiguous()
-    return _relaid(weights, _W[name], "bwd", make)
-
-
-def _token_w_grad(weights, c_pool, reps):
-    """Token gradient of the bottleneck: [(pixel, cout), D], the token block repeated per pixel
-    so that the sum over the bottleneck's pixels is part of the GEMM's K."""
-    def make(w):
-        return w[:, c_pool:, 0, 0].repeat(reps, 1).contiguous()
-    return _relaid(weights, _W["bottleneck.weight"], f"tok{reps}", make)
-
-
-# ---------------------------------------------------------------- the head
-def _forward_all(patches, tokens, weights, keep_z):
-    """Run the head; returns a dict of channels-last activations (and pre-activations z_* when
-    keep_z) plus the output (M, 3, P, P)."""
-    m, _, p, _ = patches.shape
-    dev, dt = patches.device, patches.dtype
-    acts = {}
-    src = _nchw(patches)
-    s = p
-    for level, c in enumerate(ENCODER_CHANNELS, start=1):
-        skip = torch.empty((m, s, s, c), device=dev, dtype=dt)
-        pooled = torch.empty((m, s // 2, s // 2, c), device=dev, dtype=dt)
-        z = torch.empty_like(skip) if keep_z else None
-        _conv(src, _conv_w(weights, f"enc{level}.weight"), c, s, bias=weights[_W[f"enc{level}.bias"]],
-              silu=True, out=skip, out_strides=_strides_nhwc(skip), zbuf=z, store_z=keep_z, pool=pooled)
-        acts[f"s{level}"], acts[f"p{level}"], acts[f"z{level}"] = skip, pooled, z
-        src = _nhwc(pooled)
-        s //= 2
-    c4 = ENCODER_CHANNELS[-1]
-    h = torch.empty((m, s, s, c4), device=dev, dtype=dt)
-    zb = torch.empty_like(h) if keep_z else None
-    tok = _Src(tokens, tokens.shape[1], tokens.stride(0), 0, 0, tokens.stride(1))
-    _conv(src, _conv_w(weights, "bottleneck.weight"), c4, s, src2=tok, ks=1,
-          bias=weights[_W["bottleneck.bias"]], silu=True, out=h, out_strides=_strides_nhwc(h),
-          zbuf=zb, store_z=keep_z)
-    acts["d5"], acts["zd5"] = h, zb
-    for level, c_out in zip(range(4, 0, -1), DECODER_CHANNELS):
-        c_up = h.shape[3]
-        up = torch.empty((m, 2 * s, 2 * s, c_up), device=dev, dtype=dt)
-        _conv(_nhwc(h), _up_w(weights, f"up{level}.weight"), 4 * c_up, s, ks=1,
-              bias=_up_b(weights, f"up{level}.bias"), out=up, out_strides=_strides_nhwc(up), upsample_c=c_up)
-        s *= 2
-        h = torch.empty((m, s, s, c_out), device=dev, dtype=dt)
-        z = torch.empty_like(h) if keep_z else None
-        _conv(_nhwc(up), _conv_w(weights, f"dec{level}.weight"), c_out, s, src2=_nhwc(acts[f"s{level}"]),
-              bias=weights[_W[f"dec{level}.bias"]], silu=True, out=h, out_strides=_strides_nhwc(h),
-              zbuf=z, store_z=keep_z)
-        acts[f"u{level}"], acts[f"d{level}"], acts[f"zd{level}"] = up, h, z
-    return acts, h
+EXECUTOR = TritonExecutor()
+CAPABILITY = capability()  # every floating dtype, any shape
 
 
 def patch_detailer_forward(patches, tokens, weights):
-    m, _, p, _ = patches.shape
-    _, d1 = _forward_all(patches, tokens, weights, keep_z=False)
-    out = output_buffer((m, 3, p, p), patches.dtype, patches.device)
-    _conv(_nhwc(d1), _conv_w(weights, "out.weight"), 3, p, ks=1, bias=weights[_W["out.bias"]],
-          out=out, out_strides=_strides_nchw(out))
-    return out
+    return plan.forward(EXECUTOR, patches, tokens, weights)
 
 
 def patch_detailer_backward(grad_out, patches, tokens, weights):
-    m, _, p, _ = patches.shape
-    dev, dt = patches.device, patches.dtype
-    acts, d1 = _forward_all(patches, tokens, weights, keep_z=True)
-    gw = [None] * len(weights)
-
-    def conv_shape(g):  # [k*k, Cin, Cout] -> (Cout, Cin, k, k)
-        kk, ci, co = g.shape
-        k = int(round(kk ** 0.5))
-        return g.view(k, k, ci, co).permute(3, 2, 0, 1)
-
-    def up_shape(g):  # [4, Cin, Cout] -> (Cin, Cout, 2, 2)
-        return g.view(2, 2, g.shape[1], g.shape[2]).permute(2, 3, 0, 1)
-
-    # output conv1x1: gradient of dec1's pre-activation straight from grad_out
-    g_y = _nchw(grad_out)
-    w_g, b_g = _weight_grad([_nhwc(d1)], grad_out, 3, p, ks=1, g_strides=g_y.strides)
-    gw[_W["out.weight"]], gw[_W["out.bias"]] = conv_shape(w_g), b_g
-    c_d1 = d1.shape[3]
-    g_z = torch.empty_like(d1)
-    del d1
-    _conv(g_y, _conv_w_input_grad(weights, "out.weight", c_d1), c_d1, p, ks=1,
-          out=g_z, out_strides=_strides_nhwc(g_z), zbuf=acts["zd1"], dsilu=True)
-
-    s = p
-    g_skips = {}
-    for level in range(1, 5):
-        # dec<level>: weight grads over its two sources, input grad split into (up, skip)
-        up, skip = acts[f"u{level}"], acts[f"s{level}"]
-        w_g, b_g = _weight_grad([_nhwc(up), _nhwc(skip)], g_z, g_z.shape[3], s, ks=3)
-        gw[_W[f"dec{level}.weight"]], gw[_W[f"dec{level}.bias"]] = conv_shape(w_g), b_g
-        c_up, c_skip = up.shape[3], skip.shape[3]
-        g_up = torch.empty_like(up)
-        g_skip = torch.empty_like(skip)
-        _conv(_nhwc(g_z), _conv_w_input_grad(weights, f"dec{level}.weight", c_up + c_skip), c_up + c_skip, s,
-              out=g_up, out_strides=_strides_nhwc(g_up), out2=g_skip, n1=c_up)
-        g_skips[level] = g_skip
-        # up<level>: weight grads, then its input's gradient through the SiLU below it
-        below = acts[f"d{level + 1}"]
-        w_g, b_g = _weight_grad([_nhwc(below)], g_up, c_up, s // 2, ks=2, transposed=True)
-        gw[_W[f"up{level}.weight"]], gw[_W[f"up{level}.bias"]] = up_shape(w_g), b_g
-        s //= 2
-        g_z = torch.empty_like(below)
-        _conv(_nhwc(g_up), _up_w_input_grad(weights, f"up{level}.weight"), below.shape[3], s, ks=2, stride=2,
-              s_in=2 * s, out=g_z, out_strides=_strides_nhwc(g_z), zbuf=acts[f"zd{level + 1}"], dsilu=True)
-        for done in (f"u{level}", f"d{level}", f"zd{level}", f"zd{level + 1}"):
-            acts.pop(done, None)  # freed as the backward walks down: a lower transient peak
-
-    # bottleneck: g_z is the gradient of its pre-activation (M, s, s, 512)
-    pooled4 = acts["p4"]
-    c4 = pooled4.shape[3]
-    tok = _Src(tokens, tokens.shape[1], tokens.stride(0), 0, 0, tokens.stride(1))
-    w_g, b_g = _weight_grad([_nhwc(pooled4), tok], g_z, c4, s, ks=1)
-    gw[_W["bottleneck.weight"]], gw[_W["bottleneck.bias"]] = conv_shape(w_g), b_g
-    g_tokens = output_buffer(tokens.shape, dt, dev)
-    d = tokens.shape[1]
-    _conv(_Src(g_z, s * s * c4, s * s * c4, 0, 0, 1), _token_w_grad(weights, c4, s * s), d, 1, ks=1,
-          out=g_tokens, out_strides=(g_tokens.stride(0), 0, 0, g_tokens.stride(1)))
-    g_z = _pool_grad(_nhwc(g_z), _conv_w_input_grad(weights, "bottleneck.weight", c4), c4, s, 1,
-                     acts["s4"], acts["z4"], g_skips[4])
-    s *= 2
-    for level in range(4, 0, -1):
-        src = _nchw(patches) if level == 1 else _nhwc(acts[f"p{level - 1}"])
-        w_g, b_g = _weight_grad([src], g_z, g_z.shape[3], s, ks=3)
-        gw[_W[f"enc{level}.weight"]], gw[_W[f"enc{level}.bias"]] = conv_shape(w_g), b_g
-        w_in = _conv_w_input_grad(weights, f"enc{level}.weight", src.c)
-        if level == 1:
-            g_patches = output_buffer(patches.shape, dt, dev)
-            _conv(_nhwc(g_z), w_in, 3, s, out=g_patches, out_strides=_strides_nchw(g_patches))
-        else:
-            g_z = _pool_grad(_nhwc(g_z), w_in, src.c, s, 3,
-                             acts[f"s{level - 1}"], acts[f"z{level - 1}"], g_skips[level - 1])
-            s *= 2
-
-    grads = []
-    for w, g in zip(weights, gw):
-        buf = output_buffer(w.shape, w.dtype, w.device)
-        buf.copy_(g)
-        grads.append(buf)
-    return g_patches, g_tokens, grads
-
-
-def activation_bytes_per_patch(patch_size, token_dim, dtype_bytes=2):
-    """(bytes the backward's recompute materialises per patch, bytes eager autograd saves per patch)."""
-    sizes = [patch_size >> i for i in range(5)]
-    ours = 0
-    for level, c in enumerate(ENCODER_CHANNELS):
-        s = sizes[level]
-        ours += (2 * s * s + (s // 2) ** 2) * c  # skip, its pre-activation, pooled
-    sb = sizes[4]
-    ours += 2 * sb * sb * ENCODER_CHANNELS[-1]  # bottleneck and its pre-activation
-    c_below = ENCODER_CHANNELS[-1]
-    for level, c in zip(range(3, -1, -1), DECODER_CHANNELS):
-        s = sizes[level]
-        ours += s * s * c_below + 2 * s * s * c  # upsampled, decoder output and pre-activation
-        c_below = c
-    eager = 0
-    for level, c in enumerate(ENCODER_CHANNELS):  # conv input, SiLU input, pool input + int64 indices
-        s = sizes[level]
-        c_in = 3 if level == 0 else ENCODER_CHANNELS[level - 1]
-        eager += s * s * c_in + s * s * c + s * s * c + (s // 2) ** 2 * c * 8 / dtype_bytes
-    eager += sb * sb * (ENCODER_CHANNELS[-1] + token_dim) + sb * sb * ENCODER_CHANNELS[-1]
-    c_below = ENCODER_CHANNELS[-1]
-    for level, c in zip(range(3, -1, -1), DECODER_CHANNELS):
-        s = sizes[level]
-        eager += (s // 2) ** 2 * c_below  # transposed conv input
-        eager += s * s * (c_below + ENCODER_CHANNELS[level]) + s * s * c  # concat, SiLU input
-        c_below = c
-    eager += patch_size ** 2 * DECODER_CHANNELS[-1]  # output conv input
-    return int(ours * dtype_bytes), int(eager * dtype_bytes)
+    return plan.backward(EXECUTOR, grad_out, patches, tokens, weights)

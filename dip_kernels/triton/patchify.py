@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import triton_interpreted
-from ..testing import output_buffer
+from . import capability, triton_interpreted
+from .._alloc import output_buffer
 from .launch import launch
 
 # elements per program: enough bytes in flight per SM to saturate HBM, few enough registers per thread
@@ -99,3 +99,6 @@ def unpatchify_forward(tokens, patch_size, height, width, out_dtype=None):
     images = output_buffer((b, c, height, width), out_dtype or tokens.dtype, tokens.device)
     _launch(images, tokens, patch_size, False)
     return images
+
+
+CAPABILITY = capability()  # every floating dtype, any shape

@@ -15,7 +15,7 @@ from bench import cases, providers, timing
 PATCH = 16
 if cases.ON_GPU:
     DTYPE, TOKEN_DIM = torch.bfloat16, 1152
-    # slow: the extra shape that bench/gpu_check.sh leaves to --full / --suite head
+    # slow: the extra shape that bench/gpu_check.sh leaves to --full / --suite patch_detailer
     CASES = [("fwd", "bf16", "512"), ("fwd", "bf16", "8192"), ("fwd", "bf16", "16384", True),
              ("fwdbwd", "bf16", "8192")]
 else:
@@ -34,7 +34,7 @@ def head_weights(token_dim, dtype, device, requires_grad):
 
 
 @pytest.mark.parametrize("mode,dtype,case,provider", cases.grid(CASES, providers.OP_PROVIDERS))
-def test_head(benchmark, device, mode, dtype, case, provider):
+def test_patch_detailer(benchmark, device, mode, dtype, case, provider):
     cases.skip_if_unavailable("patch_detailer", provider, device)
     m = int(case)
     train = mode == "fwdbwd"
@@ -58,7 +58,7 @@ def test_head(benchmark, device, mode, dtype, case, provider):
             + weight_bytes
     else:
         bytes_moved = io + weight_bytes
-    info = cases.info("head", "patch_detailer", mode, dtype, case, provider,
+    info = cases.info("patch_detailer", "patch_detailer", mode, dtype, case, provider,
                       shape={"patches": (m, 3, PATCH, PATCH), "tokens": (m, TOKEN_DIM)},
                       flops=3 * fwd_flops if train else fwd_flops, bytes_moved=bytes_moved,
                       flops_note="3x forward" if train else "forward convolutions")

@@ -1,0 +1,126 @@
+"""The conformance suite: every dip op on every backend that runs here, over each op's sample
+catalogue (tests/conformance.py: batch 1, tails, non-contiguous inputs, the sizes that take every
+split and tile path), against the eager reference.
+
+Each case runs the custom op forward and backward through autograd with every allocation
+poisoned (dip_kernels.testing.poisoned_allocations) and asserts the backend that ran both
+(ran_on). The ground truth is the reference forward (dip_kernels/reference) differentiated by
+torch's autograd, in the inputs' own dtypes and in float64: a result may err against float64 at
+most ``factor`` times what the reference itself errs in the same dtype, plus a scale-aware atol
+(assert_close_to_fp64, the flash-attention tests' rule); the eager backend is judged the same way,
+which checks the op layer and the reference's written-out backward. Copies (patchify) must match
+the reference bit for bit. Every backend also passes torch.library.opcheck.
+
+CPU: eager, and Triton through its interpreter (float32, float16). With a GPU: the same catalogue
+on CUDA tensors in bfloat16, every backend (gpu-marked).
+"""
+import inspect
+
+import pytest
+import torch
+
+import dip_kernels
+from dip_kernels import backends
+from dip_kernels.opspec import SPECS
+from dip_kernels.testing import ran_on
+
+import conformance
+
+HAS_GPU = torch.cuda.is_available()
+
+
+def _backends_here(op, device):
+    return dip_kernels.available_backends(backends.op_family(op), device)
+
+
+def _params(device):
+    out = []
+    for op in SPECS:
+        for name in ("eager", "triton", "cuda"):
+            if not backends.has_backend(op, name):
+                continue
+            runs = name in _backends_here(op, device) if device == "cpu" else True
+            marks = [pytest.mark.gpu] if device == "cuda" else []
+            if not runs:
+                marks.append(pytest.mark.skip(reason=f"{name} does not run {device} tensors here"))
+            dtypes = conformance.CHECKS[op].gpu_dtypes if device == "cuda" else None
+            for case in conformance.cases(op, dtypes):
+                dtype, sample = case.values
+                if name == "eager" and sample.slow and dtype != torch.float32:
+                    continue  # the reference on itself: once per slow sample (CPU half convs are slow)
+                out.append(pytest.param(op, name, device, dtype, sample, marks=list(case.marks) + marks,
+                                        id=f"{op}-{name}-{device}-{case.id}"))
+    return out
+
+
+@pytest.mark.parametrize("op,name,device,dtype,sample", _params("cpu") + _params("cuda"))
+def test_backend_matches_reference(backend, op, name, device, dtype, sample):
+    backend(name, backends.op_family(op))
+    conformance.check_against_reference(op, name, sample.make(dtype, device))
+
+
+def _opcheck_params():
+    out = []
+    for op in SPECS:
+        for name in ("eager", "triton", "cuda"):
+            if not backends.has_backend(op, name):
+                continue
+            for device in ("cpu", "cuda"):
+                marks = [pytest.mark.gpu] if device == "cuda" else []
+                if device == "cpu" and name not in _backends_here(op, "cpu"):
+                    marks.append(pytest.mark.skip(reason=f"{name} does not run cpu tensors here"))
+                if op == "patch_detailer" and name == "triton" and device == "cpu":
+                    marks.append(pytest.mark.slow)
+                out.append(pytest.param(op, name, device, marks=marks, id=f"{op}-{name}-{device}"))
+    return out
+
+
+# opcheck's AOT-dispatch checks run the op again under AOTAutograd and compare with eager: for the
+# Triton head under the interpreter that is 40 s of the very kernels test_backend_matches_reference
+# checks, and AOT dispatch depends on the op's registration, not on its backend (the eager and GPU
+# runs cover it); there, the checks that run the kernels are the schema check (no input mutated or
+# aliased) and the autograd registration's
+INTERPRETED_HEAD_CHECKS = ("test_schema", "test_autograd_registration", "test_faketensor")
+
+
+@pytest.mark.parametrize("op,name,device", _opcheck_params())
+def test_opcheck(backend, op, name, device):
+    """torch.library.opcheck of the op (schema, fake, autograd registration, AOT dispatch) and of
+    its backward op, on this backend (asserted)."""
+    spec = SPECS[op]
+    backend(name, backends.op_family(op))
+    dtype = torch.bfloat16 if device == "cuda" and name == "cuda" else None
+    checks = {}
+    if op == "patch_detailer" and name == "triton" and backends.triton_interpreted():
+        checks = dict(test_utils=INTERPRETED_HEAD_CHECKS)
+    for make in conformance.OPCHECK[op]:
+        args = make(device)
+        if dtype is not None:
+            args = [a.to(dtype) if isinstance(a, torch.Tensor) else [t.to(dtype) for t in a]
+                    if isinstance(a, list) else a for a in args]
+        leaves = conformance.leaves(args, conformance.grads_of(spec, args))
+        with ran_on(name):
+            torch.library.opcheck(getattr(torch.ops.dip, op).default, tuple(leaves), **checks)
+        if spec.backward is None:
+            continue
+        # the backward op on its own: the saved inputs and outputs of one forward
+        with torch.no_grad():
+            outs = getattr(torch.ops.dip, op)(*args)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        value = dict(zip(inspect.signature(spec.signature).parameters, args))
+        value.update(zip(spec.outputs, outs))
+        grads = [torch.randn_like(outs[i]) for i in conformance.differentiable(spec)]
+        bargs = tuple(grads + [value[n] for n in spec.backward.saves] + [value[n] for n in spec.backward.attrs])
+        with ran_on(name):
+            torch.library.opcheck(getattr(torch.ops.dip, f"{op}_backward").default, bargs, **checks)
+
+
+def test_catalogue_covers_batch_one_tails_and_strided_inputs():
+    """Every op's catalogue holds a batch of one, a size that is no multiple of 16 and a
+    non-contiguous input."""
+    for op, samples in conformance.SAMPLES.items():
+        made = [s.make(torch.float32, "cpu") for s in samples]
+        tensors = [[t for t in dip_kernels.opspec._tensors(args)] for args in made]
+        assert any(ts[0].shape[0] == 1 for ts in tensors), f"{op}: no batch of one"
+        assert any(any(d % 16 for d in ts[0].shape) for ts in tensors), f"{op}: no tail"
+        assert any(not t.is_contiguous() for ts in tensors for t in ts), f"{op}: no non-contiguous input"
