@@ -301,10 +301,10 @@ def leaves(args, wrt):
 def _run(fn, spec, args, grad_outputs):
     """Outputs and the gradients of the differentiable ones w.r.t. the differentiated inputs."""
     wrt = grads_of(spec, args)
-    leaves = leaves(args, wrt)
-    outs = fn(*leaves)
+    inputs = leaves(args, wrt)
+    outs = fn(*inputs)
     outs = outs if isinstance(outs, tuple) else (outs,)
-    targets = list(_flat(leaves[i] for i in wrt))
+    targets = list(_flat(inputs[i] for i in wrt))
     diff = differentiable(spec)
     grads = torch.autograd.grad([outs[i] for i in diff], targets, grad_outputs)
     return [o.detach() for o in outs] + list(grads)
