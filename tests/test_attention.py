@@ -145,6 +145,22 @@ def test_triton_non_contiguous_qkv(backend, layout):
         assert torch.equal(g, gc)
 
 
+def test_triton_autograd_through_public_function(backend):
+    """dip_kernels.attention (what the model calls) runs the Triton op and its backward."""
+    backend("triton", "attention")
+    qkv, qw, kw, cos, sin = make_inputs(1, 2, 20, 72, requires_grad=True)
+    with ran_on("triton") as runs:
+        out = dip_kernels.attention(qkv, qw, kw, cos, sin, 2)
+        go = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (qkv, qw, kw), go)
+    assert [c.op for c in runs] == ["attention", "attention_backward"]
+    want = ref.attention(qkv, qw, kw, cos, sin, 2)
+    want_grads = torch.autograd.grad(want, (qkv, qw, kw), go)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
 def test_triton_backward_deterministic(backend):
     backend("triton", "attention")
     qkv, qw, kw, cos, sin = make_inputs(2, 2, 36, 64, torch.float16)
