@@ -9,6 +9,7 @@ Op level:
             eager-backend backward recomputes the forward, so it shows what the op layer costs
   triton    the torch.ops.dip op with set_backend("triton", op)
   cuda      the torch.ops.dip op with set_backend("cuda", op)
+  cpu       the torch.ops.dip op with set_backend("cpu", op) (CPU tensors; the head suite only)
 
 Model level (DiP):
   eager     dip_kernels.plain_reference(): the model calls the reference functions directly, no
@@ -68,7 +69,7 @@ def unavailable_reason(op: str, provider: str, device: torch.device) -> Optional
         return f"provider {provider!r} not in DIP_BENCH_PROVIDERS"
     if provider in ("eager", "compile", "op_eager"):
         return None
-    if provider in ("triton", "cuda"):
+    if provider in ("triton", "cuda", "cpu"):
         if provider in dip_kernels.available_backends(op, device):
             return None
         return backends.why_unavailable(op, provider, device) or "unavailable"
@@ -109,7 +110,7 @@ def op_implementation(provider: str, op: str, reference_fn: Callable, dip_fn: Ca
         return compiled(reference_fn), op_backend(None, None)
     if provider == "op_eager":
         return dip_fn, op_backend(op, "eager")
-    if provider in ("triton", "cuda"):
+    if provider in ("triton", "cuda", "cpu"):
         return dip_fn, op_backend(op, provider)
     raise ValueError(f"unknown provider {provider!r}")
 

@@ -18,9 +18,9 @@ import sys
 from typing import Dict, List, Optional
 
 SUITE_ORDER = ("patch_detailer", "attention", "elementwise", "patchify", "model")
-PROVIDER_ORDER = ("eager", "compile", "op_eager", "triton", "cuda", "dip")
+PROVIDER_ORDER = ("eager", "compile", "op_eager", "triton", "cuda", "cpu", "dip")
 BASELINES = ("eager", "compile", "op_eager")
-OURS = ("triton", "cuda", "dip")
+OURS = ("triton", "cuda", "cpu", "dip")
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 

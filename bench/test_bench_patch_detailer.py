@@ -1,8 +1,18 @@
 """The Patch Detailer Head (torch.ops.dip.patch_detailer) on DiPXL16's shapes: 512 patches (one
 256x256 image with guidance), 8192 (training batch 32) and 16384 (sampling batch 64), token dim
 1152, 16x16 patches, bf16. fwdbwd differentiates w.r.t. the tokens and the 28 weights (the patches
-are pixels: no gradient), FLOPs counted as 3x the forward's."""
+are pixels: no gradient), FLOPs counted as 3x the forward's.
+
+On a CPU, ``test_patch_detailer_cpu_side_by_side`` also times the cpu backend against the eager reference at
+dip-demo's shapes, float32, the calls alternating in one process so that whatever else the machine
+runs weighs on all alike: against the reference function under plain autograd (``eager``: a
+backward that reuses the forward's activations) and against the op on its eager backend
+(``op_eager``: what ``auto`` runs on a CPU, its backward re-running the forward). The ratios are
+the record's ``speedup_vs_eager`` and ``speedup_vs_op_eager``."""
 import math
+import os
+import statistics
+import time
 
 import pytest
 import torch
@@ -33,7 +43,10 @@ def head_weights(token_dim, dtype, device, requires_grad):
     return ws
 
 
-@pytest.mark.parametrize("mode,dtype,case,provider", cases.grid(CASES, providers.OP_PROVIDERS))
+PATCH_DETAILER_PROVIDERS = providers.OP_PROVIDERS + ("cpu",)
+
+
+@pytest.mark.parametrize("mode,dtype,case,provider", cases.grid(CASES, PATCH_DETAILER_PROVIDERS))
 def test_patch_detailer(benchmark, device, mode, dtype, case, provider):
     cases.skip_if_unavailable("patch_detailer", provider, device)
     m = int(case)
@@ -64,3 +77,67 @@ def test_patch_detailer(benchmark, device, mode, dtype, case, provider):
                       flops_note="3x forward" if train else "forward convolutions")
     with backend:
         timing.run(benchmark, call, make_inputs, info=info, device=device)
+
+
+# dip-demo's head calls per training step: 64x64 at batch 4 (the default) and 128x128 at batch 4
+# (--thorough's size), token dim 768
+DEMO_CASES = [pytest.param(mode, m, id=f"{mode}-f32-{m}x768", marks=[pytest.mark.slow] if m > 64 else [])
+              for m in (64, 256) for mode in ("fwd", "fwdbwd")]
+
+
+@pytest.mark.skipif(cases.ON_GPU, reason="the cpu backend runs on CPU tensors")
+@pytest.mark.parametrize("mode,m", DEMO_CASES)
+def test_patch_detailer_cpu_side_by_side(benchmark, mode, m):
+    token_dim, train = 768, mode == "fwdbwd"
+    patches = cases.randn((m, 3, PATCH, PATCH), torch.float32, "cpu")
+    tokens = cases.randn((m, token_dim), torch.float32, "cpu", requires_grad=train)
+    weights = head_weights(token_dim, torch.float32, "cpu", train)
+    grad_out = cases.randn((m, 3, PATCH, PATCH), torch.float32, "cpu")
+    wrap = (lambda fn: cases.grad_fn(fn, 3, wrt=(1, 2))) if train else cases.no_grad_fn
+    calls = {"eager": wrap(ref.patch_detailer), "op_eager": wrap(dip_kernels.patch_detailer),
+             "cpu": wrap(dip_kernels.patch_detailer)}
+    args = (patches, tokens, weights, grad_out) if train else (patches, tokens, weights)
+    times = {name: [] for name in calls}
+    cpu_times = {name: [] for name in calls}
+
+    def alternate():
+        for name, fn in calls.items():
+            with providers.op_backend("patch_detailer", "cpu" if name == "cpu" else "eager"):
+                t, c = time.perf_counter(), time.process_time()
+                fn(*args)
+                times[name].append(time.perf_counter() - t)
+                cpu_times[name].append(time.process_time() - c)
+
+    # they compute the same thing (tests/test_patch_detailer_cpu.py checks how closely)
+    with providers.op_backend("patch_detailer", "cpu"):
+        for got, want in zip(_flat(calls["cpu"](*args)), _flat(calls["eager"](*args))):
+            assert (got - want).abs().max() <= 1e-3 * want.abs().max()
+    t = time.perf_counter()
+    alternate()  # warm-up (oneDNN's primitives) that also sizes the rounds
+    seconds = float(os.environ.get("DIP_BENCH_SECONDS") or 4.0)
+    rounds = 1 if benchmark.disabled or seconds <= 0 else int(max(3, min(15, seconds / (time.perf_counter() - t))))
+    times, cpu_times = {name: [] for name in calls}, {name: [] for name in calls}
+    benchmark.pedantic(alternate, rounds=rounds, iterations=1, warmup_rounds=0)
+    flops = (3 if train else 1) * m * ref.flops_per_patch(PATCH, token_dim)
+    # the ratios and rates use this process's CPU time, which other processes on a shared machine
+    # do not inflate; on an idle machine with one thread it equals the wall time
+    ms = {name: statistics.median(ts) * 1e3 for name, ts in cpu_times.items()}
+    wall_ms = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+    info = cases.info("patch_detailer", "patch_detailer", mode, "f32", f"{m}x768 demo", "cpu",
+                      shape={"patches": (m, 3, PATCH, PATCH), "tokens": (m, token_dim)}, flops=flops,
+                      bytes_moved=None, flops_note="3x forward" if train else "forward convolutions")
+    info.update({"time_ms": wall_ms["cpu"], "wall_ms": wall_ms, "cpu_ms": ms,
+                 "speedup_vs_eager": ms["eager"] / ms["cpu"], "speedup_vs_op_eager": ms["op_eager"] / ms["cpu"],
+                 "gflops": {name: flops / t / 1e6 for name, t in ms.items()}, "rounds": rounds,
+                 "threads": torch.get_num_threads(),
+                 "timer": "process_time (ratios, GFLOP/s) and perf_counter (time_ms), the three calls alternating"})
+    benchmark.extra_info.update(info)
+    print(f"\nhead {mode} {m}x768 f32, {torch.get_num_threads()} threads, CPU time: " + ", ".join(
+        f"{name} {t:.1f} ms ({info['gflops'][name]:.0f} GFLOP/s)" for name, t in ms.items())
+        + f"; cpu is {info['speedup_vs_eager']:.2f}x eager, {info['speedup_vs_op_eager']:.2f}x op_eager")
+
+
+def _flat(result):
+    if isinstance(result, torch.Tensor):
+        return [result]
+    return [t for item in result for t in _flat(item)]

@@ -1,21 +1,23 @@
 """Which implementation runs behind each ``torch.ops.dip.*`` op: dispatch by capability.
 
 Backends: ``eager`` (the reference ops in dip_kernels/reference, the ground truth: it runs every
-input), ``triton`` (dip_kernels/triton) and ``cuda`` (dip_kernels/cuda over the compiled extension
-dip_kernels._C, csrc/). Each op's spec (dip_kernels/ops/<op>.py) lists the modules that implement
-it, fastest first; each backend module declares in ``CAPABILITY`` what it runs: the device types,
-the dtypes of the deciding (first) input, where ``auto`` may pick it, and any other limits (a
-function giving the reason it cannot run given inputs).
+input), ``triton`` (dip_kernels/triton), ``cuda`` (dip_kernels/cuda over the compiled extension
+dip_kernels._C, csrc/) and ``cpu`` (the head only: dip_kernels/cpu/patch_detailer_onednn.py, CPU
+tensors, never picked by auto). Each op's spec (dip_kernels/ops/<op>.py) lists the modules that
+implement it, fastest first; each backend module declares in ``CAPABILITY`` what it runs: the
+device types, the dtypes of the deciding (first) input, where ``auto`` may pick it, and any other
+limits (a function giving the reason it cannot run given inputs).
 
 ``auto`` (the default) runs each call on the first backend in the op's order that is available
 here and supports the call's inputs; eager supports everything and comes last, so auto is the
-eager reference on CPU tensors (Triton's CPU interpreter is never picked by auto) and cuda, then
-triton, then eager on CUDA tensors. A backend chosen by name (``dip_kernels.set_backend("triton")``,
-``set_backend("cuda", op="patch_detailer")``, or ``DIP_KERNELS_BACKEND=triton`` /
-``DIP_KERNELS_BACKEND=auto,patch_detailer=cuda`` read at import) runs every call it supports; a
-call it does not support runs the eager reference with a RuntimeWarning. Nothing falls back inside a
-backend. The user's choice is the only state kept; each call's choice is recorded
-(``recorded_runs()``) and ``dip_kernels.explain(op, *inputs)`` says what would run and why.
+eager reference on CPU tensors (Triton's CPU interpreter and the cpu head are never picked by
+auto) and cuda, then triton, then eager on CUDA tensors. A backend chosen by name
+(``dip_kernels.set_backend("triton")``, ``set_backend("cuda", op="patch_detailer")``, or
+``DIP_KERNELS_BACKEND=triton`` / ``DIP_KERNELS_BACKEND=auto,patch_detailer=cuda`` read at import)
+runs every call it supports; a call it does not support runs the eager reference with a
+RuntimeWarning. Nothing falls back inside a backend. The user's choice is the only state kept;
+each call's choice is recorded (``recorded_runs()``) and ``dip_kernels.explain(op, *inputs)`` says
+what would run and why.
 """
 import contextlib
 import functools
@@ -27,7 +29,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-BACKENDS = ("auto", "eager", "triton", "cuda")
+BACKENDS = ("auto", "eager", "triton", "cuda", "cpu")
 FLOATING = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 _MODULES: Dict[str, Dict[str, str]] = {}  # op family -> backend -> module, fastest first (the op specs')
@@ -43,7 +45,7 @@ class Capability:
     """What a backend module runs (its ``CAPABILITY``)."""
     devices: Optional[Tuple[str, ...]]                       # device types of the tensors it runs (None: any)
     dtypes: Tuple[torch.dtype, ...] = FLOATING               # dtypes of the deciding (first) input
-    auto_devices: Optional[Tuple[str, ...]] = None           # where auto may pick it (None: devices)
+    auto_devices: Optional[Tuple[str, ...]] = None           # where auto may pick it (None: devices; (): nowhere)
     device_hint: str = ""                                    # how to run it on another device
     dtype_reason: Optional[Callable[[torch.dtype], str]] = None  # why a dtype is not in dtypes
     limits: Optional[Callable[..., Optional[str]]] = None    # limits(*inputs): why not, or None
@@ -54,6 +56,8 @@ class Capability:
         devices = self.auto_devices if auto and self.auto_devices is not None else self.devices
         if devices is not None and device_type not in devices:
             if auto:
+                if not devices:
+                    return "auto never picks it (it runs when chosen by name)"
                 return f"auto picks it for {'/'.join(devices)} tensors, got {device_type}"
             hint = f"; {self.device_hint}" if self.device_hint else ""
             return f"it runs {'/'.join(devices)} tensors, got {device_type}{hint}"

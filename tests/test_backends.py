@@ -11,8 +11,8 @@ most ``factor`` times what the reference itself errs in the same dtype, plus a s
 which checks the op layer and the reference's written-out backward. Copies (patchify) must match
 the reference bit for bit. Every backend also passes torch.library.opcheck.
 
-CPU: eager, and Triton through its interpreter (float32, float16). With a GPU: the same catalogue
-on CUDA tensors in bfloat16, every backend (gpu-marked).
+CPU: eager, Triton through its interpreter (float32, float16) and the head's cpu backend. With a
+GPU: the same catalogue on CUDA tensors in bfloat16, every backend that runs them (gpu-marked).
 """
 import inspect
 
@@ -33,11 +33,15 @@ def _backends_here(op, device):
     return dip_kernels.available_backends(backends.op_family(op), device)
 
 
+# every backend; cpu (the head's oneDNN schedule) runs CPU tensors only
+BACKEND_DEVICES = {"eager": ("cpu", "cuda"), "triton": ("cpu", "cuda"), "cuda": ("cpu", "cuda"), "cpu": ("cpu",)}
+
+
 def _params(device):
     out = []
     for op in SPECS:
-        for name in ("eager", "triton", "cuda"):
-            if not backends.has_backend(op, name):
+        for name, devices in BACKEND_DEVICES.items():
+            if not backends.has_backend(op, name) or device not in devices:
                 continue
             runs = name in _backends_here(op, device) if device == "cpu" else True
             marks = [pytest.mark.gpu] if device == "cuda" else []
@@ -62,10 +66,10 @@ def test_backend_matches_reference(backend, op, name, device, dtype, sample):
 def _opcheck_params():
     out = []
     for op in SPECS:
-        for name in ("eager", "triton", "cuda"):
+        for name, devices in BACKEND_DEVICES.items():
             if not backends.has_backend(op, name):
                 continue
-            for device in ("cpu", "cuda"):
+            for device in devices:
                 marks = [pytest.mark.gpu] if device == "cuda" else []
                 if device == "cpu" and name not in _backends_here(op, "cpu"):
                     marks.append(pytest.mark.skip(reason=f"{name} does not run cpu tensors here"))

@@ -1,1 +1,2 @@
-"""CPU-side torch implementations of the dip ops' plans (dip_kernels/plan), one module per op."""
+"""CPU-side torch implementations: the dip ops' plans (dip_kernels/plan) on torch ops, one module per
+op, and the head's ``cpu`` backend (patch_detailer_onednn.py, its own CPU schedule)."""
