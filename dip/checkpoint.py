@@ -21,12 +21,13 @@ import random
 import re
 import tempfile
 import warnings
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 
 from .errors import CheckpointError, OutputWriteError
+from .models import DiPConfig, build_model, state_dict_mismatches
 
 LATEST = "latest.pt"
 CHECKSUM_KEY = "checksum"
@@ -260,7 +261,6 @@ def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
 def load_state_dict_checked(module: torch.nn.Module, state_dict: Dict[str, torch.Tensor], path: str):
     """``module.load_state_dict(state_dict)``, a mismatch reported as one CheckpointError line
     (load_state_dict's own message is a multi-line list of every key)."""
-    from .models import state_dict_mismatches
     missing, unexpected, shapes = state_dict_mismatches(module.state_dict(), state_dict)
     problems = []
     for what, keys in (("missing", missing), ("unexpected", unexpected), ("different shape", shapes)):
@@ -269,6 +269,31 @@ def load_state_dict_checked(module: torch.nn.Module, state_dict: Dict[str, torch
     if problems:
         raise CheckpointError(f"{path} does not fit this model: {', '.join(problems)}")
     module.load_state_dict(state_dict)
+
+
+def nonfinite_tensors(state_dict: Dict[str, torch.Tensor]) -> List[str]:
+    """The names of the floating-point tensors in ``state_dict`` that hold NaN or infinity."""
+    return [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def model_from_state(state: Dict[str, Any], path: str, use_ema: bool = True, device="cpu"):
+    """The model (in eval mode) of a loaded dip-train checkpoint dict; its EMA weights unless
+    ``use_ema`` is False or it has none."""
+    if "model_config" not in state or "model" not in state:
+        raise ValueError(f"{path!r} is not a dip-train checkpoint (no model_config / model)")
+    try:
+        config = DiPConfig(**state["model_config"])
+    except TypeError as err:
+        raise CheckpointError(f"{path!r} holds a model config this DiP does not know: {err}") from None
+    model = build_model(config)
+    load_state_dict_checked(model, state["ema"] if use_ema and state.get("ema") is not None else state["model"], path)
+    return model.to(device).eval()
+
+
+def load_model_from_checkpoint(path: str, use_ema: bool = True, device="cpu"):
+    """(model in eval mode, checkpoint dict) from a dip-train checkpoint file or run folder."""
+    state = load_checkpoint(path)
+    return model_from_state(state, path, use_ema, device), state
 
 
 def capture_rng_state() -> Dict[str, Any]:

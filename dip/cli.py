@@ -16,9 +16,20 @@ and shows its traceback.
 import argparse
 import os
 import sys
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
+import numpy as np
+import torch
+import yaml
+
+from . import demo, evaluate, official
+from . import sample as sampling
+from .checkpoint import write_json
+from .distributed import check_device, leave_process_group, setup_distributed
 from .errors import TrainingDiverged, UserError
+from .graph_sampler import GraphSampler
+from .models import CONFIGS
+from .train import load_config, train
 
 USER_ERRORS = (UserError, ValueError, OSError, KeyError)
 EXIT_USER_ERROR = 2
@@ -66,7 +77,6 @@ def run_main(fn: Callable[[Optional[List[str]]], int], argv=None, prog: str = "d
 def _key_value(text: str):
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    import yaml
     key, value = text.split("=", 1)
     try:
         return key.strip(), yaml.safe_load(value)
@@ -152,7 +162,6 @@ def train_parser() -> ArgumentParser:
 
 
 def _train(argv):
-    from .train import load_config, train
     args = train_parser().parse_args(argv)
     overrides = {k: getattr(args, k) for k in ("data", "out", "resume", "steps", "global_batch", "grad_accum",
                                                "image_size", "lr", "objective", "parallel", "precision", "device",
@@ -169,7 +178,6 @@ def _train(argv):
     if args.head:
         model_overrides["head"] = args.head
     cfg.model_overrides = model_overrides
-    from .models import CONFIGS
     if cfg.model not in CONFIGS:
         raise ValueError(f"unknown model {cfg.model!r}; choose one of {sorted(CONFIGS)} or give a YAML file")
     result = train(cfg)
@@ -186,7 +194,7 @@ def train_main(argv=None):
 
 # ----------------------------------------------------------------------------- dip-sample
 def sample_parser() -> ArgumentParser:
-    from .official import PRESETS
+    PRESETS = official.PRESETS
     p = ArgumentParser(prog="dip-sample", description=(
         "Sample from a dip-train checkpoint or official DiP weights (with --model): a PNG grid (default), or "
         "--per-class N images of every class as an ADM-style .npz (arr_0 uint8 NHWC, arr_1 labels), split "
@@ -224,31 +232,7 @@ def sample_parser() -> ArgumentParser:
     return p
 
 
-def load_model_from_checkpoint(path: str, use_ema: bool = True, device="cpu"):
-    """(model in eval mode, checkpoint dict) from a dip-train checkpoint."""
-    from .checkpoint import load_checkpoint, load_state_dict_checked
-    from .errors import CheckpointError
-    from .models import DiPConfig, build_model
-    state = load_checkpoint(path)
-    if "model_config" not in state or "model" not in state:
-        raise ValueError(f"{path!r} is not a dip-train checkpoint (no model_config / model)")
-    try:
-        config = DiPConfig(**state["model_config"])
-    except TypeError as err:
-        raise CheckpointError(f"{path!r} holds a model config this DiP does not know: {err}") from None
-    model = build_model(config)
-    load_state_dict_checked(model, state["ema"] if use_ema and state.get("ema") is not None else state["model"], path)
-    return model.to(device).eval(), state
-
-
 def _sample(argv):
-    import numpy as np
-    import torch
-    import torch.distributed as dist
-    from . import official
-    from . import sample as sampling
-    from .train import leave_process_group, setup_distributed
-
     args = sample_parser().parse_args(argv)
     preset = official.apply_preset(args, SAMPLE_DEFAULTS)
     if args.npz and not args.npz.endswith(".npz"):
@@ -261,88 +245,57 @@ def _sample(argv):
         model, state, source = official.load_model(args.checkpoint, args.model, raw=args.raw, device=env.device)
         if env.is_main:
             _report_sampling_source(source, args, preset)
-        train_cfg = state.get("config", {})
         num_classes = int(state.get("num_classes", model.num_classes))
-        image_size = args.image_size or int(train_cfg.get("image_size", 256))
-        objective = train_cfg.get("objective", "flow")
-        method = args.method or ("euler" if objective == "flow" else "ddim")
-        if (objective == "flow") != (method in ("euler", "heun")):
-            raise ValueError(f"--method {method} does not fit a {objective} checkpoint")
-        progress = not args.no_progress and env.is_main
-        autocast_dtype = sampling.precision_autocast_dtype(args.precision, env.device)
-        interval = {"guidance_interval": args.guidance_interval} if args.guidance_interval else {}
-        graph_sampler = None
-        if method == "euler" and not args.no_cuda_graph:
-            from .graph_sampler import GraphSampler
-            # one sampler for the whole run: it captures each batch shape once and replays it for
-            # every batch and step; it draws the noise as sampling.sample does, and off CUDA it runs
-            # sampling's euler_sample itself, so a seed gives the same images either way
-            graph_sampler = GraphSampler(model, steps=args.steps, cfg_scale=args.cfg_scale,
-                                         autocast_dtype=autocast_dtype, **interval)
-
-        def draw(labels, seed):
-            if graph_sampler is not None:
-                return graph_sampler.sample(labels, image_size, seed=seed, device=env.device)
-            return sampling.sample(model, labels, image_size, steps=args.steps, cfg_scale=args.cfg_scale, seed=seed,
-                                   method=method, device=env.device, progress=False, autocast_dtype=autocast_dtype,
-                                   **interval)
-
+        image_size = args.image_size or int(state.get("config", {}).get("image_size", 256))
+        draw = _drawer(model, state, args, env, image_size)
         if args.grid or not args.npz:
-            if args.classes:
-                try:
-                    labels = [int(c) for c in args.classes.split(",")]
-                except ValueError:
-                    raise ValueError(f"--classes must be comma-separated integers, got {args.classes!r}") from None
-                bad = [c for c in labels if not 0 <= c < num_classes]
-                if bad:
-                    raise ValueError(f"--classes {bad} out of range: the model has {num_classes} classes")
-            else:
-                labels = [i % num_classes for i in range(args.num)]
+            labels = _grid_labels(args, num_classes)
             if env.is_main:
-                images = draw(labels, args.seed)
-                path = sampling.save_grid(images, args.grid or "samples.png")
+                path = sampling.save_grid(draw(labels, args.seed), args.grid or "samples.png")
                 print(f"wrote {path}")
         if args.npz:
-            all_labels = np.repeat(np.arange(num_classes), args.per_class)
-            batches = [all_labels[i:i + args.batch_size] for i in range(0, len(all_labels), args.batch_size)]
-            # batch k runs on rank k % world with seed + k, so the file does not depend on the world size
-            mine = list(range(env.rank, len(batches), env.world_size))
-            images, labels = [], []
-            iterator = mine
-            if progress:
-                from tqdm.auto import tqdm
-                iterator = tqdm(mine, desc="sample", dynamic_ncols=True)
-            for k in iterator:
-                images.append(sampling.to_uint8(draw(batches[k].tolist(), args.seed + k)))
-                labels.append(batches[k])
-            shard = (np.concatenate(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8),
-                     np.concatenate(labels) if labels else np.zeros((0,), np.int64))
-            if env.distributed:
-                part = f"{args.npz[:-4]}.rank{env.rank}.npz"
-                sampling.save_npz(part, shard[0], shard[1])
-                dist.barrier()
-                if env.is_main:
-                    parts = []
-                    for r in range(env.world_size):
-                        with np.load(f"{args.npz[:-4]}.rank{r}.npz") as f:
-                            parts.append((f["arr_0"], f["arr_1"]))
-                    order = [(k % env.world_size, k // env.world_size) for k in range(len(batches))]
-                    offsets = [np.cumsum([0] + [len(batches[k]) for k in range(r, len(batches), env.world_size)])
-                               for r in range(env.world_size)]
-                    imgs = np.concatenate([parts[r][0][offsets[r][i]:offsets[r][i + 1]] for r, i in order])
-                    labs = np.concatenate([parts[r][1][offsets[r][i]:offsets[r][i + 1]] for r, i in order])
-                    sampling.save_npz(args.npz, imgs, labs)
-                    for r in range(env.world_size):
-                        os.remove(f"{args.npz[:-4]}.rank{r}.npz")
-                dist.barrier()
-            else:
-                sampling.save_npz(args.npz, shard[0], shard[1])
+            batches = sampling.class_batches(num_classes, args.per_class, args.batch_size)
+            count = sampling.sample_npz(draw, args.npz, batches, args.seed, image_size, env,
+                                        progress=not args.no_progress and env.is_main)
             if env.is_main:
-                print(f"wrote {args.npz} ({len(all_labels)} images)")
+                print(f"wrote {args.npz} ({count} images)")
         finished = True
     finally:
         leave_process_group(env, finished)
     return 0
+
+
+def _drawer(model, state, args, env, image_size: int) -> Callable[[List[int], int], "torch.Tensor"]:
+    """``draw(labels, seed) -> images`` with the settings of ``args``."""
+    objective = state.get("config", {}).get("objective", "flow")
+    method = args.method or ("euler" if objective == "flow" else "ddim")
+    if (objective == "flow") != (method in ("euler", "heun")):
+        raise ValueError(f"--method {method} does not fit a {objective} checkpoint")
+    autocast_dtype = sampling.precision_autocast_dtype(args.precision, env.device)
+    interval = {"guidance_interval": args.guidance_interval} if args.guidance_interval else {}
+    if method == "euler" and not args.no_cuda_graph:
+        # one sampler for the whole run: it captures each batch shape once and replays it for
+        # every batch and step; it draws the noise as sampling.sample does, and off CUDA it runs
+        # sampling's euler_sample itself, so a seed gives the same images either way
+        graph_sampler = GraphSampler(model, steps=args.steps, cfg_scale=args.cfg_scale,
+                                     autocast_dtype=autocast_dtype, **interval)
+        return lambda labels, seed: graph_sampler.sample(labels, image_size, seed=seed, device=env.device)
+    return lambda labels, seed: sampling.sample(
+        model, labels, image_size, steps=args.steps, cfg_scale=args.cfg_scale, seed=seed, method=method,
+        device=env.device, progress=False, autocast_dtype=autocast_dtype, **interval)
+
+
+def _grid_labels(args, num_classes: int) -> List[int]:
+    if not args.classes:
+        return [i % num_classes for i in range(args.num)]
+    try:
+        labels = [int(c) for c in args.classes.split(",")]
+    except ValueError:
+        raise ValueError(f"--classes must be comma-separated integers, got {args.classes!r}") from None
+    bad = [c for c in labels if not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(f"--classes {bad} out of range: the model has {num_classes} classes")
+    return labels
 
 
 def sample_main(argv=None):
@@ -350,7 +303,6 @@ def sample_main(argv=None):
 
 
 def _report_sampling_source(source, args, preset):
-    from . import official
     if source.kind != official.DIP_TRAIN:
         which = source.weights(args.raw)[1]
         print(f"{source.path}: {source.description}; sampling its {which} weights as {args.model}")
@@ -362,7 +314,7 @@ def _report_sampling_source(source, args, preset):
 
 # ----------------------------------------------------------------------------- dip-convert
 def convert_parser() -> ArgumentParser:
-    from .official import OFFICIAL_IMAGE_SIZE
+    OFFICIAL_IMAGE_SIZE = official.OFFICIAL_IMAGE_SIZE
     p = ArgumentParser(prog="dip-convert", description=(
         "Convert official DiP weights (NJU-PCALab/DiP: a PyTorch Lightning .ckpt, or a state dict) into a "
         "dip-train checkpoint, which dip-sample loads with no flags and dip-train --init-from starts from. "
@@ -378,7 +330,6 @@ def convert_parser() -> ArgumentParser:
 
 
 def _convert(argv):
-    from . import official
     args = convert_parser().parse_args(argv)
     state, source = official.convert(args.source, args.output, args.model, args.image_size, args.overwrite)
     kept = " and ".join(which for which, present in (("EMA", source.ema is not None), ("raw", source.raw is not None))
@@ -431,9 +382,6 @@ def eval_parser() -> ArgumentParser:
 
 
 def _eval(argv):
-    import torch
-    from .checkpoint import write_json
-    from .train import check_device
     args = eval_parser().parse_args(argv)
     check_device(args.device)
     for path in (args.samples, args.reference):
@@ -441,7 +389,6 @@ def _eval(argv):
             raise FileNotFoundError(f"{path!r} does not exist")
     if args.save_stats and not args.save_stats.endswith(".npz"):
         raise ValueError(f"--save-stats must name a .npz file, got {args.save_stats!r}")
-    from . import evaluate
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     metrics = evaluate.evaluate(args.samples, args.reference, extractor=args.extractor, batch_size=args.batch_size,
                                 k=args.k, device=device, progress=not args.no_progress, input_range=args.input_range,
@@ -466,9 +413,81 @@ def eval_main(argv=None):
 
 
 # ----------------------------------------------------------------------------- dip-demo
+def demo_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="dip-demo", description=(
+        "Fig. 3 of the DiP paper: overfit one photo with a DiT-only model and with DiP (Patch Detailer "
+        "Head), same backbone, steps and seeds; writes a comparison PNG and PSNR / high-frequency metrics, "
+        "and says whether the run shows the paper's effect."))
+    preset = p.add_mutually_exclusive_group()
+    preset.add_argument("--thorough", action="store_true",
+                        help=f"128x128, photos {','.join(demo.PRESETS['thorough']['photos'])}, seeds 0,1 (tens of minutes on 2 cores)")
+    preset.add_argument("--full", action="store_true", help="full-scale GPU version: 256x256, DiP-B/16 backbone")
+    p.add_argument("--photos", type=lambda s: tuple(v.strip() for v in s.split(",") if v.strip()),
+                   help=f"comma-separated bundled photos: {','.join(demo.PHOTOS)}")
+    p.add_argument("--image", help="your own photo (any size and format PIL reads; centre-cropped to --image-size)")
+    p.add_argument("--seeds", type=_int_list("--seeds"), help="comma-separated seeds, one run per photo and seed")
+    p.add_argument("--out", help="output folder (default demo_out, demo_out_thorough or demo_out_full)")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--hidden-size", type=int)
+    p.add_argument("--depth", type=int)
+    p.add_argument("--num-heads", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--warmup-steps", type=int, help="steps of linear learning-rate warm-up")
+    p.add_argument("--ema", type=float, help="EMA decay of the sampled weights (0 = raw weights)")
+    p.add_argument("--head-init", choices=demo.HEAD_INITS, help="DiP head's convolutions: he (default) or PyTorch's default")
+    p.add_argument("--rope-only", dest="absolute_positions", action="store_false", default=None,
+                   help="no absolute position embedding: the backbones know positions through RoPE only, as the "
+                        "paper's model does")
+    p.add_argument("--t-mean", type=float, help="logit-normal mean of the training times (default -ln(image size / 64))")
+    p.add_argument("--checkpoints", type=_int_list("--checkpoints"),
+                   help="comma-separated steps at which to sample, e.g. 75,150,300")
+    p.add_argument("--sample-steps", type=int, help="Euler steps per sample")
+    p.add_argument("--head-backend", choices=demo.HEAD_BACKENDS,
+                   help="backend of the Patch Detailer Head op (default: cpu on a CPU, auto on a GPU; eager is the "
+                        "reference)")
+    p.add_argument("--jobs", type=int, help="worker processes (default one per core, at most one per run)")
+    p.add_argument("--threads", type=int, help="torch threads per worker (default: the cores shared out among them)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--report", metavar="DEMO_JSON", help="print the tables of a finished run's demo.json and exit")
+    p.add_argument("--update-readme", nargs="?", const=os.path.join(demo.REPO, "README.md"), metavar="README",
+                   help="regenerate README.md's demo tables from the committed results in docs/demo/ and exit")
+    return p
+
+
+def _int_list(flag: str):
+    def parse(text: str) -> Tuple[int, ...]:
+        try:
+            return tuple(int(v) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    return parse
+
+
+def _demo(argv):
+    args = demo_parser().parse_args(argv)
+    if args.report:
+        print(demo.report_markdown(demo.load_report(args.report)))
+        return 0
+    if args.update_readme:
+        with open(args.update_readme) as f:
+            text = f.read()
+        text = demo.update_readme(text, {section: demo.load_report(path) for section, path in demo.RESULTS.items()})
+        with demo.atomic_write(args.update_readme, "w") as f:
+            f.write(text)
+        print(f"updated {args.update_readme} from {', '.join(os.path.relpath(p, demo.REPO) for p in demo.RESULTS.values())}")
+        return 0
+    cfg = demo.config_from_args(args)
+    report = demo.run_demo(cfg)
+    print(demo.report_markdown(report))
+    print(f"wrote {report['figure']} and {os.path.join(cfg.out, 'demo.json')}")
+    return 0
+
+
 def demo_main(argv=None):
-    from .demo import main
-    return run_main(main, argv, "dip-demo")
+    return run_main(_demo, argv, "dip-demo")
 
 
 COMMANDS = {"train": train_main, "sample": sample_main, "eval": eval_main, "demo": demo_main,

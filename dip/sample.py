@@ -13,14 +13,17 @@ import contextlib
 import math
 import os
 import warnings
-from typing import Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+import torch.distributed as dist
+
 from .checkpoint import atomic_write
 from .diffusion import DDPM, null_class_id
+from .distributed import DistEnv
 
 try:
     from tqdm.auto import tqdm
@@ -322,3 +325,54 @@ def save_npz(path: str, images_uint8: np.ndarray, labels: Optional[Union[np.ndar
     with atomic_write(path, "wb") as f:
         np.savez(f, *arrays)
     return path
+
+
+# ----------------------------------------------------------------------------- many images, many processes
+def class_batches(num_classes: int, per_class: int, batch_size: int) -> List[np.ndarray]:
+    """The labels of ``per_class`` images of every class, cut into batches of ``batch_size``."""
+    labels = np.repeat(np.arange(num_classes), per_class)
+    return [labels[i:i + batch_size] for i in range(0, len(labels), batch_size)]
+
+
+def sample_npz(draw: Callable[[List[int], int], torch.Tensor], path: str, batches: List[np.ndarray], seed: int,
+               image_size: int, env: DistEnv, progress: bool = False) -> int:
+    """Every batch of labels in ``batches`` drawn with ``draw(labels, seed)`` and written to the ADM
+    ``.npz`` at ``path``; returns the number of images. Batch k runs on rank k % world with seed + k,
+    so the file does not depend on the number of processes: each rank writes its part, rank 0 merges
+    them in batch order."""
+    mine = list(range(env.rank, len(batches), env.world_size))
+    iterator = tqdm(mine, desc="sample", dynamic_ncols=True) if progress and tqdm is not None else mine
+    images, labels = [], []
+    for k in iterator:
+        images.append(to_uint8(draw(batches[k].tolist(), seed + k)))
+        labels.append(batches[k])
+    shard = (np.concatenate(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8),
+             np.concatenate(labels) if labels else np.zeros((0,), np.int64))
+    if not env.distributed:
+        save_npz(path, *shard)
+        return len(shard[1])
+    save_npz(_rank_part(path, env.rank), *shard)
+    dist.barrier()
+    if env.is_main:
+        _merge_rank_parts(path, batches, env.world_size)
+    dist.barrier()
+    return sum(len(b) for b in batches)
+
+
+def _rank_part(path: str, rank: int) -> str:
+    return f"{path[:-4]}.rank{rank}.npz"
+
+
+def _merge_rank_parts(path: str, batches: List[np.ndarray], world_size: int):
+    parts = []
+    for r in range(world_size):
+        with np.load(_rank_part(path, r)) as f:
+            parts.append((f["arr_0"], f["arr_1"]))
+    order = [(k % world_size, k // world_size) for k in range(len(batches))]
+    offsets = [np.cumsum([0] + [len(batches[k]) for k in range(r, len(batches), world_size)])
+               for r in range(world_size)]
+    images = np.concatenate([parts[r][0][offsets[r][i]:offsets[r][i + 1]] for r, i in order])
+    labels = np.concatenate([parts[r][1][offsets[r][i]:offsets[r][i + 1]] for r, i in order])
+    save_npz(path, images, labels)
+    for r in range(world_size):
+        os.remove(_rank_part(path, r))

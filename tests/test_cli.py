@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from dip import cli
+from dip.checkpoint import load_model_from_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAINS = {"dip-train": cli.train_main, "dip-sample": cli.sample_main, "dip-eval": cli.eval_main,
@@ -131,7 +132,7 @@ def _expected_npz_images(run, seed=4):
     """What dip-sample must write for SAMPLE_ARGS: labels [0, 0, 1, 1] in batches [0, 0, 1], [1], batch
     k drawn by dip.sample.sample with seed + k."""
     from dip import sample as sampling
-    model, _ = cli.load_model_from_checkpoint(str(run))
+    model, _ = load_model_from_checkpoint(str(run))
     batches = [[0, 0, 1], [1]]
     return np.concatenate([sampling.to_uint8(sampling.sample(model, labels, 16, steps=3, cfg_scale=2.0, seed=seed + k,
                                                              device="cpu", progress=False))
@@ -148,7 +149,7 @@ def test_sample_euler_goes_through_the_graph_sampler_with_the_eager_seeds(tiny_r
             super().__init__(*args, **kwargs)
             made.append(self)
 
-    monkeypatch.setattr(graph_sampler, "GraphSampler", CountingSampler)
+    monkeypatch.setattr(cli, "GraphSampler", CountingSampler)
     with_graphs, without = tmp_path / "graphs.npz", tmp_path / "eager.npz"
     assert cli.sample_main([str(tiny_run), "--npz", str(with_graphs)] + SAMPLE_ARGS) == 0
     assert len(made) == 1 and made[0].steps == 3 and made[0].cfg_scale == 2.0 and made[0].autocast_dtype is None
@@ -189,14 +190,13 @@ def test_sample_npz_across_two_processes_matches_one(tiny_run, tmp_path, one_thr
 
 
 def test_train_flags_reach_the_config(monkeypatch, capsys):
-    import dip.train
     seen = []
 
     def fake_train(cfg):
         seen.append(cfg)
         return {"step": 0, "loss": 0.0, "checkpoint": None, "unreadable_images": 0}
 
-    monkeypatch.setattr(dip.train, "train", fake_train)
+    monkeypatch.setattr(cli, "train", fake_train)
     assert cli.train_main(["DiP-Tiny", "--data", "d", "--compile", "--grad-checkpointing",
                            "--set", "compile_backend=aot_eager"]) == 0
     assert seen[-1].compile and seen[-1].grad_checkpointing and seen[-1].compile_backend == "aot_eager"

@@ -125,9 +125,9 @@ def _worker(rank, world_size, port, cfg, data):
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_compiled_two_processes_match_eager_one_process(tmp_path, parallel):
     if parallel == "fsdp":
-        from dip.train import _fully_shard
+        from dip.distributed import fully_shard_fn
         try:
-            _fully_shard()
+            fully_shard_fn()
         except RuntimeError as err:
             pytest.skip(str(err))
     data = InMemoryImageDataset(_images(4), labels=[0, 1, 2, 0], random_flip=True)

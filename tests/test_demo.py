@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dip import demo
+from dip import cli, demo
 
 README = os.path.join(demo.REPO, "README.md")
 
@@ -147,26 +147,26 @@ def test_detail_window_finds_the_detailed_corner():
 
 
 def test_cli_arguments_map_to_config(tmp_path):
-    args = demo.parser().parse_args(["--steps", "40", "--image-size", "32", "--seeds", "4,5",
+    args = cli.demo_parser().parse_args(["--steps", "40", "--image-size", "32", "--seeds", "4,5",
                                      "--photos", "coffee,chelsea"])
     cfg = demo.config_from_args(args)
     assert cfg.steps == 40 and cfg.checkpoints == (10, 20, 40) and cfg.image_size == 32
     assert cfg.seeds == (4, 5) and cfg.photos == ("coffee", "chelsea") and cfg.resolved_head_backend() == "cpu"
-    thorough = demo.config_from_args(demo.parser().parse_args(["--thorough"]))
+    thorough = demo.config_from_args(cli.demo_parser().parse_args(["--thorough"]))
     assert thorough.image_size >= 128 and len(thorough.photos) >= 3 and len(thorough.seeds) >= 2
     # training times shift with the resolution: none at 64x64, the log-SNR by ln 4 at 128x128
     assert demo.DemoConfig().training_t_mean() == 0
     assert thorough.training_t_mean() == pytest.approx(-math.log(2)) == -cfg.training_t_mean()  # cfg: 32x32
-    shifted = demo.config_from_args(demo.parser().parse_args(["--thorough", "--t-mean", "0.5", "--rope-only"]))
+    shifted = demo.config_from_args(cli.demo_parser().parse_args(["--thorough", "--t-mean", "0.5", "--rope-only"]))
     assert shifted.training_t_mean() == 0.5 and not shifted.absolute_positions
-    full = demo.config_from_args(demo.parser().parse_args(["--full"]))
+    full = demo.config_from_args(cli.demo_parser().parse_args(["--full"]))
     assert full.image_size == 256 and full.hidden_size == 768 and full.depth == 12
     with pytest.raises(ValueError, match="photos"):
-        demo.config_from_args(demo.parser().parse_args(["--photos", "lena"]))
+        demo.config_from_args(cli.demo_parser().parse_args(["--photos", "lena"]))
     with pytest.raises(FileNotFoundError, match="image"):
-        demo.config_from_args(demo.parser().parse_args(["--image", str(tmp_path / "missing.png")]))
+        demo.config_from_args(cli.demo_parser().parse_args(["--image", str(tmp_path / "missing.png")]))
     with pytest.raises(ValueError, match="head_backend cpu"):
-        demo.config_from_args(demo.parser().parse_args(["--device", "cuda", "--head-backend", "cpu"]))
+        demo.config_from_args(cli.demo_parser().parse_args(["--device", "cuda", "--head-backend", "cpu"]))
 
 
 def test_report_and_update_readme_commands(tmp_path, capsys):
@@ -213,7 +213,7 @@ def test_committed_thorough_run_is_the_thorough_preset():
     """docs/demo/thorough/demo.json is `dip-demo --thorough`'s run: at least 3 photos x 2 seeds at
     128x128 or more (whether each run shows the effect is what it reports, not asserted here)."""
     report = demo.load_report(demo.RESULTS["thorough"])
-    preset = demo.config_from_args(demo.parser().parse_args(["--thorough"]))
+    preset = demo.config_from_args(cli.demo_parser().parse_args(["--thorough"]))
     for name in ("image_size", "hidden_size", "depth", "steps", "batch_size", "lr", "ema", "sample_steps"):
         assert report["config"][name] == getattr(preset, name), name
     assert report["config"]["t_mean"] == pytest.approx(preset.training_t_mean())

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from dip import cli, models, official
+from dip.checkpoint import load_model_from_checkpoint
 from test_models import official_names, randomize_
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -168,7 +169,7 @@ def test_convert_round_trip(official_ckpt, capsys):
     assert models.DiPConfig(**state["model_config"]) == models.DiPTiny().config
     assert state["step"] == 0 and state["config"]["image_size"] == official.OFFICIAL_IMAGE_SIZE
     # a normal dip-train checkpoint: dip-sample's loader needs no flags and takes the EMA weights
-    model, _ = cli.load_model_from_checkpoint(str(official_ckpt.converted))
+    model, _ = load_model_from_checkpoint(str(official_ckpt.converted))
     _assert_same_weights(model.state_dict(), official_ckpt.ema)
     assert official.read_checkpoint(str(official_ckpt.converted)).kind == official.DIP_TRAIN
     # converting it again is refused

@@ -216,9 +216,9 @@ def _nonfinite_on_rank_1_worker(rank, world_size, port, cfg, marker_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    import dip.train
+    import dip.train.trainer
     from dip.errors import TrainingDiverged
-    make_loss_fn = dip.train.make_loss_fn
+    make_loss_fn = dip.train.trainer.make_loss_fn
 
     def nan_on_rank_1_at_step_2(*args, **kwargs):
         loss_fn, calls = make_loss_fn(*args, **kwargs), []
@@ -232,7 +232,7 @@ def _nonfinite_on_rank_1_worker(rank, world_size, port, cfg, marker_dir):
             return value
         return loss
 
-    dip.train.make_loss_fn = nan_on_rank_1_at_step_2
+    dip.train.trainer.make_loss_fn = nan_on_rank_1_at_step_2
     try:
         train(cfg, dataset=InMemoryImageDataset(_images()))
     except TrainingDiverged as err:
@@ -651,8 +651,8 @@ def test_unwritable_out_is_refused_before_any_work(trained, tmp_path, monkeypatc
         return real_open(path, mode, *args, **kwargs)
 
     scanned = []
-    build_dataset = dip.train._build_dataset
-    monkeypatch.setattr(dip.train, "_build_dataset", lambda cfg: scanned.append(1) or build_dataset(cfg))
+    build_dataset = dip.train.run.build_dataset
+    monkeypatch.setattr(dip.train.run, "build_dataset", lambda cfg: scanned.append(1) or build_dataset(cfg))
     monkeypatch.setattr(os, "open", os_open)
     monkeypatch.setattr(builtins, "open", open_)
     code, _, err = _call(cli.train_main, _train_cli(data, out, "--steps", "2"), capsys)

@@ -138,9 +138,9 @@ def _ddp_worker(rank, world_size, port, cfg):
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_match_one_process(tmp_path, parallel):
     if parallel == "fsdp":
-        from dip.train import _fully_shard
+        from dip.distributed import fully_shard_fn
         try:
-            _fully_shard()
+            fully_shard_fn()
         except RuntimeError as err:
             pytest.skip(str(err))
     data = _write_folder(str(tmp_path / "data"))
