@@ -368,14 +368,3 @@ def test_training_fid_is_repeatable_and_tracks_the_weights(tmp_path):
     assert meter(model) != first
     with pytest.raises(ValueError, match="at least 2 samples"):
         ev.TrainingFID(smooth_images(4), num_samples=1, num_classes=2, image_size=16, feature_fn=CountingFeatures())
-
-
-def test_readme_reports_the_results_file():
-    from bench import eval_agreement
-    with open(eval_agreement.RESULTS) as f:
-        results = json.load(f)
-    with open(eval_agreement.README) as f:
-        readme = f.read()
-    expected = f"{eval_agreement.README_BEGIN}\n{eval_agreement.readme_tables(results)}\n{eval_agreement.README_END}"
-    assert expected in readme, "README's evaluation tables differ from docs/results/evaluation.json: " \
-                               "run python -m bench.eval_agreement --readme-only"
