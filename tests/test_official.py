@@ -285,7 +285,6 @@ def test_preset_fills_only_what_the_flags_leave_open():
 
 
 def test_preset_reaches_the_sampler(official_ckpt, tmp_path, monkeypatch):
-    from dip import graph_sampler
     seen = []
 
     class RecordingSampler:  # stands in for the 100-step run at 256x256; records what dip-sample asks
@@ -296,7 +295,7 @@ def test_preset_reaches_the_sampler(official_ckpt, tmp_path, monkeypatch):
             seen.append({"image_size": image_size, "labels": list(labels)})
             return torch.zeros(len(labels), 3, image_size, image_size)
 
-    monkeypatch.setattr(graph_sampler, "GraphSampler", RecordingSampler)
+    monkeypatch.setattr(cli, "GraphSampler", RecordingSampler)
     path = tmp_path / "preset.npz"
     assert cli.sample_main([str(official_ckpt.converted), "--preset", "paper-256", "--npz", str(path),
                             "--per-class", "1", "--batch-size", "10", "--device", "cpu", "--no-progress"]) == 0
