@@ -13,8 +13,8 @@ How:
   and the labels ``[y; null]`` (2B) whose first half the conditional-only step reads.
 * Two graphs per entry: the guided step runs conditional and null branches as one batch of 2B;
   outside the guidance interval a second graph runs the conditional batch of B alone. Which graph a
-  step replays is decided on the host from the Python-float time grid (``dip.sample.guidance_active``),
-  so the loop never reads a device value back.
+  step replays is decided on the host, by step index (``dip.sample.guidance_schedule``, exact
+  arithmetic), so the loop never reads a device value back.
 * Before a capture the step is run a few times on a side stream (Triton compilation / autotuning,
   cuBLAS handles, the model's RoPE table cache) as the PyTorch CUDA-graph docs prescribe; all
   captures of a sampler share one private memory pool. Nothing allocated inside a capture outlives
@@ -39,19 +39,20 @@ import torch.nn as nn
 import dip_kernels
 
 from .diffusion import null_class_id
-from .sample import _check, cfg_combine, euler_sample, flow_time_grid, guidance_active
+from .sample import (IntervalLike, _check, as_guidance_interval, cfg_combine, euler_sample, flow_time_grid,
+                     guidance_schedule)
 
 # One run compiles/autotunes the Triton kernels and creates cuBLAS/cuDNN handles and workspaces;
 # the second confirms the steady state the capture must record.
 WARMUP_ITERS = 2
 
 
-def step_plan(steps: int, cfg_scale: float, guidance_interval: Tuple[float, float]) -> List[Tuple[float, float, bool]]:
-    """(t0, dt, guided) host floats for each Euler step, on ``dip.sample.flow_time_grid(steps)`` and
-    with the guidance decision of ``dip.sample.guidance_active`` -- exactly what ``euler_sample`` does."""
+def step_plan(steps: int, cfg_scale: float, guidance_interval: IntervalLike) -> List[Tuple[float, float, bool]]:
+    """(t0, dt, guided) for each Euler step, on ``dip.sample.flow_time_grid(steps)`` and with the
+    per-index guidance decision of ``dip.sample.guidance_schedule`` -- exactly what ``euler_sample`` does."""
     grid = flow_time_grid(steps)
-    return [(grid[i], grid[i + 1] - grid[i], guidance_active(grid[i], cfg_scale, guidance_interval))
-            for i in range(steps)]
+    guided = guidance_schedule(steps, cfg_scale, guidance_interval)
+    return [(grid[i], grid[i + 1] - grid[i], guided[i]) for i in range(steps)]
 
 
 @dataclass
@@ -69,8 +70,8 @@ class GraphSampler:
     """Euler sampler that replays CUDA graphs of whole denoising steps.
 
     model: the (EMA) DiP to sample from; it runs in eval mode during a call (its mode is restored).
-    steps, cfg_scale, guidance_interval: as in ``dip.sample.euler_sample`` (guidance while
-    lo < t <= hi, scale 1 disables it). autocast_dtype (e.g. torch.bfloat16): the model runs under
+    steps, cfg_scale, guidance_interval: as in ``dip.sample.euler_sample`` (a GuidanceInterval, or a
+    pair (lo, hi) meaning lo < t <= hi; scale 1 disables guidance). autocast_dtype (e.g. torch.bfloat16): the model runs under
     torch.autocast inside the captured step, the solver state stays float32.
     use_cuda_graphs=False always takes the eager path.
 
@@ -81,7 +82,7 @@ class GraphSampler:
     """
 
     def __init__(self, model: nn.Module, steps: int = 100, cfg_scale: float = 1.0,
-                 guidance_interval: Tuple[float, float] = (0.1, 1.0),
+                 guidance_interval: IntervalLike = (0.1, 1.0),
                  autocast_dtype: Optional[torch.dtype] = None, use_cuda_graphs: bool = True):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -89,16 +90,13 @@ class GraphSampler:
             raise ValueError(f"steps must be an int >= 1, got {steps!r}")
         if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)):
             raise ValueError(f"cfg_scale must be a number, got {cfg_scale!r}")
-        if (not isinstance(guidance_interval, (tuple, list)) or len(guidance_interval) != 2
-                or not all(isinstance(v, (int, float)) for v in guidance_interval)):
-            raise ValueError(f"guidance_interval must be a pair of numbers (lo, hi), got {guidance_interval!r}")
         if autocast_dtype is not None and not (isinstance(autocast_dtype, torch.dtype)
                                                and autocast_dtype.is_floating_point):
             raise ValueError(f"autocast_dtype must be None or a floating torch.dtype, got {autocast_dtype!r}")
         self.model = model
         self.steps = steps
         self.cfg_scale = float(cfg_scale)
-        self.guidance_interval = (float(guidance_interval[0]), float(guidance_interval[1]))
+        self.guidance_interval = as_guidance_interval(guidance_interval)
         self.autocast_dtype = autocast_dtype
         self.use_cuda_graphs = bool(use_cuda_graphs)
         self.capture_error: Optional[str] = None  # set when a capture failed and graphs were turned off

@@ -455,6 +455,12 @@ def DiPXL32(**overrides) -> DiP:
     return DiP(DiPConfig(hidden_size=1152, depth=26, num_heads=16, patch_size=32), **overrides)
 
 
+def DiT1B16(**overrides) -> DiP:
+    """The paper's scaled-DiT baseline (Table 2, DiT scaled to 1.1B): no detail head (head "none"),
+    the DiP-XL/16 backbone widened from hidden 1152 to 1536 (16 heads of 96, depth 26)."""
+    return DiP(DiPConfig(hidden_size=1536, depth=26, num_heads=16, patch_size=16, head="none"), **overrides)
+
+
 def DiPTiny(**overrides) -> DiP:
     """For tests and smoke runs: head_dim 16."""
     return DiP(DiPConfig(hidden_size=64, depth=2, num_heads=4, patch_size=16, num_classes=10), **overrides)
@@ -466,6 +472,7 @@ CONFIGS = {
     "DiP-B/16": DiPB16,
     "DiP-S/16": DiPS16,
     "DiP-XL/32": DiPXL32,
+    "DiT-1.1B/16": DiT1B16,
     "DiP-Tiny": DiPTiny,
 }
 

@@ -2,17 +2,24 @@
 ancestral DDPM for the noise-prediction model, classifier-free guidance, seeded sampling and
 image / .npz output.
 
-Time runs from t = 0 (noise) to t = 1 (data), the model's convention (see dip.diffusion). Guidance
-follows the official DiP sampler: v = v_uncond + scale * (v_cond - v_uncond) while the model's
-time t satisfies lo < t <= hi for ``guidance_interval = (lo, hi)`` (official default (0.1, 1.0); the
-paper's best ImageNet 256 setting uses scale 2.9), the plain conditional prediction elsewhere.
-Whether a step is guided is decided on the host from the (host-side) time grid, so no sampler step
-reads a GPU value back, and a CUDA-graph sampler can capture one graph per branch.
+Time runs from t = 0 (noise) to t = 1 (data), the model's convention (see dip.diffusion) and the
+official DiP code's; the paper's "normalized time" is this t. Guidance combines
+v = v_uncond + scale * (v_cond - v_uncond) at the model evaluations whose time lies in the guidance
+interval (:class:`GuidanceInterval`; a plain pair (lo, hi) means lo < t <= hi), the plain conditional
+prediction elsewhere. Which evaluations are guided is decided per step INDEX, in exact rational
+arithmetic (:func:`guidance_schedule`): step i of an n-step flow grid starts at t = i/n exactly and
+the interval's ends are the decimals they print as, so no float rounding of the grid can move an
+edge step in or out. The decision is made on the host before the loop, so no sampler step reads a
+device value back, and a CUDA-graph sampler can capture one graph per branch.
 """
 import contextlib
+import functools
 import math
 import os
 import warnings
+from dataclasses import dataclass
+from fractions import Fraction
+from numbers import Rational
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -33,11 +40,68 @@ except ImportError:  # pragma: no cover - tqdm is a dependency, but progress bar
 METHODS = ("euler", "heun", "ddim", "ddpm")
 
 
-def guidance_active(t: float, cfg_scale: float, interval: Tuple[float, float]) -> bool:
-    """True when a model evaluation at time ``t`` (host float) runs both branches: scale != 1 and
-    lo < t <= hi."""
-    lo, hi = interval
-    return cfg_scale != 1.0 and lo < t <= hi
+@functools.lru_cache(maxsize=None)
+def _exact_decimal(value: float) -> Fraction:
+    # the shortest decimal that reads back as ``value``: what the user wrote (0.11 -> 11/100)
+    return Fraction(repr(value))
+
+
+@dataclass(frozen=True)
+class GuidanceInterval:
+    """The model times t (0 noise, 1 data) at which classifier-free guidance is on: from ``lo`` to
+    ``hi``, each end included or not. ``lo`` and ``hi`` count as the decimals they print as (0.11 is
+    11/100 exactly), so that membership is decided in exact arithmetic."""
+    lo: float
+    hi: float
+    include_lo: bool = False
+    include_hi: bool = True
+
+    def __post_init__(self):
+        ends = (self.lo, self.hi)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in ends) \
+                or not 0.0 <= self.lo <= self.hi <= 1.0:
+            raise ValueError(f"guidance_interval must be two numbers 0 <= lo <= hi <= 1, got {ends!r}")
+        object.__setattr__(self, "lo", float(self.lo))
+        object.__setattr__(self, "hi", float(self.hi))
+
+    def contains(self, t: Rational) -> bool:
+        """Whether the exact time ``t`` (a Fraction or an int) lies in the interval."""
+        lo, hi = _exact_decimal(self.lo), _exact_decimal(self.hi)
+        return (lo <= t if self.include_lo else lo < t) and (t <= hi if self.include_hi else t < hi)
+
+    def __str__(self) -> str:
+        return f"{'[' if self.include_lo else '('}{self.lo}, {self.hi}{']' if self.include_hi else ')'}"
+
+
+IntervalLike = Union[GuidanceInterval, Tuple[float, float]]
+
+
+def as_guidance_interval(interval: IntervalLike) -> GuidanceInterval:
+    """``interval`` as a GuidanceInterval: one passes through; a pair (lo, hi) of numbers is
+    lo < t <= hi, the rule of ``--guidance-interval LO,HI``. ValueError for anything else."""
+    if isinstance(interval, GuidanceInterval):
+        return interval
+    if not isinstance(interval, (tuple, list)) or len(interval) != 2:
+        raise ValueError(f"guidance_interval must be a GuidanceInterval or a pair (lo, hi), got {interval!r}")
+    return GuidanceInterval(*interval)
+
+
+def guidance_active(t: Rational, cfg_scale: float, interval: IntervalLike) -> bool:
+    """True when a model evaluation at the exact time ``t`` (a Fraction or an int, never a float)
+    runs both branches: scale != 1 and t in the interval."""
+    if not isinstance(t, Rational):
+        raise TypeError(f"t must be an exact time (a Fraction), got {type(t).__name__} {t!r}")
+    return cfg_scale != 1.0 and as_guidance_interval(interval).contains(t)
+
+
+def guidance_schedule(steps: int, cfg_scale: float, interval: IntervalLike) -> List[bool]:
+    """Whether the model evaluation at each point i = 0..steps of ``flow_time_grid(steps)`` is
+    guided, decided at its exact time i/steps. Euler's step i evaluates at point i; Heun's also at
+    point i + 1."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    interval = as_guidance_interval(interval)
+    return [guidance_active(Fraction(i, steps), cfg_scale, interval) for i in range(steps + 1)]
 
 
 def cfg_combine(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, cfg_scale: float) -> torch.Tensor:
@@ -47,17 +111,17 @@ def cfg_combine(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, cfg_scale: f
     return pred_uncond + cfg_scale * (pred_cond.float() - pred_uncond)
 
 
-def guided_velocity(model: nn.Module, x: torch.Tensor, t: float, y: torch.Tensor, cfg_scale: float = 1.0,
-                    interval: Tuple[float, float] = (0.1, 1.0), null_id: Optional[int] = None) -> torch.Tensor:
+def guided_velocity(model: nn.Module, x: torch.Tensor, t: float, y: torch.Tensor, cfg_scale: float,
+                    guided: bool, null_id: Optional[int] = None) -> torch.Tensor:
     """The model's (guided) prediction at one time step.
 
-    x (B, C, H, W); t a host float in [0, 1] (the same time for the whole batch); y (B,) int64.
-    Inside the guidance interval the conditional and null-class branches run as ONE batch of 2B
-    (conditional first); outside it, or for cfg_scale == 1, only the conditional batch of B runs.
-    Works for any linear prediction (velocity for flow matching, eps for DDPM).
+    x (B, C, H, W); t a host float in [0, 1] (the same time for the whole batch); y (B,) int64;
+    ``guided``: the step's entry of :func:`guidance_schedule`. A guided step runs the conditional and
+    null-class branches as ONE batch of 2B (conditional first); any other step only the conditional
+    batch of B. Works for any linear prediction (velocity for flow matching, eps for DDPM).
     Returns float32 (B, C, H, W)."""
     b = x.shape[0]
-    if guidance_active(t, cfg_scale, interval):
+    if guided:
         if null_id is None:
             null_id = null_class_id(model)
         x_in = torch.cat([x, x], 0)
@@ -70,7 +134,9 @@ def guided_velocity(model: nn.Module, x: torch.Tensor, t: float, y: torch.Tensor
 
 
 def flow_time_grid(steps: int) -> list:
-    """Uniform grid of steps + 1 host floats from 0 to exactly 1: [0, 1/steps, ..., 1]."""
+    """Uniform grid of steps + 1 host floats from 0 to exactly 1: [0, 1/steps, ..., 1], point i the
+    double nearest i/steps. For 100 steps it is the official sampler's grid, linspace(0, 0.99, 100)
+    then 1.0 (which that code builds in float32)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     return [i / steps for i in range(steps)] + [1.0]
@@ -92,7 +158,7 @@ def _check(noise: torch.Tensor, y: torch.Tensor):
 
 @torch.no_grad()
 def euler_sample(model: nn.Module, noise: torch.Tensor, y: torch.Tensor, steps: int = 100, cfg_scale: float = 1.0,
-                 guidance_interval: Tuple[float, float] = (0.1, 1.0), generator: Optional[torch.Generator] = None,
+                 guidance_interval: IntervalLike = (0.1, 1.0), generator: Optional[torch.Generator] = None,
                  progress: bool = False) -> torch.Tensor:
     """Euler ODE solve of dx/dt = v(x, t) from t = 0 (``noise``, (B, C, H, W)) to t = 1 on the uniform
     grid of ``flow_time_grid(steps)`` (the last step lands exactly on t = 1): ``steps`` model
@@ -100,18 +166,19 @@ def euler_sample(model: nn.Module, noise: torch.Tensor, y: torch.Tensor, steps: 
     Returns float32 (B, C, H, W), not clamped."""
     _check(noise, y)
     grid = flow_time_grid(steps)
-    null_id = null_class_id(model) if cfg_scale != 1.0 else None
+    guided = guidance_schedule(steps, cfg_scale, guidance_interval)
+    null_id = null_class_id(model) if any(guided) else None
     x = noise.float()
     for i in _progress(range(steps), progress, "euler"):
         t0, t1 = grid[i], grid[i + 1]
-        v = guided_velocity(model, x.to(noise.dtype), t0, y, cfg_scale, guidance_interval, null_id)
+        v = guided_velocity(model, x.to(noise.dtype), t0, y, cfg_scale, guided[i], null_id)
         x = x + (t1 - t0) * v
     return x
 
 
 @torch.no_grad()
 def heun_sample(model: nn.Module, noise: torch.Tensor, y: torch.Tensor, steps: int = 50, cfg_scale: float = 1.0,
-                guidance_interval: Tuple[float, float] = (0.1, 1.0), generator: Optional[torch.Generator] = None,
+                guidance_interval: IntervalLike = (0.1, 1.0), generator: Optional[torch.Generator] = None,
                 progress: bool = False) -> torch.Tensor:
     """Heun (2nd-order) ODE solve on the same grid as ``euler_sample``; the last step (ending at
     t = 1) is a plain Euler step, as in the official sampler, so it costs 2 * steps - 1 model
@@ -119,17 +186,18 @@ def heun_sample(model: nn.Module, noise: torch.Tensor, y: torch.Tensor, steps: i
     Returns float32 (B, C, H, W), not clamped."""
     _check(noise, y)
     grid = flow_time_grid(steps)
-    null_id = null_class_id(model) if cfg_scale != 1.0 else None
+    guided = guidance_schedule(steps, cfg_scale, guidance_interval)
+    null_id = null_class_id(model) if any(guided) else None
     x = noise.float()
     for i in _progress(range(steps), progress, "heun"):
         t0, t1 = grid[i], grid[i + 1]
         dt = t1 - t0
-        v0 = guided_velocity(model, x.to(noise.dtype), t0, y, cfg_scale, guidance_interval, null_id)
+        v0 = guided_velocity(model, x.to(noise.dtype), t0, y, cfg_scale, guided[i], null_id)
         x_pred = x + dt * v0
         if i == steps - 1:
             x = x_pred
         else:
-            v1 = guided_velocity(model, x_pred.to(noise.dtype), t1, y, cfg_scale, guidance_interval, null_id)
+            v1 = guided_velocity(model, x_pred.to(noise.dtype), t1, y, cfg_scale, guided[i + 1], null_id)
             x = x + dt * 0.5 * (v0 + v1)
     return x
 
@@ -150,16 +218,19 @@ def _eps_sampler(model, noise, y, steps, cfg_scale, guidance_interval, generator
                  clip_denoised, desc):
     _check(noise, y)
     schedule = schedule or DDPM()
-    null_id = null_class_id(model) if cfg_scale != 1.0 else None
     abar = schedule.alphas_cumprod.tolist()  # host floats: no device reads inside the loop
     ks = ddim_steps(schedule.num_steps, steps)
+    # model time t = 1 - k / num_steps, exactly
+    guided = [guidance_active(Fraction(schedule.num_steps - k, schedule.num_steps), cfg_scale, guidance_interval)
+              for k in ks]
+    null_id = null_class_id(model) if any(guided) else None
     x = noise.float()
     for i in _progress(range(len(ks)), progress, desc):
         k = ks[i]
         a_t = abar[k]
         a_prev = abar[ks[i + 1]] if i + 1 < len(ks) else 1.0
         t = 1.0 - k / schedule.num_steps
-        eps = guided_velocity(model, x.to(noise.dtype), t, y, cfg_scale, guidance_interval, null_id)
+        eps = guided_velocity(model, x.to(noise.dtype), t, y, cfg_scale, guided[i], null_id)
         x0 = (x - math.sqrt(1.0 - a_t) * eps) / math.sqrt(a_t)
         if clip_denoised:
             x0 = x0.clamp(-1.0, 1.0)
@@ -175,7 +246,7 @@ def _eps_sampler(model, noise, y, steps, cfg_scale, guidance_interval, generator
 
 
 def ddim_sample(model: nn.Module, noise: torch.Tensor, y: torch.Tensor, steps: int = 50, cfg_scale: float = 1.0,
-                guidance_interval: Tuple[float, float] = (0.1, 1.0), generator: Optional[torch.Generator] = None,
+                guidance_interval: IntervalLike = (0.1, 1.0), generator: Optional[torch.Generator] = None,
                 progress: bool = False, schedule: Optional[DDPM] = None, eta: float = 0.0,
                 clip_denoised: bool = True) -> torch.Tensor:
     """DDIM (Song et al.) for an eps-predicting model trained with ``schedule`` (default DDPM()).
@@ -187,7 +258,7 @@ def ddim_sample(model: nn.Module, noise: torch.Tensor, y: torch.Tensor, steps: i
 
 
 def ddpm_sample(model: nn.Module, noise: torch.Tensor, y: torch.Tensor, steps: int = 1000, cfg_scale: float = 1.0,
-                guidance_interval: Tuple[float, float] = (0.1, 1.0), generator: Optional[torch.Generator] = None,
+                guidance_interval: IntervalLike = (0.1, 1.0), generator: Optional[torch.Generator] = None,
                 progress: bool = False, schedule: Optional[DDPM] = None,
                 clip_denoised: bool = True) -> torch.Tensor:
     """Ancestral DDPM sampling (posterior variance of Ho et al.), respaced to ``steps`` evaluations
@@ -213,7 +284,7 @@ def precision_autocast_dtype(precision: str, device: Union[str, torch.device]) -
 def sample(model: nn.Module, labels: Union[Sequence[int], torch.Tensor], image_size: Union[int, Tuple[int, int]],
            steps: int = 100, cfg_scale: float = 1.0, seed: int = 0, method: str = "euler",
            device: Union[str, torch.device, None] = None, progress: bool = True,
-           guidance_interval: Tuple[float, float] = (0.1, 1.0), channels: int = 3,
+           guidance_interval: IntervalLike = (0.1, 1.0), channels: int = 3,
            schedule: Optional[DDPM] = None, autocast_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Class-conditional images from ``model``, reproducibly.
 

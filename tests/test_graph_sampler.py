@@ -2,8 +2,11 @@
 
 CPU: the eager fallback is literally dip.sample.euler_sample; the static-buffer step that gets
 captured on a GPU (run here without capture) reproduces euler_sample bit for bit, with the same model
-calls per branch; entries are cached per shape; seeding matches dip.sample.sample.
-GPU: graph replay against the eager sampler with DiPTiny and the auto kernel backends.
+calls per branch; entries are cached per shape; seeding matches dip.sample.sample; the step plan is
+the pinned guidance schedule (dip.sample.guidance_schedule), and no path reads a tensor back to the
+host (tests/host_reads.py).
+GPU: graph replay against the eager sampler with DiPTiny and the auto kernel backends, and no
+synchronizing call in the eager sampler or a replay (torch.cuda.set_sync_debug_mode).
 """
 import contextlib
 import copy
@@ -14,8 +17,11 @@ import torch.nn as nn
 
 from dip import models
 from dip.graph_sampler import GraphSampler, step_plan
-from dip.sample import euler_sample, flow_time_grid, guidance_active, sample
+from dip.sample import GuidanceInterval, euler_sample, flow_time_grid, guidance_schedule, sample
 from dip_kernels.testing import assert_close_to_fp64
+from host_reads import no_host_reads
+
+PAPER_INTERVAL = GuidanceInterval(0.11, 0.97, include_lo=True, include_hi=True)  # Appendix C's [0.11, 0.97]
 
 NUM_CLASSES = 5
 
@@ -60,6 +66,39 @@ def test_step_plan_is_euler_grid_with_host_guidance_decision():
     assert all(t0 + dt == t1 for (t0, dt, _), t1 in zip(plan, grid[1:]))  # last step lands on t = 1
     assert [i for i, (_, _, g) in enumerate(plan) if g] == [4, 5, 6, 7, 8]  # 0.3 < t <= 0.8
     assert not any(g for _, _, g in step_plan(10, 1.0, (0.0, 1.0)))  # scale 1: never guided
+
+
+def test_step_plan_is_the_pinned_guidance_schedule():
+    for steps, interval in ((100, PAPER_INTERVAL), (37, PAPER_INTERVAL), (100, (0.1, 1.0))):
+        plan = step_plan(steps, 2.9, interval)
+        assert [g for _, _, g in plan] == guidance_schedule(steps, 2.9, interval)[:steps]
+    assert [i for i, (_, _, g) in enumerate(step_plan(100, 2.9, PAPER_INTERVAL)) if g] == list(range(11, 98))
+
+
+def test_pinned_schedule_through_every_cpu_path_with_no_host_reads(monkeypatch):
+    """The eager fallback, the static-buffer step and the capture/replay bookkeeping (fake graphs)
+    all guide exactly the scheduled steps, give euler_sample's numbers, and read nothing back."""
+    model = CountingModel()
+    steps, kwargs = 20, dict(steps=20, cfg_scale=2.9, guidance_interval=PAPER_INTERVAL)
+    noise, y = torch.randn(2, 3, 4, 4), torch.tensor([1, 3])
+    ref = euler_sample(model, noise, y, **kwargs)
+    expected_sizes = [4 if g else 2 for g in guidance_schedule(steps, 2.9, PAPER_INTERVAL)[:steps]]
+    assert [n for n, _, _, _ in model.calls] == expected_sizes
+
+    sampler = GraphSampler(model, **kwargs)
+    assert sampler.guidance_interval == PAPER_INTERVAL
+    replayed = []
+    monkeypatch.setattr(sampler, "_capture", lambda entry, guided, device: FakeGraph(sampler, entry, guided, replayed))
+    paths = {"eager fallback": lambda: sampler(noise, y),
+             "static step": lambda: sampler._sample_static(noise, y, capture=False),
+             "capture and replay": lambda: sampler._sample_static(noise, y, capture=True)}
+    for name, run in paths.items():
+        model.calls = []
+        with no_host_reads() as guard:
+            out = run()
+        assert torch.equal(out, ref) and guard.calls > steps, name
+        assert [n for n, _, _, _ in model.calls] == expected_sizes, name
+    assert replayed == [g for _, _, g in step_plan(steps, 2.9, PAPER_INTERVAL)]  # each step replayed its graph
 
 
 def test_cpu_fallback_is_the_eager_sampler():
@@ -147,12 +186,15 @@ def test_sample_is_seeded_like_dip_sample():
 
 
 class FakeGraph:
-    """Stands in for a captured torch.cuda.CUDAGraph on CPU: replay runs the step it was 'captured' for."""
+    """Stands in for a captured torch.cuda.CUDAGraph on CPU: replay runs the step it was 'captured' for
+    (and, given a list, records which graph each replay was)."""
 
-    def __init__(self, sampler, entry, guided):
-        self.sampler, self.entry, self.guided = sampler, entry, guided
+    def __init__(self, sampler, entry, guided, replays=None):
+        self.sampler, self.entry, self.guided, self.replays = sampler, entry, guided, replays
 
     def replay(self):
+        if self.replays is not None:
+            self.replays.append(self.guided)
         self.sampler._step(self.entry, self.guided)
 
 
@@ -243,11 +285,12 @@ def euler_fp64(model, noise, y, steps, cfg_scale, interval):
     """Euler with guidance, everything in float64, written independently of the samplers."""
     model64 = copy.deepcopy(model).double()
     grid = flow_time_grid(steps)
+    guided = guidance_schedule(steps, cfg_scale, interval)
     x = noise.double()
     b = x.shape[0]
     with torch.no_grad():
-        for t0, t1 in zip(grid[:-1], grid[1:]):
-            if guidance_active(t0, cfg_scale, interval):
+        for t0, t1, guided_step in zip(grid[:-1], grid[1:], guided):
+            if guided_step:
                 t = torch.full((2 * b,), t0, dtype=torch.float64, device=x.device)
                 ys = torch.cat([y, torch.full_like(y, model.num_classes)])
                 cond, uncond = model64(torch.cat([x, x]), t, ys).chunk(2)
@@ -333,3 +376,22 @@ def test_eager_path_on_cuda_is_the_eager_sampler(backend):
     noise, y = torch.randn(2, 3, 32, 32, device="cuda"), torch.tensor([1, 2], device="cuda")
     out = GraphSampler(model, steps=4, cfg_scale=2.0, use_cuda_graphs=False)(noise, y)
     assert torch.equal(out, euler_sample(model, noise, y, steps=4, cfg_scale=2.0))
+
+
+@pytest.mark.gpu
+def test_no_synchronizing_call_in_the_eager_sampler_or_a_replay(backend):
+    backend("auto")
+    model = tiny_dip("cuda")
+    noise, y = torch.randn(2, 3, 32, 32, device="cuda"), torch.tensor([1, 2], device="cuda")
+    kwargs = dict(steps=10, cfg_scale=2.9, guidance_interval=PAPER_INTERVAL)
+    sampler = GraphSampler(model, **kwargs)
+    first = sampler(noise, y)  # captures (a capture may synchronize); the replays below must not
+    euler_sample(model, noise, y, **kwargs)  # warm: kernels compiled, RoPE table cached
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        replayed = sampler(noise, y)
+        eager = euler_sample(model, noise, y, **kwargs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(replayed, first) and torch.equal(replayed, eager)

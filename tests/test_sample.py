@@ -1,4 +1,8 @@
-"""Samplers of dip.sample: ODE correctness on toys, classifier-free guidance, seeding, output formats."""
+"""Samplers of dip.sample: ODE correctness on toys, classifier-free guidance (which steps are guided,
+decided by step index in exact arithmetic), no host read of a tensor during sampling, seeding, output
+formats."""
+import itertools
+from fractions import Fraction
 from types import SimpleNamespace
 
 import numpy as np
@@ -8,8 +12,10 @@ import torch.nn as nn
 from PIL import Image
 
 from dip.diffusion import DDPM
-from dip.sample import (ddim_sample, ddim_steps, ddpm_sample, euler_sample, flow_time_grid, guided_velocity,
-                        heun_sample, sample, save_grid, save_npz, to_uint8)
+from dip.sample import (GuidanceInterval, as_guidance_interval, ddim_sample, ddim_steps, ddpm_sample, euler_sample,
+                        flow_time_grid, guidance_active, guidance_schedule, guided_velocity, heun_sample, sample,
+                        save_grid, save_npz, to_uint8)
+from host_reads import no_host_reads
 
 NUM_CLASSES = 4
 
@@ -96,12 +102,13 @@ def test_exact_velocity_reaches_the_data(solver):
 
 
 def test_guidance_scale_one_is_the_conditional_prediction():
+    assert not any(guidance_schedule(10, 1.0, (0.0, 1.0)))  # scale 1: no step is guided
     model = ClassModel()
     x, y = torch.randn(3, 3, 4, 4), torch.tensor([0, 1, 3])
     with torch.no_grad():
         expected = model(x, torch.full((3,), 0.5), y)
     model.calls.clear()
-    out = guided_velocity(model, x, 0.5, y, cfg_scale=1.0, interval=(0.0, 1.0))
+    out = guided_velocity(model, x, 0.5, y, cfg_scale=2.0, guided=False)
     torch.testing.assert_close(out, expected)
     assert [c[0] for c in model.calls] == [3]  # no wasted null-class branch
 
@@ -114,7 +121,7 @@ def test_guidance_inside_interval_is_one_batch_and_combines():
         cond = model(x, t, y)
         uncond = model(x, t, torch.full_like(y, NUM_CLASSES))
     model.calls.clear()
-    out = guided_velocity(model, x, 0.5, y, cfg_scale=2.9, interval=(0.1, 1.0))
+    out = guided_velocity(model, x, 0.5, y, cfg_scale=2.9, guided=True)
     torch.testing.assert_close(out, uncond + 2.9 * (cond - uncond))
     assert len(model.calls) == 1
     batch, seen_t, seen_y = model.calls[0]
@@ -148,6 +155,107 @@ def test_guidance_changes_the_samples():
     plain = euler_sample(model, noise, y, steps=4)
     guided = euler_sample(model, noise, y, steps=4, cfg_scale=3.0, guidance_interval=(0.0, 1.0))
     assert not torch.allclose(plain, guided)
+
+
+# ----------------------------------------------------------------------------- guided steps, by index
+def _integer_rule(i, steps, lo_hundredths, hi_hundredths, include_lo, include_hi):
+    """Is t = i/steps in the interval with ends lo/100 and hi/100? Integers only: i/steps >= a/100 iff
+    100 i >= a steps."""
+    lo_ok = 100 * i >= lo_hundredths * steps if include_lo else 100 * i > lo_hundredths * steps
+    hi_ok = 100 * i <= hi_hundredths * steps if include_hi else 100 * i < hi_hundredths * steps
+    return lo_ok and hi_ok
+
+
+@pytest.mark.parametrize("steps", [1, 3, 7, 10, 75, 100, 101, 250])
+def test_guided_steps_follow_the_exact_rule_for_every_grid_and_bound(steps):
+    ends = [0, 1, 10, 11, 33, 50, 97, 99, 100]  # hundredths: the interval ends as a user writes them
+    for (a, b), include_lo, include_hi in itertools.product(
+            [(a, b) for a in ends for b in ends if a <= b], (False, True), (False, True)):
+        interval = GuidanceInterval(a / 100, b / 100, include_lo, include_hi)
+        expected = [_integer_rule(i, steps, a, b, include_lo, include_hi) for i in range(steps + 1)]
+        assert guidance_schedule(steps, 2.0, interval) == expected, (steps, str(interval))
+
+
+def test_paper_interval_guides_steps_11_to_97_of_100():
+    paper = GuidanceInterval(0.11, 0.97, include_lo=True, include_hi=True)
+    guided = guidance_schedule(100, 2.9, paper)
+    assert [i for i in range(100) if guided[i]] == list(range(11, 98))
+    # the same ends under the official sampler's strict min < t < max give two steps fewer
+    strict = GuidanceInterval(0.11, 0.97, include_lo=False, include_hi=False)
+    assert [i for i, g in enumerate(guidance_schedule(100, 2.9, strict)[:100]) if g] == list(range(12, 97))
+    # a plain pair is lo < t <= hi: the official (0.1, 1.0) guides steps 11..99 of the Euler grid
+    assert [i for i, g in enumerate(guidance_schedule(100, 2.0, (0.1, 1.0))[:100]) if g] == list(range(11, 100))
+
+
+def test_a_float_grid_would_move_an_edge_step():
+    """Why the decision is made by index: the official sampler builds its grid in float32, where
+    t_11 = linspace(0, 0.99, 100)[11] is just below 0.11, so a float comparison against the paper's
+    closed interval would drop step 11. The exact rule keeps it whatever the grid's rounding."""
+    float32_grid = torch.linspace(0, 0.99, 100, dtype=torch.float32).tolist()
+    assert float32_grid[11] < 0.11 and not 0.11 <= float32_grid[11] <= 0.97
+    assert guidance_active(Fraction(11, 100), 2.9, GuidanceInterval(0.11, 0.97, True, True))
+    assert flow_time_grid(100)[11] == 0.11  # our double grid happens to hit it; the rule does not rely on that
+
+
+def test_guidance_time_must_be_exact_and_intervals_are_checked():
+    with pytest.raises(TypeError, match="exact"):
+        guidance_active(0.5, 2.0, (0.1, 1.0))
+    assert guidance_active(Fraction(1, 2), 2.0, (0.1, 1.0)) and not guidance_active(Fraction(1, 10), 2.0, (0.1, 1.0))
+    assert as_guidance_interval((0.1, 1.0)) == GuidanceInterval(0.1, 1.0, include_lo=False, include_hi=True)
+    assert str(GuidanceInterval(0.11, 0.97, True, True)) == "[0.11, 0.97]" and str(as_guidance_interval((0, 1))) == "(0.0, 1.0]"
+    for bad in [(0.1,), (0.9, 0.1), (-0.1, 1.0), (0.1, 1.5), ("a", 1.0), (0.1, float("nan")), 0.5]:
+        with pytest.raises(ValueError, match="guidance_interval"):
+            as_guidance_interval(bad)
+
+
+@pytest.mark.parametrize("solver, evaluations", [(euler_sample, lambda i: [i]), (heun_sample, lambda i: [i, i + 1])])
+def test_samplers_guide_exactly_the_scheduled_evaluations(solver, evaluations):
+    """Each model call runs 2B images (conditional + null class) exactly where guidance_schedule says,
+    B images elsewhere: the unconditional half is skipped outside the interval."""
+    model = ClassModel()
+    noise, y = torch.randn(2, 3, 4, 4), torch.tensor([1, 2])
+    steps, interval = 20, GuidanceInterval(0.15, 0.85, include_lo=True, include_hi=True)
+    solver(model, noise, y, steps=steps, cfg_scale=2.9, guidance_interval=interval)
+    schedule = guidance_schedule(steps, 2.9, interval)
+    points = [j for i in range(steps) for j in (evaluations(i) if i < steps - 1 else [i])]
+    assert [c[0] for c in model.calls] == [4 if schedule[j] else 2 for j in points]
+    assert [float(c[1][0]) for c in model.calls] == pytest.approx([j / steps for j in points])
+    for batch, _, seen_y in model.calls:
+        assert torch.equal(seen_y, torch.cat([y, torch.full_like(y, NUM_CLASSES)]) if batch == 4 else y)
+
+
+def test_eps_samplers_guide_by_exact_model_time():
+    model = ClassModel()
+    schedule = DDPM(num_steps=100)
+    ddim_sample(model, torch.randn(1, 3, 4, 4), torch.tensor([1]), steps=100, cfg_scale=2.0,
+                guidance_interval=GuidanceInterval(0.11, 0.97, True, True), schedule=schedule)
+    # step k = 99..0 runs at t = 1 - k/100: guided for k = 3..89
+    assert [c[0] for c in model.calls] == [2 if 3 <= k <= 89 else 1 for k in range(99, -1, -1)]
+
+
+# ----------------------------------------------------------------------------- no host reads
+def test_the_host_read_guard_catches_reads():
+    x = torch.ones(2)
+    for read in (lambda: bool(x[0]), lambda: float(x[0]), lambda: x[0].item(), lambda: x.tolist(), lambda: x.cpu(),
+                 lambda: x.nonzero(), lambda: f"{x[0]:.2f}"):
+        with pytest.raises(AssertionError, match="host"), no_host_reads():
+            read()
+
+
+@pytest.mark.parametrize("method", ["euler", "heun", "ddim", "ddpm"])
+def test_sampling_reads_no_tensor_back_to_the_host(method):
+    """The whole sample() call, every step included, with a guidance interval that switches branches
+    mid-run; the Euler sampler also with a real (tiny) DiP, whose forward is the same for every method."""
+    models = pytest.importorskip("dip.models")
+    interval = GuidanceInterval(0.3, 0.7, include_lo=True, include_hi=True)
+    schedule = DDPM()  # a host-side (CPU float64) table, read once before the loop
+    cases = [(ClassModel(), 4)] + ([(models.DiPTiny(), 16)] if method == "euler" else [])
+    for model, size in cases:
+        with no_host_reads(allow=[schedule.alphas_cumprod]) as guard:
+            out = sample(model, [1, 2], size, steps=5, cfg_scale=2.9, method=method, guidance_interval=interval,
+                         progress=False, schedule=schedule if method in ("ddim", "ddpm") else None)
+        assert guard.calls > 20 and out.shape == (2, 3, size, size)  # it watched the work
+        assert torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("solver", [ddim_sample, ddpm_sample])
