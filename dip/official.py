@@ -35,7 +35,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .models import CONFIGS, DiP, DiPConfig, build_model, convert_official_state_dict, state_dict_mismatches
-from .sample import flow_time_grid, guidance_active
+from .sample import GuidanceInterval, guidance_schedule
 
 DIP_TRAIN, LIGHTNING, STATE_DICT = "dip-train", "lightning", "state-dict"
 KIND_NAMES = {DIP_TRAIN: "a dip-train checkpoint", LIGHTNING: "an official DiP (Lightning) checkpoint",
@@ -365,57 +365,90 @@ def read_init_weights(path: str) -> InitWeights:
 
 # ----------------------------------------------------------------------------- presets
 # The official code is NJU-PCALab/DiP at commit 949294f290f2380a7767649f343679e24dab4410 (read
-# through the project's code index); the paper is arXiv 2511.18822, whose text was not available
-# to the author of this table.
+# through the project's code index); the paper is arXiv 2511.18822v3.
 OFFICIAL_CODE = "NJU-PCALab/DiP@949294f"
+PAPER = "arXiv 2511.18822v3"
+PAPER_CFG = f"{PAPER} Appendix C, \"Classifier-Free Guidance\""
 
 
 @dataclass(frozen=True)
 class SamplingPreset:
-    """Sampling settings under one name; ``sources`` says where each value comes from and
-    ``unconfirmed`` lists the values no source confirms."""
+    """Sampling settings under one name; ``sources`` says where each value comes from."""
     name: str
+    purpose: str
     method: str
     steps: int
     cfg_scale: float
-    guidance_interval: Tuple[float, float]
+    guidance_interval: GuidanceInterval
     per_class: int
     image_size: int
     sources: Dict[str, str]
-    unconfirmed: Tuple[str, ...] = ()
+
+    def guided_steps(self) -> List[int]:
+        """Indices i of the Euler steps (starting at t = i/steps) that run both branches."""
+        schedule = guidance_schedule(self.steps, self.cfg_scale, self.guidance_interval)
+        return [i for i in range(self.steps) if schedule[i]]
 
     def summary(self) -> str:
-        values = (f"{self.method}, {self.steps} steps, cfg scale {self.cfg_scale}, guidance interval "
-                  f"{self.guidance_interval}, {self.per_class} per class, {self.image_size}x{self.image_size}")
-        return values + (f" (not confirmed by a source: {', '.join(self.unconfirmed)})" if self.unconfirmed else "")
+        guided = self.guided_steps()
+        steps_text = (f"steps {guided[0]}..{guided[-1]} guided ({len(guided)} of {self.steps})" if guided
+                      else "no step guided")
+        return (f"{self.method}, {self.steps} steps, cfg scale {self.cfg_scale}, guidance for t in "
+                f"{self.guidance_interval}: {steps_text}, {self.per_class} per class, "
+                f"{self.image_size}x{self.image_size}")
 
+
+_FID_SAMPLES = (f"{OFFICIAL_CODE} configs_c2i/dip_xl.yaml: pred_dataset max_num_instances 50000 over num_classes "
+                "1000 (50 per class, the ADM 50k-sample FID; the official README: \"We use the ADM evaluation "
+                "suite to report FID on ImageNet\")")
+_RESOLUTION = f"{OFFICIAL_CODE} configs_c2i/dip_xl.yaml: resolution 256, latent_shape [3, 256, 256]"
+_OFFICIAL_GRID = (f"{OFFICIAL_CODE} src/diffusion/flow_matching/sampling.py EulerSampler: the grid "
+                  "linspace(0, 0.99, 100) then 1.0, i.e. t_i = i/100, which is dip.sample.flow_time_grid(100)")
 
 PRESETS = {
     "paper-256": SamplingPreset(
         name="paper-256",
+        purpose="the sampler behind the paper's ImageNet 256 FIDs (Table 1: 2.16, 1.98, 1.79)",
         method="euler",
         steps=100,
         cfg_scale=2.9,
-        guidance_interval=(0.1, 1.0),
+        guidance_interval=GuidanceInterval(0.11, 0.97, include_lo=True, include_hi=True),
         per_class=50,
         image_size=256,
         sources={
-            "method": f"{OFFICIAL_CODE} configs_c2i/dip_xl.yaml: diffusion_sampler EulerSampler with "
-                      "step_fn ode_step_fn and timeshift 1 (a uniform grid 0, 0.01, ..., 0.99, 1, as ours)",
-            "steps": f"{OFFICIAL_CODE} configs_c2i/dip_xl.yaml: diffusion_sampler num_steps 100",
-            "guidance_interval": f"{OFFICIAL_CODE} configs_c2i/dip_xl.yaml: guidance_interval_min 0.1, "
-                                 "guidance_interval_max 1.0; src/diffusion/flow_matching/sampling.py guides "
-                                 "while min < t < max, which on the Euler grid (t <= 0.99) is our lo < t <= hi",
-            "cfg_scale": "NOT CONFIRMED. The official configs_c2i/dip_xl.yaml samples with guidance 1.0 "
-                         "(configs_c2i/dip_large.yaml 3.5) and the paper's text was not available here; 2.9 is "
-                         "the value this project has used for ImageNet 256 since its first sampler, source "
-                         "unrecorded. Check the paper's Table/implementation details before quoting an FID",
-            "per_class": f"{OFFICIAL_CODE} configs_c2i/dip_xl.yaml: pred_dataset max_num_instances 50000 over "
-                         "num_classes 1000 (50 per class, the ADM 50k-sample FID; the official README: "
-                         "\"We use the ADM evaluation suite to report FID on ImageNet\")",
-            "image_size": f"{OFFICIAL_CODE} configs_c2i/dip_xl.yaml: resolution 256, latent_shape [3, 256, 256]",
+            "method": f"{PAPER_CFG}: a 100-step Euler sampler, the sampler of Table 1; the step is the official "
+                      f"ode_step_fn (x + v dt) on {_OFFICIAL_GRID}",
+            "steps": f"{PAPER_CFG}: 100 Euler steps (Table 1's 1.98 at 320 epochs uses 75)",
+            "cfg_scale": f"{PAPER_CFG}: interval-based guidance with scale 2.9",
+            "guidance_interval": f"{PAPER_CFG}: guidance only for normalized times in [0.11, 0.97]. Normalized "
+                                 "time is the model's t (0 noise, 1 data, the convention of the official code "
+                                 "and ours); a step is guided when its start time t_i = i/100, where Euler "
+                                 "evaluates the model, lies in the closed interval: steps 11..97",
+            "per_class": _FID_SAMPLES,
+            "image_size": _RESOLUTION,
         },
-        unconfirmed=("cfg_scale",),
+    ),
+    "official-config": SamplingPreset(
+        name="official-config",
+        purpose=f"the sampling settings of the released code's configs_c2i/dip_xl.yaml ({OFFICIAL_CODE})",
+        method="euler",
+        steps=100,
+        cfg_scale=1.0,
+        guidance_interval=GuidanceInterval(0.1, 1.0, include_lo=False, include_hi=False),
+        per_class=50,
+        image_size=256,
+        sources={
+            "method": f"{OFFICIAL_CODE} configs_c2i/dip_xl.yaml: diffusion_sampler EulerSampler with step_fn "
+                      f"ode_step_fn and timeshift 1, on {_OFFICIAL_GRID}",
+            "steps": f"{OFFICIAL_CODE} configs_c2i/dip_xl.yaml: diffusion_sampler num_steps 100",
+            "cfg_scale": f"{OFFICIAL_CODE} configs_c2i/dip_xl.yaml: diffusion_sampler guidance 1.0, i.e. the "
+                         "conditional prediction (configs_c2i/dip_large.yaml has 3.5)",
+            "guidance_interval": f"{OFFICIAL_CODE} configs_c2i/dip_xl.yaml: guidance_interval_min 0.1, "
+                                 "guidance_interval_max 1.0; src/diffusion/flow_matching/sampling.py EulerSampler "
+                                 "guides while min < t < max, both ends excluded",
+            "per_class": _FID_SAMPLES,
+            "image_size": _RESOLUTION,
+        },
     ),
 }
 
@@ -441,8 +474,18 @@ ANCHORS_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 def model_evaluations_per_image(preset: SamplingPreset) -> int:
     """Image-forwards one sample costs: 2 at each guided step (conditional + null class in one batch),
     1 at the others (dip.sample runs the conditional branch alone outside the guidance interval)."""
-    grid = flow_time_grid(preset.steps)
-    return sum(2 if guidance_active(t, preset.cfg_scale, preset.guidance_interval) else 1 for t in grid[:-1])
+    return preset.steps + len(preset.guided_steps())
+
+
+def official_sampler_evaluations_per_image(preset: SamplingPreset) -> int:
+    """Image-forwards the official EulerSampler spends on the same preset: it runs the conditional
+    and the unconditional half at every step, guided or not."""
+    return 2 * preset.steps
+
+
+def load_anchors(path: str = ANCHORS_FILE) -> Dict[str, Any]:
+    with open(path) as f:
+        return json.load(f)
 
 
 def sampling_time_estimate(preset: SamplingPreset, anchors: Dict[str, Any], num_classes: int = 1000) -> Dict[str, Any]:
@@ -456,7 +499,7 @@ def sampling_time_estimate(preset: SamplingPreset, anchors: Dict[str, Any], num_
     return {
         "images": images,
         "forwards_per_image": forwards,
-        "guided_steps": forwards - preset.steps,
+        "guided_steps": len(preset.guided_steps()),
         "per_forward_ms": per_forward_s * 1000.0,
         "seconds": images * forwards * per_forward_s,
         "floor_seconds": images * forwards * xl["gflop_per_image_forward"] / (anchors["bf16_matmul_tflops"] * 1000.0),
@@ -465,34 +508,73 @@ def sampling_time_estimate(preset: SamplingPreset, anchors: Dict[str, Any], num_
 
 def estimate_markdown(anchors_path: str = ANCHORS_FILE, preset_name: str = "paper-256") -> str:
     """The README's time estimate for the paper's FID run, generated from bench/anchors.json."""
-    with open(anchors_path) as f:
-        anchors = json.load(f)
+    anchors = load_anchors(anchors_path)
     preset = PRESETS[preset_name]
     e = sampling_time_estimate(preset, anchors)
+    official = PRESETS["official-config"]
+    o = sampling_time_estimate(official, anchors)
     xl = anchors["dipxl16_256"]
     return (
         f"**Expected time, an estimate from reference measurements, not a run of this package:** about "
         f"**{e['seconds'] / 3600:.1f} hours** on one {anchors['gpu']} for the {e['images']:,} images of "
         f"`--preset {preset.name}` (about {e['seconds'] / 3600 / 8:.1f} hours on 8, which share the batches "
         f"evenly). How: each image costs {e['forwards_per_image']} image-forwards ({e['guided_steps']} guided "
-        f"steps x 2 + {preset.steps - e['guided_steps']} unguided steps x 1); one image-forward takes "
-        f"{e['per_forward_ms']:.2f} ms in a batch of 64 (dip-sample's default `--batch-size 32` guides 64 at a "
-        f"time), from the {xl['forward_batch64_ms']['eager']} ms batch-64 forward that {anchors['source']} "
-        f"reports for {anchors['implementation']} ({anchors['gpu']}, bf16, {anchors['date']}); this package's "
-        f"kernels have not been timed on a GPU yet. At the card's bf16 matmul ceiling "
-        f"({anchors['bf16_matmul_tflops']} TFLOP/s, {xl['gflop_per_image_forward']} GFLOP per image-forward) the "
-        f"images would take {e['floor_seconds'] / 3600:.1f} hours, a floor no implementation can beat. An H100 "
-        f"SXM has the same bf16 tensor-core peak, so expect about the same there. Converting the checkpoint and "
-        f"dip-eval's Inception pass are not included. `python -m dip.official --estimate` regenerates this "
-        f"paragraph from bench/anchors.json.")
+        f"steps x 2 + {preset.steps - e['guided_steps']} unguided steps x 1; the official sampler spends "
+        f"{official_sampler_evaluations_per_image(preset)}, as it runs the unconditional half at every step); "
+        f"one image-forward takes {e['per_forward_ms']:.2f} ms in a batch of 64 (dip-sample's default "
+        f"`--batch-size 32` guides 64 at a time), from a {xl['forward_batch64_ms']['eager']} ms batch-64 forward "
+        f"of {anchors['implementation']} ({anchors['gpu']}, bf16, {anchors['date']}); this package's kernels "
+        f"have not been timed on a GPU yet. At the card's bf16 matmul ceiling ({anchors['bf16_matmul_tflops']} "
+        f"TFLOP/s, {xl['gflop_per_image_forward']} GFLOP per image-forward) the images would take "
+        f"{e['floor_seconds'] / 3600:.1f} hours, a floor no implementation can beat. An H100 SXM has the same "
+        f"bf16 tensor-core peak, so expect about the same there. `--preset {official.name}` ("
+        f"{o['guided_steps'] or 'no'} guided steps, {o['forwards_per_image']} image-forwards per image) takes "
+        f"about {o['seconds'] / 3600:.1f} hours. "
+        f"Converting the checkpoint and dip-eval's Inception pass are not included. "
+        f"`python -m dip.official --estimate` regenerates this paragraph from bench/anchors.json.")
+
+
+def presets_markdown(anchors_path: str = ANCHORS_FILE) -> str:
+    """docs/sampling.md's table of the presets, side by side, with where each value comes from."""
+    anchors = load_anchors(anchors_path)
+    presets = list(PRESETS.values())
+
+    def guided_text(preset):
+        guided = preset.guided_steps()
+        return f"{guided[0]}..{guided[-1]} ({len(guided)} of {preset.steps})" if guided else "none"
+
+    rows = [
+        ("for", lambda p: p.purpose),
+        ("solver", lambda p: f"{p.method}, {p.steps} steps, t_i = i/{p.steps}"),
+        ("guidance scale", lambda p: f"{p.cfg_scale}" + (" (no guidance)" if p.cfg_scale == 1.0 else "")),
+        ("guidance interval, model time t", lambda p: f"{p.guidance_interval}"),
+        ("guided steps i", guided_text),
+        ("image-forwards per image, this package", lambda p: f"{model_evaluations_per_image(p)}"),
+        ("image-forwards per image, the official sampler", lambda p: f"{official_sampler_evaluations_per_image(p)}"),
+        ("images", lambda p: f"{p.per_class * 1000:,} ({p.per_class} per class), {p.image_size}x{p.image_size}"),
+        (f"estimated time on one {anchors['gpu']} (see the README)",
+         lambda p: f"{sampling_time_estimate(p, anchors)['seconds'] / 3600:.1f} hours"),
+    ]
+    lines = ["| | " + " | ".join(f"`{p.name}`" for p in presets) + " |", "|---" * (len(presets) + 1) + "|"]
+    lines += [f"| {label} | " + " | ".join(value(p) for p in presets) + " |" for label, value in rows]
+    paper = PRESETS["paper-256"]
+    strict = dataclasses.replace(paper, guidance_interval=dataclasses.replace(
+        paper.guidance_interval, include_lo=False, include_hi=False))
+    lines += ["", f"The official sampler's strict rule (both ends excluded) on the paper's ends "
+                  f"{strict.guidance_interval} would guide steps {guided_text(strict)} instead.", "",
+              "Where each value comes from:", ""]
+    lines += [f"- `{p.name}` {name}: {p.sources[name]}" for p in presets for name in SETTINGS]
+    return "\n".join(lines)
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv == ["--estimate"]:
-        print(estimate_markdown())
+    outputs = {"--estimate": estimate_markdown, "--presets": presets_markdown}
+    if len(argv) == 1 and argv[0] in outputs:
+        print(outputs[argv[0]]())
         return 0
-    print("usage: python -m dip.official --estimate   (prints the README's time estimate)", file=sys.stderr)
+    print("usage: python -m dip.official --estimate | --presets   (the README's time estimate | the preset "
+          "table of docs/sampling.md)", file=sys.stderr)
     return 2
 
 

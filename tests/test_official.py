@@ -1,6 +1,7 @@
 """Official DiP weights on the command line (dip.official): a small synthetic checkpoint in the
 official trainer's naming and Lightning layout goes through dip-convert, dip-sample, dip-train
 --init-from and docs/released-weights.md's commands from released weights to FID."""
+import dataclasses
 import json
 import os
 import re
@@ -17,6 +18,7 @@ from PIL import Image
 
 from dip import cli, models, official
 from dip.checkpoint import load_model_from_checkpoint
+from dip.sample import GuidanceInterval
 from test_models import official_names, randomize_
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -255,17 +257,58 @@ def test_sample_errors_are_one_line(official_ckpt, tmp_path, capsys, case):
     assert not os.path.exists(tmp_path / "x.npz")
 
 
-# ----------------------------------------------------------------------------- the preset
-def test_paper_256_preset_values_and_sources():
+# ----------------------------------------------------------------------------- the presets
+def test_paper_256_preset_is_appendix_c():
     preset = official.PRESETS["paper-256"]
-    assert (preset.method, preset.steps, preset.guidance_interval, preset.image_size) == ("euler", 100, (0.1, 1.0), 256)
+    assert (preset.method, preset.steps, preset.cfg_scale, preset.image_size) == ("euler", 100, 2.9, 256)
+    assert preset.guidance_interval == GuidanceInterval(0.11, 0.97, include_lo=True, include_hi=True)
     assert preset.per_class * 1000 == 50_000
     assert set(preset.sources) == set(official.SETTINGS)
-    for name in official.SETTINGS:
-        assert (official.OFFICIAL_CODE in preset.sources[name]) != (name in preset.unconfirmed), name
-    assert preset.unconfirmed == ("cfg_scale",) and preset.sources["cfg_scale"].startswith("NOT CONFIRMED")
-    # steps at t = i/100 are guided for 0.1 < t <= 1: i = 11..99 run two branches, i = 0..10 one
-    assert official.model_evaluations_per_image(preset) == 2 * 89 + 11
+    for name in ("method", "steps", "cfg_scale", "guidance_interval"):
+        assert preset.sources[name].startswith(official.PAPER_CFG), name
+    assert "arXiv 2511.18822v3" in official.PAPER_CFG and "Appendix C" in official.PAPER_CFG
+    assert "NOT CONFIRMED" not in " ".join(preset.sources.values())
+    # the paper's rule: step i (model time i/100) is guided iff 0.11 <= i/100 <= 0.97, in integers 11 <= i <= 97
+    assert preset.guided_steps() == [i for i in range(100) if 11 <= i <= 97]
+    assert official.model_evaluations_per_image(preset) == 2 * 87 + 13
+    assert official.official_sampler_evaluations_per_image(preset) == 200
+
+
+def test_official_config_preset_is_the_released_yaml():
+    preset = official.PRESETS["official-config"]
+    assert (preset.method, preset.steps, preset.cfg_scale, preset.image_size, preset.per_class) == \
+        ("euler", 100, 1.0, 256, 50)
+    assert preset.guidance_interval == GuidanceInterval(0.1, 1.0, include_lo=False, include_hi=False)
+    assert set(preset.sources) == set(official.SETTINGS)
+    assert all(v.startswith(official.OFFICIAL_CODE) for v in preset.sources.values())
+    assert preset.guided_steps() == [] and official.model_evaluations_per_image(preset) == 100
+    # its strict interval, were the scale raised, guides what the official min < t < max does on its grid
+    guided = dataclasses.replace(preset, cfg_scale=3.5).guided_steps()
+    official_grid = [i / 100 for i in range(100)]  # linspace(0, 0.99, 100); 1.0 is the end, never a step start
+    assert guided == [i for i, t in enumerate(official_grid) if 0.1 < t < 1.0] == list(range(11, 100))
+
+
+def test_every_step_runs_as_the_preset_plans():
+    """The Euler sampler, run with each preset's settings, calls the model on 2B images exactly at the
+    preset's guided steps and on B elsewhere (the unconditional half skipped), so the image-forwards
+    per image are model_evaluations_per_image."""
+    from dip.sample import euler_sample
+    sizes = []
+
+    class Recorder(torch.nn.Module):
+        num_classes = 10
+
+        def forward(self, x, t, y):
+            sizes.append(x.shape[0])
+            return torch.zeros_like(x)
+
+    for preset in official.PRESETS.values():
+        sizes.clear()
+        euler_sample(Recorder(), torch.randn(1, 3, 2, 2), torch.tensor([3]), steps=preset.steps,
+                     cfg_scale=preset.cfg_scale, guidance_interval=preset.guidance_interval)
+        guided = set(preset.guided_steps())
+        assert sizes == [2 if i in guided else 1 for i in range(preset.steps)], preset.name
+        assert sum(sizes) == official.model_evaluations_per_image(preset)
 
 
 def test_preset_fills_only_what_the_flags_leave_open():
@@ -274,8 +317,10 @@ def test_preset_fills_only_what_the_flags_leave_open():
         official.apply_preset(args, cli.SAMPLE_DEFAULTS)
         return {name: getattr(args, name) for name in official.SETTINGS}
 
+    paper = GuidanceInterval(0.11, 0.97, include_lo=True, include_hi=True)
     assert resolved("--preset", "paper-256") == {"method": "euler", "steps": 100, "cfg_scale": 2.9,
-                                                 "guidance_interval": (0.1, 1.0), "per_class": 50, "image_size": 256}
+                                                 "guidance_interval": paper, "per_class": 50, "image_size": 256}
+    assert resolved("--preset", "official-config")["guidance_interval"] == GuidanceInterval(0.1, 1.0, False, False)
     explicit = resolved("--preset", "paper-256", "--cfg-scale", "1.5", "--per-class", "2",
                         "--guidance-interval", "0.2,0.9", "--steps", "7")
     assert (explicit["cfg_scale"], explicit["per_class"], explicit["guidance_interval"], explicit["steps"]) == \
@@ -299,7 +344,8 @@ def test_preset_reaches_the_sampler(official_ckpt, tmp_path, monkeypatch):
     path = tmp_path / "preset.npz"
     assert cli.sample_main([str(official_ckpt.converted), "--preset", "paper-256", "--npz", str(path),
                             "--per-class", "1", "--batch-size", "10", "--device", "cpu", "--no-progress"]) == 0
-    assert seen[0] == {"steps": 100, "cfg_scale": 2.9, "autocast_dtype": None, "guidance_interval": (0.1, 1.0)}
+    assert seen[0] == {"steps": 100, "cfg_scale": 2.9, "autocast_dtype": None,
+                       "guidance_interval": official.PRESETS["paper-256"].guidance_interval}
     assert seen[1] == {"image_size": 256, "labels": list(range(10))}
     with np.load(path) as f:
         assert f["arr_0"].shape == (10, 256, 256, 3)
@@ -420,6 +466,21 @@ def test_readme_commands_run_end_to_end(official_ckpt, tmp_path, monkeypatch, ca
 def test_released_weights_page_states_the_preset_the_code_has():
     # the time estimate on that page is checked with every generated section (tests/test_docs.py)
     assert official.PRESETS["paper-256"].summary() in _readme()
+
+
+def test_sampling_page_table_comes_from_the_code():
+    with open(os.path.join(REPO, "docs", "sampling.md")) as f:
+        page = f.read()
+    begin, end = "<!-- generated by python -m dip.official --presets -->", "<!-- end generated -->"
+    assert page.count(begin) == 1 and page.count(end) == 1
+    assert page.split(begin, 1)[1].split(end, 1)[0].strip() == official.presets_markdown()
+    assert "shared/" not in page and "/work/" not in page
+
+
+def test_estimate_cli(capsys):
+    assert official.main(["--estimate"]) == 0 and capsys.readouterr().out.strip() == official.estimate_markdown()
+    assert official.main(["--presets"]) == 0 and capsys.readouterr().out.strip() == official.presets_markdown()
+    assert official.main(["--bogus"]) == 2 and "usage" in capsys.readouterr().err
 
 
 def test_anchors_file_agrees_with_the_shared_reference_numbers():
