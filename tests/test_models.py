@@ -154,6 +154,15 @@ def test_parameter_counts_match_the_paper_xl():
     assert head_names == {k for k in unet.state_dict() if k.startswith("head.")}
 
 
+def test_scaled_dit_baseline_is_the_papers_1_1b():
+    """The paper's Table 2 baseline: the DiT scaled to 1.1B parameters (hidden 1536), no detail head."""
+    with torch.device("meta"):
+        model = models.build_model("DiT-1.1B/16")
+    assert (model.config.hidden_size, model.config.depth, model.config.head) == (1536, 26, "none")
+    assert model.config.hidden_size // model.config.num_heads % 4 == 0  # a head dim 2D RoPE can split
+    assert sum(p.numel() for p in model.parameters()) == 1_115_891_328
+
+
 def test_configs_and_build_model():
     with torch.device("meta"):
         for name, ctor in models.CONFIGS.items():

@@ -498,6 +498,10 @@ def test_anchors_file_agrees_with_the_shared_reference_numbers():
     assert re.search(rf"\| forward, batch 64 \| {xl['forward_batch64_ms']['eager']} ms \|", text)
     assert re.search(rf"\| bf16 matmul 8192\^3 \| {anchors['bf16_matmul_tflops']} TFLOP/s \|", text)
     assert f"{xl['gflop_per_image_forward']} GFLOP per 256x256 image" in text
+    step = xl["train_step_batch32_ms"]
+    assert re.search(rf"\| training step, batch 32, [^|]*\| {step['eager']} ms [^|]*\| *\| {step['compile']} ms", text)
+    paper = anchors["paper_training"]
+    assert f"{paper['epochs']} epochs in {paper['hours']}x{paper['gpus']} GPU-hours" in text
     assert anchors["date"] in text and "H200" in text
 
 
