@@ -58,9 +58,10 @@ class GuidanceInterval:
 
     def __post_init__(self):
         ends = (self.lo, self.hi)
+        # ends outside [0, 1] are fine: (-1, 1] guides every step
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in ends) \
-                or not 0.0 <= self.lo <= self.hi <= 1.0:
-            raise ValueError(f"guidance_interval must be two numbers 0 <= lo <= hi <= 1, got {ends!r}")
+                or not self.lo <= self.hi:
+            raise ValueError(f"guidance_interval must be two finite numbers lo <= hi, got {ends!r}")
         object.__setattr__(self, "lo", float(self.lo))
         object.__setattr__(self, "hi", float(self.hi))
 
