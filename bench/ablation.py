@@ -80,11 +80,12 @@ def ablation_markdown(anchors_path: str = ANCHORS_FILE) -> str:
     head += [f"GPU-hours, {e} epochs" for e in EPOCHS]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for (path, label, fid), f in zip(RUNS, facts):
-        hours = [f"{gpu_hours(f, reference, step['eager'], e):,.0f} ({gpu_hours(f, reference, step['compile'], e):,.0f})"
-                 for e in EPOCHS]
+        hours = [f"{gpu_hours(f, reference, step['eager'], e):,.0f} "
+                 f"({gpu_hours(f, reference, step['compile'], e):,.0f})" for e in EPOCHS]
         lines.append(f"| {label} | {fid:.2f} | [`{path}`](../{path}) | {f['params']:,} | {f['head_params']:,} | "
                      f"{f['gflop']:.1f} | " + " | ".join(hours) + " |")
-    total = [sum(gpu_hours(f, reference, step[kind], e) for f in facts) for e in EPOCHS for kind in ("eager", "compile")]
+    total = [sum(gpu_hours(f, reference, step[kind], e) for f in facts)
+             for e in EPOCHS for kind in ("eager", "compile")]
     paper_hours = paper["gpus"] * paper["hours"]
     lines += [
         "",

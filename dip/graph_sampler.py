@@ -71,8 +71,9 @@ class GraphSampler:
 
     model: the (EMA) DiP to sample from; it runs in eval mode during a call (its mode is restored).
     steps, cfg_scale, guidance_interval: as in ``dip.sample.euler_sample`` (a GuidanceInterval, or a
-    pair (lo, hi) meaning lo < t <= hi; scale 1 disables guidance). autocast_dtype (e.g. torch.bfloat16): the model runs under
-    torch.autocast inside the captured step, the solver state stays float32.
+    pair (lo, hi) meaning lo < t <= hi; scale 1 disables guidance). autocast_dtype (e.g.
+    torch.bfloat16): the model runs under torch.autocast inside the captured step, the solver state
+    stays float32.
     use_cuda_graphs=False always takes the eager path.
 
     ``sampler(noise, y)`` -> float32 (B, C, H, W), not clamped, like ``euler_sample``;

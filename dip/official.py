@@ -389,13 +389,23 @@ class SamplingPreset:
         schedule = guidance_schedule(self.steps, self.cfg_scale, self.guidance_interval)
         return [i for i in range(self.steps) if schedule[i]]
 
+    def model_evaluations_per_image(self) -> int:
+        """Image-forwards one sample costs: 2 at each guided step (conditional + null class in one
+        batch), 1 at the others (the conditional branch alone)."""
+        return self.steps + len(self.guided_steps())
+
+    def official_sampler_evaluations_per_image(self) -> int:
+        """Image-forwards the official EulerSampler spends on these settings: it runs the conditional
+        and the unconditional half at every step, guided or not."""
+        return 2 * self.steps
+
     def summary(self) -> str:
         guided = self.guided_steps()
         steps_text = (f"steps {guided[0]}..{guided[-1]} guided ({len(guided)} of {self.steps})" if guided
                       else "no step guided")
         return (f"{self.method}, {self.steps} steps, cfg scale {self.cfg_scale}, guidance for t in "
-                f"{self.guidance_interval}: {steps_text}, {self.per_class} per class, "
-                f"{self.image_size}x{self.image_size}")
+                f"{self.guidance_interval}: {steps_text}, {self.model_evaluations_per_image()} image-forwards per "
+                f"image, {self.per_class} per class, {self.image_size}x{self.image_size}")
 
 
 _FID_SAMPLES = (f"{OFFICIAL_CODE} configs_c2i/dip_xl.yaml: pred_dataset max_num_instances 50000 over num_classes "
@@ -471,18 +481,6 @@ def apply_preset(args, defaults: Dict[str, Any]) -> Optional[SamplingPreset]:
 ANCHORS_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "anchors.json")
 
 
-def model_evaluations_per_image(preset: SamplingPreset) -> int:
-    """Image-forwards one sample costs: 2 at each guided step (conditional + null class in one batch),
-    1 at the others (dip.sample runs the conditional branch alone outside the guidance interval)."""
-    return preset.steps + len(preset.guided_steps())
-
-
-def official_sampler_evaluations_per_image(preset: SamplingPreset) -> int:
-    """Image-forwards the official EulerSampler spends on the same preset: it runs the conditional
-    and the unconditional half at every step, guided or not."""
-    return 2 * preset.steps
-
-
 def load_anchors(path: str = ANCHORS_FILE) -> Dict[str, Any]:
     with open(path) as f:
         return json.load(f)
@@ -494,7 +492,7 @@ def sampling_time_estimate(preset: SamplingPreset, anchors: Dict[str, Any], num_
     guided forward) and, as a floor no implementation can beat, at the card's bf16 matmul ceiling."""
     xl = anchors["dipxl16_256"]
     images = preset.per_class * num_classes
-    forwards = model_evaluations_per_image(preset)
+    forwards = preset.model_evaluations_per_image()
     per_forward_s = xl["forward_batch64_ms"]["eager"] / 1000.0 / 64
     return {
         "images": images,
@@ -520,7 +518,7 @@ def estimate_markdown(anchors_path: str = ANCHORS_FILE, preset_name: str = "pape
         f"`--preset {preset.name}` (about {e['seconds'] / 3600 / 8:.1f} hours on 8, which share the batches "
         f"evenly). How: each image costs {e['forwards_per_image']} image-forwards ({e['guided_steps']} guided "
         f"steps x 2 + {preset.steps - e['guided_steps']} unguided steps x 1; the official sampler spends "
-        f"{official_sampler_evaluations_per_image(preset)}, as it runs the unconditional half at every step); "
+        f"{preset.official_sampler_evaluations_per_image()}, as it runs the unconditional half at every step); "
         f"one image-forward takes {e['per_forward_ms']:.2f} ms in a batch of 64 (dip-sample's default "
         f"`--batch-size 32` guides 64 at a time), from a {xl['forward_batch64_ms']['eager']} ms batch-64 forward "
         f"of {anchors['implementation']} ({anchors['gpu']}, bf16, {anchors['date']}); this package's kernels "
@@ -549,8 +547,8 @@ def presets_markdown(anchors_path: str = ANCHORS_FILE) -> str:
         ("guidance scale", lambda p: f"{p.cfg_scale}" + (" (no guidance)" if p.cfg_scale == 1.0 else "")),
         ("guidance interval, model time t", lambda p: f"{p.guidance_interval}"),
         ("guided steps i", guided_text),
-        ("image-forwards per image, this package", lambda p: f"{model_evaluations_per_image(p)}"),
-        ("image-forwards per image, the official sampler", lambda p: f"{official_sampler_evaluations_per_image(p)}"),
+        ("image-forwards per image, this package", lambda p: f"{p.model_evaluations_per_image()}"),
+        ("image-forwards per image, the official sampler", lambda p: f"{p.official_sampler_evaluations_per_image()}"),
         ("images", lambda p: f"{p.per_class * 1000:,} ({p.per_class} per class), {p.image_size}x{p.image_size}"),
         (f"estimated time on one {anchors['gpu']} (see the README)",
          lambda p: f"{sampling_time_estimate(p, anchors)['seconds'] / 3600:.1f} hours"),

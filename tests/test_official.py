@@ -270,8 +270,8 @@ def test_paper_256_preset_is_appendix_c():
     assert "NOT CONFIRMED" not in " ".join(preset.sources.values())
     # the paper's rule: step i (model time i/100) is guided iff 0.11 <= i/100 <= 0.97, in integers 11 <= i <= 97
     assert preset.guided_steps() == [i for i in range(100) if 11 <= i <= 97]
-    assert official.model_evaluations_per_image(preset) == 2 * 87 + 13
-    assert official.official_sampler_evaluations_per_image(preset) == 200
+    assert preset.model_evaluations_per_image() == 2 * 87 + 13
+    assert preset.official_sampler_evaluations_per_image() == 200
 
 
 def test_official_config_preset_is_the_released_yaml():
@@ -281,7 +281,7 @@ def test_official_config_preset_is_the_released_yaml():
     assert preset.guidance_interval == GuidanceInterval(0.1, 1.0, include_lo=False, include_hi=False)
     assert set(preset.sources) == set(official.SETTINGS)
     assert all(v.startswith(official.OFFICIAL_CODE) for v in preset.sources.values())
-    assert preset.guided_steps() == [] and official.model_evaluations_per_image(preset) == 100
+    assert preset.guided_steps() == [] and preset.model_evaluations_per_image() == 100
     # its strict interval, were the scale raised, guides what the official min < t < max does on its grid
     guided = dataclasses.replace(preset, cfg_scale=3.5).guided_steps()
     official_grid = [i / 100 for i in range(100)]  # linspace(0, 0.99, 100); 1.0 is the end, never a step start
@@ -291,7 +291,7 @@ def test_official_config_preset_is_the_released_yaml():
 def test_every_step_runs_as_the_preset_plans():
     """The Euler sampler, run with each preset's settings, calls the model on 2B images exactly at the
     preset's guided steps and on B elsewhere (the unconditional half skipped), so the image-forwards
-    per image are model_evaluations_per_image."""
+    per image are SamplingPreset.model_evaluations_per_image."""
     from dip.sample import euler_sample
     sizes = []
 
@@ -308,7 +308,7 @@ def test_every_step_runs_as_the_preset_plans():
                      cfg_scale=preset.cfg_scale, guidance_interval=preset.guidance_interval)
         guided = set(preset.guided_steps())
         assert sizes == [2 if i in guided else 1 for i in range(preset.steps)], preset.name
-        assert sum(sizes) == official.model_evaluations_per_image(preset)
+        assert sum(sizes) == preset.model_evaluations_per_image()
 
 
 def test_preset_fills_only_what_the_flags_leave_open():

@@ -202,7 +202,8 @@ def test_guidance_time_must_be_exact_and_intervals_are_checked():
         guidance_active(0.5, 2.0, (0.1, 1.0))
     assert guidance_active(Fraction(1, 2), 2.0, (0.1, 1.0)) and not guidance_active(Fraction(1, 10), 2.0, (0.1, 1.0))
     assert as_guidance_interval((0.1, 1.0)) == GuidanceInterval(0.1, 1.0, include_lo=False, include_hi=True)
-    assert str(GuidanceInterval(0.11, 0.97, True, True)) == "[0.11, 0.97]" and str(as_guidance_interval((0, 1))) == "(0.0, 1.0]"
+    assert str(GuidanceInterval(0.11, 0.97, True, True)) == "[0.11, 0.97]"
+    assert str(as_guidance_interval((0, 1))) == "(0.0, 1.0]"
     assert all(guidance_schedule(4, 2.0, (-1.0, 1.0)))  # ends beyond [0, 1]: every step guided
     for bad in [(0.1,), (0.9, 0.1), ("a", 1.0), (0.1, float("nan")), (True, 1.0), 0.5]:
         with pytest.raises(ValueError, match="guidance_interval"):
