@@ -87,6 +87,25 @@ def as_guidance_interval(interval: IntervalLike) -> GuidanceInterval:
     return GuidanceInterval(*interval)
 
 
+def parse_guidance_interval(text: str) -> GuidanceInterval:
+    """A guidance interval as written on a command line: ``LO,HI`` (lo < t <= hi, as a pair), or with
+    its ends marked, ``[LO,HI]``, ``(LO,HI)``, ``[LO,HI)``, ``(LO,HI]``. ValueError for anything else."""
+    body = text.strip()
+    marked = body[:1] in "[(" and body[-1:] in "])" and len(body) >= 2
+    inner = body[1:-1] if marked else body
+    parts = inner.split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError(text)
+        lo, hi = float(parts[0]), float(parts[1])
+    except ValueError:
+        raise ValueError(f"guidance interval must be LO,HI or one of [LO,HI], (LO,HI), [LO,HI), (LO,HI], "
+                         f"got {text!r}") from None
+    if not marked:
+        return GuidanceInterval(lo, hi)
+    return GuidanceInterval(lo, hi, include_lo=body[0] == "[", include_hi=body[-1] == "]")
+
+
 def guidance_active(t: Rational, cfg_scale: float, interval: IntervalLike) -> bool:
     """True when a model evaluation at the exact time ``t`` (a Fraction or an int, never a float)
     runs both branches: scale != 1 and t in the interval."""

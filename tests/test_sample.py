@@ -13,8 +13,8 @@ from PIL import Image
 
 from dip.diffusion import DDPM
 from dip.sample import (GuidanceInterval, as_guidance_interval, ddim_sample, ddim_steps, ddpm_sample, euler_sample,
-                        flow_time_grid, guidance_active, guidance_schedule, guided_velocity, heun_sample, sample,
-                        save_grid, save_npz, to_uint8)
+                        flow_time_grid, guidance_active, guidance_schedule, guided_velocity, heun_sample,
+                        parse_guidance_interval, sample, save_grid, save_npz, to_uint8)
 from host_reads import no_host_reads
 
 NUM_CLASSES = 4
@@ -208,6 +208,17 @@ def test_guidance_time_must_be_exact_and_intervals_are_checked():
     for bad in [(0.1,), (0.9, 0.1), ("a", 1.0), (0.1, float("nan")), (True, 1.0), 0.5]:
         with pytest.raises(ValueError, match="guidance_interval"):
             as_guidance_interval(bad)
+
+
+def test_parse_guidance_interval_reads_what_str_writes():
+    for interval in (GuidanceInterval(0.11, 0.97, True, True), GuidanceInterval(0.1, 1.0, False, False),
+                     GuidanceInterval(0.0, 0.5, True, False), GuidanceInterval(0.2, 0.9)):
+        assert parse_guidance_interval(str(interval)) == interval
+    assert parse_guidance_interval("0.1,1.0") == as_guidance_interval((0.1, 1.0))
+    assert parse_guidance_interval(" [0.11, 0.97] ") == GuidanceInterval(0.11, 0.97, True, True)
+    for bad in ("0.1", "[0.1,0.2,0.3]", "{0.1,0.2}", "[a,1]", "(0.9,0.1)", "[]", ""):
+        with pytest.raises(ValueError, match="guidance"):
+            parse_guidance_interval(bad)
 
 
 @pytest.mark.parametrize("solver, evaluations", [(euler_sample, lambda i: [i]), (heun_sample, lambda i: [i, i + 1])])
