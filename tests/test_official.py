@@ -18,7 +18,7 @@ from PIL import Image
 
 from dip import cli, models, official
 from dip.checkpoint import load_model_from_checkpoint
-from dip.sample import GuidanceInterval
+from dip.sample import GuidanceInterval, euler_sample
 from test_models import official_names, randomize_
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -292,7 +292,6 @@ def test_every_step_runs_as_the_preset_plans():
     """The Euler sampler, run with each preset's settings, calls the model on 2B images exactly at the
     preset's guided steps and on B elsewhere (the unconditional half skipped), so the image-forwards
     per image are SamplingPreset.model_evaluations_per_image."""
-    from dip.sample import euler_sample
     sizes = []
 
     class Recorder(torch.nn.Module):
