@@ -90,6 +90,8 @@ SECTIONS = [
             lambda: kernel_precompile.readme_summary(_json(*PRECOMPILE_REPORT))),
     Section("sampling time estimate", "docs/released-weights.md", ["bench/anchors.json"],
             lambda: official.estimate_markdown()),
+    Section("sampling presets", "docs/sampling.md", ["dip/official.py", "bench/anchors.json"],
+            lambda: official.presets_markdown()),
 ]
 
 

@@ -529,7 +529,7 @@ def estimate_markdown(anchors_path: str = ANCHORS_FILE, preset_name: str = "pape
         f"{o['guided_steps'] or 'no'} guided steps, {o['forwards_per_image']} image-forwards per image) takes "
         f"about {o['seconds'] / 3600:.1f} hours. "
         f"Converting the checkpoint and dip-eval's Inception pass are not included. "
-        f"`python -m dip.official --estimate` regenerates this paragraph from bench/anchors.json.")
+        f"`python -m dip.docs` regenerates this paragraph from bench/anchors.json.")
 
 
 def presets_markdown(anchors_path: str = ANCHORS_FILE) -> str:
