@@ -27,8 +27,8 @@ import gc
 import pytest
 import torch
 
+from dip import flops
 from dip.models import DiPTiny, DiPXL16
-from dip_kernels.reference.patch_detailer import flops_per_patch
 
 from bench import cases, providers, timing
 
@@ -56,31 +56,8 @@ SAMPLE_CASES = [("sample", LABEL, label, ("compile",) if n > 1 and cases.ON_GPU 
 TRAIN_CASES = [("train", LABEL, f"b{TRAIN_BATCH}", COMPILED)]
 
 
-# ----------------------------------------------------------------------------- FLOPs
-def _attention_flops(qkv, qw, kw, cos, sin, num_heads, eps, out_shape=None):
-    b, n, three_hd = qkv
-    return 4 * b * n * n * (three_hd // 3)
-
-
-def _head_flops(patches, tokens, weights, out_shape=None):
-    return patches[0] * flops_per_patch(patches[2], tokens[1])
-
-
 def forward_flops_per_image(build=BUILD, res=RES):
-    """FLOPs of one image's forward (matmuls, convolutions, attention), or None if counting fails."""
-    from torch.utils.flop_counter import FlopCounterMode
-    try:
-        with torch.device("meta"):
-            model = build()
-        x = torch.randn(1, 3, res, res, device="meta")
-        t = torch.rand(1, device="meta")
-        y = torch.zeros(1, dtype=torch.long, device="meta")
-        mapping = {torch.ops.dip.attention: _attention_flops, torch.ops.dip.patch_detailer: _head_flops}
-        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-            model(x, t, y)
-        return int(counter.get_total_flops())
-    except Exception:  # a model change the meta device cannot follow: report times without FLOPs
-        return None
+    return flops.forward_flops_per_image(build, res)
 
 
 # ----------------------------------------------------------------------------- fixtures

@@ -84,6 +84,13 @@ def _key_value(text: str):
         raise argparse.ArgumentTypeError(f"{text!r}: the value is not valid YAML") from None
 
 
+def _guidance_interval(text: str):
+    try:
+        return sampling.parse_guidance_interval(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -106,8 +113,8 @@ def train_parser() -> ArgumentParser:
         "that holds another run, a resume with incompatible settings, a disk full while saving, ...); "
         "3 stopped because the loss or gradient norm was not finite (no non-finite weights are saved; the "
         "last checkpoint is left as it was)."))
-    p.add_argument("config", help="a model name (DiP-XL/16, DiP-L/16, DiP-B/16, DiP-S/16, DiP-XL/32, DiP-Tiny) "
-                                  "or a YAML file of TrainConfig fields")
+    p.add_argument("config", help=f"a model name ({', '.join(CONFIGS)}) or a YAML file of TrainConfig fields "
+                                  "(configs/ holds the paper's recipes)")
     p.add_argument("--data", help="image folder: one subfolder per class, or images directly (unconditional)")
     p.add_argument("--out", help="run folder for checkpoints, metrics.jsonl and samples")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
@@ -212,8 +219,9 @@ def sample_parser() -> ArgumentParser:
     p.add_argument("--per-class", type=_positive_int, help="images per class for --npz (default 1)")
     p.add_argument("--steps", type=_positive_int, help="solver steps (default 100)")
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (default 1: none)")
-    p.add_argument("--guidance-interval", type=_number_pair(float), metavar="LO,HI",
-                   help="guide only while LO < t <= HI (default 0.1,1.0, the official interval)")
+    p.add_argument("--guidance-interval", type=_guidance_interval, metavar="LO,HI",
+                   help="guide only while LO < t <= HI; [LO,HI], (LO,HI), [LO,HI) or (LO,HI] mark the ends "
+                        "(t = 0 is noise; the steps are picked by index, see docs/sampling.md)")
     p.add_argument("--method", choices=("euler", "heun", "ddim", "ddpm"),
                    help="default: euler for flow-matching checkpoints, ddim for ddpm ones")
     p.add_argument("--image-size", type=_positive_int, help="default: the training resolution")

@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional
 
 from dip_kernels import precompile as kernel_precompile
 
-from . import official
+from . import official, recipes
 from .checkpoint import atomic_write
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,6 +88,8 @@ SECTIONS = [
             lambda: evaluation_tables(_json(*EVALUATION_RESULTS))),
     Section("precompile summary", "docs/precompile.md", ["/".join(PRECOMPILE_REPORT)],
             lambda: kernel_precompile.readme_summary(_json(*PRECOMPILE_REPORT))),
+    Section("ablation recipes", "docs/ablation.md", ["bench/anchors.json", "configs/ablation/"],
+            lambda: recipes.ablation_markdown()),
     Section("sampling time estimate", "docs/released-weights.md", ["bench/anchors.json"],
             lambda: official.estimate_markdown()),
     Section("sampling presets", "docs/sampling.md", ["dip/official.py", "bench/anchors.json"],

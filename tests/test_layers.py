@@ -29,7 +29,7 @@ DIP_KERNELS_LAYERS = [
 ]
 DIP_LAYERS = [
     ["dip", "dip.errors"],
-    ["dip.models", "dip.data", "dip.diffusion"],
+    ["dip.models", "dip.data", "dip.diffusion", "dip.flops"],
     ["dip.checkpoint"],               # the checkpoint format, and a model from a checkpoint
     ["dip.distributed", "dip.run_folder"],
     ["dip.ema", "dip.sample"],
@@ -39,7 +39,8 @@ DIP_LAYERS = [
     ["dip.train.trainer"],
     ["dip.train.run"],
     ["dip.train"],
-    ["dip.demo", "dip.demo.*", "dip.precompile", "dip.docs"],
+    ["dip.demo", "dip.demo.*", "dip.precompile", "dip.recipes"],
+    ["dip.docs"],
     ["dip.cli"],
 ]
 LAYERS = DIP_KERNELS_LAYERS + DIP_LAYERS

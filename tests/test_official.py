@@ -323,7 +323,11 @@ def test_preset_fills_only_what_the_flags_leave_open():
     explicit = resolved("--preset", "paper-256", "--cfg-scale", "1.5", "--per-class", "2",
                         "--guidance-interval", "0.2,0.9", "--steps", "7")
     assert (explicit["cfg_scale"], explicit["per_class"], explicit["guidance_interval"], explicit["steps"]) == \
-        (1.5, 2, (0.2, 0.9), 7) and explicit["method"] == "euler"
+        (1.5, 2, GuidanceInterval(0.2, 0.9), 7) and explicit["method"] == "euler"
+    assert resolved("--guidance-interval", "[0.11,0.97]")["guidance_interval"] == paper
+    with pytest.raises(SystemExit) as exit_info:
+        resolved("--guidance-interval", "0.1")
+    assert exit_info.value.code == 2
     assert resolved() == {"method": None, "steps": 100, "cfg_scale": 1.0, "guidance_interval": None,
                           "per_class": 1, "image_size": None}
 

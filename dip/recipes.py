@@ -1,32 +1,30 @@
 """What the paper's head ablation (arXiv 2511.18822v3, Table 2) costs at full size.
 
 Each row is a ``dip-train`` config in configs/ablation/: its model's parameters, its forward FLOPs
-per 256x256 image (counted as bench/test_bench_model.py counts them: torch's FlopCounterMode on a
-meta-device model, the dip ops' matmuls and convolutions added analytically), and the GPU-hours a run
+per 256x256 image (dip.flops: torch's FlopCounterMode on a meta-device model, the dip ops'
+matmuls and convolutions added analytically), and the GPU-hours a run
 takes. The hours are derived, not measured: the reference DiP-XL/16 training step of
 bench/anchors.json (batch 32, bf16, one card) scaled by each model's FLOPs relative to DiP-XL/16's, i.e.
 at the same achieved FLOP/s. That flatters the heads made of many small matmuls (coordinate MLP,
 intra-patch attention), which reach a lower share of the card's peak than the backbone's large
 ones, and leaves out REPA's frozen encoder forward, which the reference step did not run.
 
-``python -m bench.ablation`` prints the generated part of docs/ablation.md; a test checks that the
-page holds exactly this.
+``python -m dip.docs`` writes the generated part of docs/ablation.md from this module, and
+tests/test_docs.py checks that the page holds exactly that.
 """
 import functools
 import json
 import os
-import sys
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import torch
 
-from dip.models import build_model
-from dip.train import load_config
-
-from bench.test_bench_model import forward_flops_per_image
+from .flops import forward_flops_per_image
+from .models import build_model
+from .official import ANCHORS_FILE
+from .train import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ANCHORS_FILE = os.path.join(REPO, "bench", "anchors.json")
 IMAGENET_TRAIN_IMAGES = 1_281_167  # the ImageNet-1k training split
 EPOCHS = (80, 160)
 REFERENCE = "configs/ablation/patch_detailer.yaml"  # DiP-XL/16, the model the anchors timed
@@ -69,6 +67,7 @@ def gpu_hours(facts: Dict[str, Any], reference: Dict[str, Any], step_ms: float, 
 
 
 def ablation_markdown(anchors_path: str = ANCHORS_FILE) -> str:
+    """docs/ablation.md's table and the sentences about its cost."""
     with open(anchors_path) as f:
         anchors = json.load(f)
     step = anchors["dipxl16_256"]["train_step_batch32_ms"]
@@ -102,16 +101,3 @@ def ablation_markdown(anchors_path: str = ANCHORS_FILE) -> str:
         f"for {EPOCHS[0]} epochs add `--steps {steps_for_epochs(EPOCHS[0], 256)}`.",
     ]
     return "\n".join(lines)
-
-
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv:
-        print("usage: python -m bench.ablation   (prints the generated table of docs/ablation.md)", file=sys.stderr)
-        return 2
-    print(ablation_markdown())
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
