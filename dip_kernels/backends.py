@@ -33,6 +33,7 @@ BACKENDS = ("auto", "eager", "triton", "cuda", "cpu")
 FLOATING = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 _MODULES: Dict[str, Dict[str, str]] = {}  # op family -> backend -> module, fastest first (the op specs')
+_FAMILY: Dict[str, str] = {}              # custom op (forward and backward) -> its op family
 _choice: Dict[str, str] = {}              # op family -> the backend the user chose ("auto" by default)
 
 
@@ -82,8 +83,10 @@ def capturing(t):
 
 
 # ---------------------------------------------------------------- the op families and their backends
-def register(family, modules):
-    """Called by dip_kernels.opspec.define: ``modules`` maps backend -> module, fastest first."""
+def register(op, family, modules):
+    """Called by dip_kernels.opspec.define for custom op ``op`` (and its backward op) of op family
+    ``family``: ``modules`` maps backend -> module, fastest first."""
+    _FAMILY[op] = _FAMILY[f"{op}_backward"] = family
     if family in _MODULES:
         assert _MODULES[family] == dict(modules), f"{family}: two specs disagree on its backends"
         return
@@ -100,9 +103,7 @@ def ops():
 def op_family(op):
     """The op family (the key of the user's choice) of custom op ``op``, e.g. attention_backward ->
     attention, unpatchify -> patchify."""
-    from .opspec import SPECS
-    family = op[:-len("_backward")] if op.endswith("_backward") else op
-    return SPECS[family].op_family if family in SPECS else family
+    return _FAMILY.get(op, op)
 
 
 def has_backend(op, backend):

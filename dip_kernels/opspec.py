@@ -127,7 +127,7 @@ def _choose_inputs(spec, args):
 
 def define(spec: OpSpec):
     """Register ``spec`` as torch.ops.dip.<name> (and its backward op); returns the custom op."""
-    backends.register(spec.op_family, spec.backends)
+    backends.register(spec.name, spec.op_family, spec.backends)
     sig = inspect.signature(spec.signature)
     bind = _binder(sig)
     names = list(sig.parameters)
