@@ -10,6 +10,7 @@ import contextlib
 
 import torch
 
+from . import backends
 from ._alloc import poisoned_allocations  # noqa: F401  (re-exported: the tests' entry point)
 
 
@@ -17,7 +18,6 @@ from ._alloc import poisoned_allocations  # noqa: F401  (re-exported: the tests'
 def ran_on(backend):
     """Assert that dip ops ran inside the block and every one of them ran on ``backend`` (as
     dip_kernels.backends recorded it: no fallback goes unseen). Yields the recorded choices."""
-    from . import backends
     with backends.recorded_runs() as runs:
         yield runs
     wrong = [(c.op, c.backend, c.reason) for c in runs if c.backend != backend]

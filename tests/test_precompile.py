@@ -1,4 +1,5 @@
-"""dip_kernels.precompile: the compile-only pre-flight of every Triton kernel for a GPU that is not here.
+"""dip.precompile (the command and DiP's workloads) over dip_kernels.precompile (the kernel-level
+machinery): the compile-only pre-flight of every Triton kernel for a GPU that is not here.
 
 The slow test compiles, for sm_90 and sm_80, every autotune config of every Triton kernel that the
 wrappers launch for DiP-XL/16 in bf16 (training step and guided sampling), with the triton installed
@@ -18,6 +19,8 @@ import tempfile
 
 import pytest
 
+from dip import precompile as model_precompile
+from dip.checkpoint import atomic_write
 from dip_kernels import precompile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +40,7 @@ def _run_python(code, timeout=600):
 # ---------------------------------------------------------------- the pieces
 def test_trace_records_the_dtypes_a_gpu_run_sees():
     """bf16 autocast: the attention gets a bf16 qkv with fp32 norm weights, the head bf16 everything."""
-    workloads = dict(precompile.model_workloads("DiP-Tiny", [32], ["bf16"], [2], [1]))
+    workloads = dict(model_precompile.model_workloads("DiP-Tiny", [32], ["bf16"], [2], [1]))
     calls = precompile.trace_op_calls(workloads["DiP-Tiny bf16 train B=2 32px"])
     ops = [c.op for c in calls]
     for op in ("patchify", "attention", "attention_backward", "patch_detailer", "patch_detailer_backward",
@@ -127,11 +130,11 @@ def test_cache_manifest_says_which_runs_apply(tmp_path, monkeypatch):
                                                                  python="3.12"))
     report = dict(models=["DiP-XL/16"], dtypes=["bf16"], archs=["sm_90"], image_sizes=[], argv=[],
                   environment=precompile.environment())
-    assert "not filled by dip_kernels.precompile" in precompile.check_cache(str(tmp_path))
-    precompile.record_run(str(tmp_path), report)
-    precompile.record_run(str(tmp_path), report)  # the same run again: recorded once
+    assert "not filled by dip.precompile" in precompile.check_cache(str(tmp_path))
+    precompile.record_run(str(tmp_path), report, atomic_write)
+    precompile.record_run(str(tmp_path), report, atomic_write)  # the same run again: recorded once
     precompile.record_run(str(tmp_path), dict(report, models=["DiP-Tiny"], environment=dict(
-        report["environment"], triton_build="old")))
+        report["environment"], triton_build="old")), atomic_write)
     lines = precompile.check_cache(str(tmp_path)).splitlines()
     assert len(lines) == 2 and lines[0].endswith("applies here") and "DiP-Tiny" in lines[1]
     assert "does not apply here" in lines[1]
@@ -140,8 +143,17 @@ def test_cache_manifest_says_which_runs_apply(tmp_path, monkeypatch):
 def test_command_line_rejects_bad_arguments():
     for argv in (["--arch", "sm_75"], ["--train-batch", "0"], ["--compare", "x.json"]):
         with pytest.raises(SystemExit) as exit_info:
-            precompile.parse_args(argv)
+            model_precompile.parse_args(argv)
         assert exit_info.value.code == 2
+    assert model_precompile.parse_args(["--arch", "sm_100", "--arch", "sm_90a"]).arch == [100, 90]
+
+
+def test_kernel_level_tool_imports_no_model():
+    """dip_kernels.precompile is below the model: importing it loads nothing of dip."""
+    out = _run_python("import sys, dip_kernels.precompile\n"
+                      "print(sorted(m for m in sys.modules if m == 'dip' or m.startswith('dip.')))")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 def _readme_block():
@@ -169,7 +181,7 @@ def _cache_dir():
 @pytest.mark.slow
 def test_every_kernel_compiles_for_sm90_and_sm80_at_dip_xl16_bf16(tmp_path):
     out = tmp_path / "report"
-    cmd = [sys.executable, "-m", "dip_kernels.precompile", "--model", "DiP-XL/16", "--dtype", "bf16",
+    cmd = [sys.executable, "-m", "dip.precompile", "--model", "DiP-XL/16", "--dtype", "bf16",
            "--arch", "sm_90", "--arch", "sm_80", "--cache-dir", _cache_dir(), "--jobs", str(os.cpu_count() or 2),
            "--out", str(out), "--quiet"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=_compile_only_env(), cwd=ROOT, timeout=1500)
