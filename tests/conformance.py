@@ -132,39 +132,56 @@ def _attention(b, h, n, d, layout="contiguous"):
 ELEMENTWISE_SHAPES = [(2, 7, 48), (2, 37, 1000), (3, 5, 300), (1, 3, 20)]
 
 
+def rmsnorm_modulate_inputs(b, n, d, dtype, device="cpu", weight_dtype=None, noncontiguous=False):
+    """x, weight, shift, scale (B, N, D): the weight near 1, shift and scale of scale 0.5."""
+    x = _randn(b, n, d, dtype=dtype, device=device)
+    weight = (1 + 0.5 * torch.randn(d, device=device)).to(weight_dtype or dtype)
+    shift = _randn(b, d, dtype=dtype, device=device, scale=0.5)
+    scale = _randn(b, d, dtype=dtype, device=device, scale=0.5)
+    if noncontiguous:
+        x = _transposed(x, 1, 2)
+        weight = torch.stack([weight, torch.randn_like(weight)], -1)[:, 0]
+        shift = torch.cat([shift, torch.randn_like(shift)], -1)[:, :d]
+    return x, weight, shift, scale
+
+
+def gated_residual_inputs(b, n, d, dtype, device="cpu", f_dtype=None, noncontiguous=False):
+    """x, gate, f: the residual stream, its gate (B, D) and the branch output (in ``f_dtype``)."""
+    x = _randn(b, n, d, dtype=dtype, device=device)
+    gate = _randn(b, d, dtype=dtype, device=device)
+    f = _randn(b, n, d, dtype=f_dtype or dtype, device=device)
+    if noncontiguous:
+        f = _transposed(f, 1, 2)
+        gate = torch.cat([torch.randn_like(gate), gate], -1)[:, d:]
+    return x, gate, f
+
+
+def swiglu_input(shape, dtype, device="cpu", noncontiguous=False):
+    """ab (..., 2H) of scale 2; non-contiguous: the first 2/3 of a wider projection's output."""
+    if noncontiguous:
+        h = shape[-1] // 2
+        return _randn(*shape[:-1], 3 * h, dtype=dtype, device=device, scale=2.0)[..., :2 * h]
+    return _randn(*shape, dtype=dtype, device=device, scale=2.0)
+
+
 def _rmsnorm(b, n, d, noncontiguous):
     # float16 activations with a float32 weight, as under autocast; float32 ones written as float16
     def make(dtype, device):
-        x = _randn(b, n, d, dtype=dtype, device=device)
-        weight = (1 + 0.5 * torch.randn(d, device=device)).to(torch.float32 if dtype == torch.float16 else dtype)
-        shift = _randn(b, d, dtype=dtype, device=device, scale=0.5)
-        scale = _randn(b, d, dtype=dtype, device=device, scale=0.5)
-        if noncontiguous:
-            x = _transposed(x, 1, 2)
-            weight = torch.stack([weight, torch.randn_like(weight)], -1)[:, 0]
-            shift = torch.cat([shift, torch.randn_like(shift)], -1)[:, :d]
-        return x, weight, shift, scale, EPS, torch.float16 if dtype == torch.float32 else None
+        weight_dtype = torch.float32 if dtype == torch.float16 else dtype
+        return (*rmsnorm_modulate_inputs(b, n, d, dtype, device, weight_dtype, noncontiguous), EPS,
+                torch.float16 if dtype == torch.float32 else None)
     return make
 
 
 def _gated(b, n, d, f_half, noncontiguous):
     def make(dtype, device):
-        x = _randn(b, n, d, dtype=dtype, device=device)
-        gate = _randn(b, d, dtype=dtype, device=device)
-        f = _randn(b, n, d, dtype=torch.float16 if f_half else dtype, device=device)
-        if noncontiguous:
-            f = _transposed(f, 1, 2)
-            gate = torch.cat([torch.randn_like(gate), gate], -1)[:, d:]
-        return x, gate, f
+        return gated_residual_inputs(b, n, d, dtype, device, torch.float16 if f_half else dtype, noncontiguous)
     return make
 
 
 def _swiglu(shape, noncontiguous):
     def make(dtype, device):
-        if noncontiguous:  # the first 2/3 of a wider projection's output
-            h = shape[-1] // 2
-            return (_randn(*shape[:-1], 3 * h, dtype=dtype, device=device, scale=2.0)[..., :2 * h],)
-        return (_randn(*shape, dtype=dtype, device=device, scale=2.0),)
+        return (swiglu_input(shape, dtype, device, noncontiguous),)
     return make
 
 
@@ -273,6 +290,24 @@ OPCHECK = {
 }
 
 
+# inputs for the CUDA-graph capture of each op on a GPU: real sizes in bf16 (float32 weights where
+# autocast gives them, the images as the model feeds them)
+def _head_capture(device):
+    return head_inputs(64, 16, 32, torch.bfloat16, device)
+
+
+CAPTURE = {
+    "patchify": lambda d: (torch.randn(8, 3, 256, 256, device=d), 16, torch.bfloat16),
+    "unpatchify": lambda d: (_randn(8, 256, 768, dtype=torch.bfloat16, device=d), 16, 256, 256, torch.float32),
+    "attention": lambda d: attention_inputs(2, 4, 256, 72, torch.bfloat16, d, torch.float32),
+    "rmsnorm_modulate": lambda d: (*rmsnorm_modulate_inputs(4, 256, 1152, torch.bfloat16, d, torch.float32), EPS,
+                                   None),
+    "gated_residual": lambda d: gated_residual_inputs(4, 256, 1152, torch.bfloat16, d),
+    "swiglu": lambda d: (swiglu_input((4, 256, 2 * 1152), torch.bfloat16, d),),
+    "patch_detailer": _head_capture,
+}
+
+
 def sample(op, name):
     return next(s for s in SAMPLES[op] if s.name == name)
 
@@ -309,16 +344,19 @@ def leaves(args, wrt):
     return [leaf(a, i in wrt) for i, a in enumerate(args)]
 
 
-def _run(fn, spec, args, grad_outputs):
-    """Outputs and the gradients of the differentiable ones w.r.t. the differentiated inputs."""
-    wrt = grads_of(spec, args)
-    inputs = leaves(args, wrt)
+def outputs_and_grads(fn, spec, inputs, grad_outputs):
+    """``fn``'s outputs on ``inputs`` (leaves, those differentiated requiring grad) and the
+    gradients of the differentiable outputs w.r.t. the differentiated inputs."""
     outs = fn(*inputs)
     outs = outs if isinstance(outs, tuple) else (outs,)
-    targets = list(_flat(inputs[i] for i in wrt))
-    diff = differentiable(spec)
-    grads = torch.autograd.grad([outs[i] for i in diff], targets, grad_outputs)
+    targets = list(_flat(inputs[i] for i in grads_of(spec, inputs)))
+    grads = torch.autograd.grad([outs[i] for i in differentiable(spec)], targets, grad_outputs)
     return [o.detach() for o in outs] + list(grads)
+
+
+def _run(fn, spec, args, grad_outputs):
+    """Outputs and the gradients of the differentiable ones w.r.t. the differentiated inputs."""
+    return outputs_and_grads(fn, spec, leaves(args, grads_of(spec, args)), grad_outputs)
 
 
 def _reference(op, spec, args, grad_outputs, high_precision):
@@ -343,6 +381,13 @@ def _names(spec, args):
         a = args[i]
         names += [f"grad {params[i]}[{k}]" for k in range(len(a))] if isinstance(a, list) else [f"grad {params[i]}"]
     return names
+
+
+def grad_outputs_for(op, args):
+    """Random gradients for custom op ``op``'s differentiable outputs on ``args``."""
+    with torch.no_grad():
+        outs = getattr(torch.ops.dip, op)(*args)
+    return _grad_outputs(SPECS[op], outs if isinstance(outs, tuple) else (outs,))
 
 
 def _grad_outputs(spec, outs_like):

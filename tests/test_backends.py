@@ -9,7 +9,11 @@ torch's autograd, in the inputs' own dtypes and in float64: a result may err aga
 most ``factor`` times what the reference itself errs in the same dtype, plus a scale-aware atol
 (assert_close_to_fp64, the flash-attention tests' rule); the eager backend is judged the same way,
 which checks the op layer and the reference's written-out backward. Copies (patchify) must match
-the reference bit for bit. Every backend also passes torch.library.opcheck.
+the reference bit for bit. Every backend also passes torch.library.opcheck, compiles forward and
+backward under torch.compile(fullgraph=True) (no graph break) to the same results, and, on a GPU,
+captures forward and backward in one CUDA graph whose replays on new input values give the bits an
+uncaptured call gives. A new op gets all of this from its catalogue entries in tests/conformance.py
+(SAMPLES, CHECKS, OPCHECK, CAPTURE).
 
 CPU: eager, Triton through its interpreter (float32, float16) and the head's cpu backend. With a
 GPU: the same catalogue on CUDA tensors in bfloat16, every backend that runs them (gpu-marked).
@@ -128,3 +132,89 @@ def test_catalogue_covers_batch_one_tails_and_strided_inputs():
         assert any(ts[0].shape[0] == 1 for ts in tensors), f"{op}: no batch of one"
         assert any(any(d % 16 for d in ts[0].shape) for ts in tensors), f"{op}: no tail"
         assert any(not t.is_contiguous() for ts in tensors for t in ts), f"{op}: no non-contiguous input"
+
+
+def _compile_params():
+    out = []
+    for op in SPECS:
+        for name, devices in BACKEND_DEVICES.items():
+            if not backends.has_backend(op, name) or "cpu" not in devices:
+                continue
+            marks = []
+            if name not in _backends_here(op, "cpu"):
+                marks.append(pytest.mark.skip(reason=f"{name} does not run cpu tensors here"))
+            if op == "patch_detailer" and name == "triton":
+                marks.append(pytest.mark.slow)  # seconds of interpreted head kernels
+            out.append(pytest.param(op, name, marks=marks, id=f"{op}-{name}"))
+    return out
+
+
+@pytest.mark.parametrize("op,name", _compile_params())
+def test_compiles_fullgraph(backend, op, name):
+    """torch.compile(fullgraph=True) of a function around the op (a graph break raises) runs the op
+    and its backward on this backend (asserted) and gives what the uncompiled op gives."""
+    spec = SPECS[op]
+    backend(name, backends.op_family(op))
+    custom_op = getattr(torch.ops.dip, op)
+    args = conformance.OPCHECK[op][0]("cpu")
+    grad_outputs = conformance.grad_outputs_for(op, args)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: custom_op(*a), fullgraph=True, backend="aot_eager")
+    wrt = conformance.grads_of(spec, args)
+    with ran_on(name) as runs:
+        got = conformance.outputs_and_grads(compiled, spec, conformance.leaves(args, wrt), grad_outputs)
+    assert len(runs) == 2, [c.op for c in runs]  # the op and its backward
+    want = conformance.outputs_and_grads(custom_op, spec, conformance.leaves(args, wrt), grad_outputs)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def _capture_params():
+    return [pytest.param(op, name, marks=[pytest.mark.gpu], id=f"{op}-{name}")
+            for op in SPECS for name, devices in BACKEND_DEVICES.items()
+            if backends.has_backend(op, name) and "cuda" in devices]
+
+
+def _refill(args, fresh):
+    """Copy ``fresh``'s values into ``args``'s tensors, in place (what a CUDA graph reads)."""
+    with torch.no_grad():
+        for a, f in zip(args, fresh):
+            for t, u in zip(a if isinstance(a, list) else [a], f if isinstance(f, list) else [f]):
+                if isinstance(t, torch.Tensor):
+                    t.copy_(u)
+
+
+@pytest.mark.parametrize("op,name", _capture_params())
+def test_cuda_graph_capture(backend, op, name):
+    """The op and its backward on this backend captured in one CUDA graph (current stream, no host
+    sync): replays on new input values, written in place, give exactly what an uncaptured call gives."""
+    spec = SPECS[op]
+    if name not in _backends_here(op, "cuda"):
+        pytest.skip(f"{name} does not run cuda tensors here")
+    backend(name, backends.op_family(op))
+    custom_op = getattr(torch.ops.dip, op)
+    raw = conformance.CAPTURE[op]("cuda")
+    args = conformance.leaves(raw, conformance.grads_of(spec, raw))
+    grad_outputs = conformance.grad_outputs_for(op, args)
+
+    def step():
+        return conformance.outputs_and_grads(custom_op, spec, args, grad_outputs)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: compile, autotune and fill caches outside the capture
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with ran_on(name), torch.cuda.graph(graph):
+        captured = step()
+    for _ in range(2):
+        _refill(args, conformance.CAPTURE[op]("cuda"))
+        _refill(grad_outputs, [torch.randn_like(g) for g in grad_outputs])
+        graph.replay()
+        torch.cuda.synchronize()
+        with ran_on(name):
+            want = step()
+        for label, got, expected in zip(conformance._names(spec, args), captured, want):
+            assert torch.equal(got, expected), label
