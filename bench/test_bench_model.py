@@ -7,7 +7,7 @@
   test_model_train    one training step at batch 32: flow-matching MSE, backward, AdamW (fused on
                       CUDA); images/s and peak memory in extra_info
 
-Providers (bench/providers.py, plus the dip variants below): eager (the plain reference functions,
+Providers (bench/providers.py, plus the dip variants below): reference (the reference functions,
 no custom ops), compile (torch.compile of the model, ops plain), dip (the custom ops on backend
 "auto"), and per test
   dip_graph    sample: dip.graph_sampler.GraphSampler with the dip ops, each Euler step one replayed
@@ -146,8 +146,8 @@ def _random_batch(b, device, num_classes):
 def _common_info(model, provider, device):
     record = {"model": MODEL_NAME, "resolution": RES, "params": sum(p.numel() for p in model.parameters()),
               "autocast": str(AMP) if AMP is not None else None}
-    if provider in ("eager", "compile"):
-        record["backends"] = "plain reference functions, no custom ops"
+    if provider in ("reference", "compile"):
+        record["backends"] = "reference functions, no custom ops"
     else:
         with _backend(provider):
             record["backends"] = providers.resolved_backends(device)

@@ -1,4 +1,4 @@
-"""dip-kernels: custom ops (``torch.ops.dip.*``) for DiP, with eager, Triton and CUDA backends."""
+"""dip-kernels: custom ops (``torch.ops.dip.*``) for DiP, with reference, Triton, CUDA and oneDNN backends."""
 from . import backends
 from .backends import available_backends, explain, get_backend, set_backend, BackendUnavailableError, BACKENDS
 from .ops import (attention, gated_residual, patch_detailer, patchify, plain_reference, rmsnorm_modulate, swiglu,

@@ -46,7 +46,7 @@ class OpSpec:
     outputs: Tuple[str, ...]               # output names (the backward's gradient arguments: grad_<name>)
     check: Callable                        # check(*inputs) raises ValueError naming the argument
     fake: Callable                         # fake(*inputs) -> outputs allocated like the real ones
-    backends: Dict[str, str]               # backend -> module, fastest first (eager, the reference, last)
+    backends: Dict[str, str]               # backend -> module, fastest first (the reference last)
     dispatch: int = 1                      # leading inputs the backend is chosen from
     family: Optional[str] = None           # the backend modules' op family (default: name)
     backward: Optional[Backward] = None
@@ -228,10 +228,10 @@ _plain = False
 
 @contextlib.contextmanager
 def plain_reference(enabled: bool = True):
-    """Inside this block the public functions (dip_kernels.attention, ...) call the eager reference
+    """Inside this block the public functions (dip_kernels.attention, ...) call the reference
     functions directly, with plain autograd and no custom ops: the model becomes exactly what a user
-    without this library would run (and what torch.compile of it would see). The benchmarks' eager
-    and compile baselines; not a backend, since it bypasses the ops' checks, schema and saved
+    without this library would run (and what torch.compile of it would see). The benchmarks'
+    ``reference`` and ``compile`` baselines; not a backend, since it bypasses the ops' checks, schema and saved
     statistics."""
     global _plain
     old, _plain = _plain, enabled

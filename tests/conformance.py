@@ -308,6 +308,21 @@ CAPTURE = {
 }
 
 
+# opcheck's inputs on a GPU: bf16 activations (what the Triton and CUDA kernels take there; they
+# decline float32), float32 norm weights and RoPE tables as under autocast
+OPCHECK_GPU = {
+    "patchify": [lambda d: (_randn(2, 3, 8, 12, dtype=torch.bfloat16, device=d), 4, None),
+                 lambda d: (torch.randn(2, 3, 8, 12, device=d), 4, torch.bfloat16)],
+    "unpatchify": [lambda d: (_randn(2, 6, 3 * 16, dtype=torch.bfloat16, device=d), 4, 8, 12, None)],
+    "attention": [lambda d: attention_inputs(2, 2, 64, 72, torch.bfloat16, d, torch.float32)],
+    "rmsnorm_modulate": [lambda d: (*rmsnorm_modulate_inputs(2, 3, 8, torch.bfloat16, d, torch.float32), EPS,
+                                    None)],
+    "gated_residual": [lambda d: gated_residual_inputs(2, 3, 8, torch.bfloat16, d)],
+    "swiglu": [lambda d: (_randn(2, 3, 10, dtype=torch.bfloat16, device=d),)],
+    "patch_detailer": [lambda d: head_inputs(8, 16, 64, torch.bfloat16, d)],
+}
+
+
 def sample(op, name):
     return next(s for s in SAMPLES[op] if s.name == name)
 
@@ -370,7 +385,7 @@ def _reference(op, spec, args, grad_outputs, high_precision):
         if high_precision and isinstance(a, torch.dtype):
             return None
         return a
-    forward = backends.backend_function(op, "eager")
+    forward = backends.backend_function(op, "reference")
     return _run(forward, spec, [cast(a) for a in args], [cast(g) for g in grad_outputs])
 
 
@@ -402,7 +417,7 @@ def check_against_reference(op, backend_name, args, high_precision=torch.float64
     dtype (float32 stands in for float64 at real GPU sizes)."""
     spec, check = SPECS[op], CHECKS[op]
     with torch.no_grad():
-        outs_like = backends.backend_function(op, "eager")(*args)
+        outs_like = backends.backend_function(op, "reference")(*args)
     grad_outputs = _grad_outputs(spec, outs_like if isinstance(outs_like, tuple) else (outs_like,))
     with poisoned_allocations(), ran_on(backend_name) as runs:
         got = _run(getattr(torch.ops.dip, op), spec, args, grad_outputs)

@@ -1,13 +1,13 @@
 """The conformance suite: every dip op on every backend that runs here, over each op's sample
 catalogue (tests/conformance.py: batch 1, tails, non-contiguous inputs, the sizes that take every
-split and tile path), against the eager reference.
+split and tile path), against the reference (dip_kernels/reference).
 
 Each case runs the custom op forward and backward through autograd with every allocation
 poisoned (dip_kernels.testing.poisoned_allocations) and asserts the backend that ran both
 (ran_on). The ground truth is the reference forward (dip_kernels/reference) differentiated by
 torch's autograd, in the inputs' own dtypes and in float64: a result may err against float64 at
 most ``factor`` times what the reference itself errs in the same dtype, plus a scale-aware atol
-(assert_close_to_fp64, the flash-attention tests' rule); the eager backend is judged the same way,
+(assert_close_to_fp64, the flash-attention tests' rule); the reference backend is judged the same way,
 which checks the op layer and the reference's written-out backward. Copies (patchify) must match
 the reference bit for bit. Every backend also passes torch.library.opcheck, compiles forward and
 backward under torch.compile(fullgraph=True) (no graph break) to the same results, and, on a GPU,
@@ -15,7 +15,8 @@ captures forward and backward in one CUDA graph whose replays on new input value
 uncaptured call gives. A new op gets all of this from its catalogue entries in tests/conformance.py
 (SAMPLES, CHECKS, OPCHECK, CAPTURE).
 
-CPU: eager, Triton through its interpreter (float32, float16) and the head's cpu backend. With a
+CPU: the reference, Triton through its interpreter (float32, float16) and the detailer's onednn
+backend. With a
 GPU: the same catalogue on CUDA tensors in bfloat16, every backend that runs them (gpu-marked).
 """
 import inspect
@@ -37,8 +38,8 @@ def _backends_here(op, device):
     return dip_kernels.available_backends(backends.op_family(op), device)
 
 
-# every backend; cpu (the head's oneDNN schedule) runs CPU tensors only
-BACKEND_DEVICES = {"eager": ("cpu", "cuda"), "triton": ("cpu", "cuda"), "cuda": ("cpu", "cuda"), "cpu": ("cpu",)}
+# every backend; onednn (the detailer's CPU schedule) runs CPU tensors only
+BACKEND_DEVICES = {"reference": ("cpu", "cuda"), "triton": ("cpu", "cuda"), "cuda": ("cpu", "cuda"), "onednn": ("cpu",)}
 
 
 def _params(device):
@@ -54,7 +55,7 @@ def _params(device):
             dtypes = conformance.CHECKS[op].gpu_dtypes if device == "cuda" else None
             for case in conformance.cases(op, dtypes):
                 dtype, sample = case.values
-                if name == "eager" and sample.slow and dtype != torch.float32:
+                if name == "reference" and sample.slow and dtype != torch.float32:
                     continue  # the reference on itself: once per slow sample (CPU half convs are slow)
                 out.append(pytest.param(op, name, device, dtype, sample, marks=list(case.marks) + marks,
                                         id=f"{op}-{name}-{device}-{case.id}"))
@@ -83,9 +84,9 @@ def _opcheck_params():
     return out
 
 
-# opcheck's AOT-dispatch checks run the op again under AOTAutograd and compare with eager: for the
+# opcheck's AOT-dispatch checks run the op again under AOTAutograd and compare with eager mode: for the
 # Triton head under the interpreter that is 40 s of the very kernels test_backend_matches_reference
-# checks, and AOT dispatch depends on the op's registration, not on its backend (the eager and GPU
+# checks, and AOT dispatch depends on the op's registration, not on its backend (the reference and GPU
 # runs cover it); there, the checks that run the kernels are the schema check (no input mutated or
 # aliased) and the autograd registration's
 INTERPRETED_HEAD_CHECKS = ("test_schema", "test_autograd_registration", "test_faketensor")
@@ -97,15 +98,11 @@ def test_opcheck(backend, op, name, device):
     its backward op, on this backend (asserted)."""
     spec = SPECS[op]
     backend(name, backends.op_family(op))
-    dtype = torch.bfloat16 if device == "cuda" and name == "cuda" else None
     checks = {}
     if op == "patch_detailer" and name == "triton" and backends.triton_interpreted():
         checks = dict(test_utils=INTERPRETED_HEAD_CHECKS)
-    for make in conformance.OPCHECK[op]:
+    for make in (conformance.OPCHECK_GPU if device == "cuda" else conformance.OPCHECK)[op]:
         args = make(device)
-        if dtype is not None:
-            args = [a.to(dtype) if isinstance(a, torch.Tensor) else [t.to(dtype) for t in a]
-                    if isinstance(a, list) else a for a in args]
         leaves = conformance.leaves(args, conformance.grads_of(spec, args))
         with ran_on(name):
             torch.library.opcheck(getattr(torch.ops.dip, op).default, tuple(leaves), **checks)

@@ -3,18 +3,18 @@
 CPU (no GPU needed): the CUDA executor's whole lowering of the head's plan (its tile-padded GEMM
 operands, the 8-channel image packing, the split counts, the views it hands the kernels) runs on
 ``TorchKernels``, the dip_C kernels' contracts (csrc/patch_detailer.cpp) written with the torch
-executor's implicit GEMM, and is checked against the eager reference; its operands against the
+executor's implicit GEMM, and is checked against the reference; its operands against the
 plan's re-layouts; its capability (tensor cores only) through dispatch. Two more CPU tests replay
 the kernels' per-lane ldmatrix / mma.sync fragment addressing against the PTX fragment layouts and
 the pool-order row map against the epilogue's shuffles. GPU: the compiled kernels against the
-reference in bf16 / fp16, opcheck, CUDA-graph capture, determinism.
+reference in bf16 / fp16 and determinism (opcheck and CUDA-graph capture: tests/test_backends.py).
 """
 import pytest
 import torch
 
 import dip_kernels
 from dip_kernels import backends
-from dip_kernels.cpu.patch_detailer import columns, compute_dtype, implicit_gemm, silu_grad, unpool
+from dip_kernels.plan.patch_detailer_torch import columns, compute_dtype, implicit_gemm, silu_grad, unpool
 from dip_kernels.cuda import patch_detailer as pd
 from dip_kernels.plan import patch_detailer as plan
 from dip_kernels.reference import patch_detailer as ref
@@ -286,7 +286,7 @@ def test_cuda_forward_and_backward_match_reference(m, patch, dtype):
         out = pd.patch_detailer_forward(p, t, w)
         gp, gt, gw = pd.patch_detailer_backward(g, p, t, w)
     assert_close_to_fp64(out, ref.patch_detailer(p, t, w), ref.patch_detailer(p64, t64, w64))
-    if m > 512:  # the fp64 eager backward at 8192 patches is too slow; forward covers the size
+    if m > 512:  # the fp64 reference backward at 8192 patches is too slow; forward covers the size
         return
     rp, rt, rw = ref.patch_detailer_backward(g, p, t, w)
     ep, et, ew = ref.patch_detailer_backward(g64, p64, t64, w64)
@@ -295,37 +295,6 @@ def test_cuda_forward_and_backward_match_reference(m, patch, dtype):
     for name, a, b, c in zip(dip_kernels.HEAD_WEIGHT_NAMES, gw, rw, ew):
         assert a.dtype == dtype
         assert_close_to_fp64(a, b, c, name=f"grad {name}")
-
-
-@gpu
-@needs_cuda_backend
-def test_cuda_backend_through_the_op_opcheck(backend):
-    backend("cuda", "patch_detailer")
-    _, (p, t, w) = _gpu_case(8, 16, 1152, torch.bfloat16)
-    p.requires_grad_(True)
-    t.requires_grad_(True)
-    torch.library.opcheck(torch.ops.dip.patch_detailer.default, (p, t, w))
-
-
-@gpu
-@needs_cuda_backend
-def test_cuda_graph_capture():
-    _, (p, t, w) = _gpu_case(64, 16, 1152, torch.bfloat16)
-    g = torch.randn_like(p)
-    pd.patch_detailer_forward(p, t, w)  # warm the weight cache and the allocator
-    pd.patch_detailer_backward(g, p, t, w)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = pd.patch_detailer_forward(p, t, w)
-        gp, gt, gw = pd.patch_detailer_backward(g, p, t, w)
-    p.copy_(torch.randn_like(p))
-    graph.replay()
-    torch.cuda.synchronize()
-    torch.testing.assert_close(out, pd.patch_detailer_forward(p, t, w), rtol=0, atol=0)
-    gp2, gt2, _ = pd.patch_detailer_backward(g, p, t, w)
-    torch.testing.assert_close(gp, gp2, rtol=0, atol=0)
-    torch.testing.assert_close(gt, gt2, rtol=0, atol=0)
 
 
 @gpu

@@ -44,7 +44,7 @@ def _fake(qkv, q_norm_weight, k_norm_weight, rope_cos, rope_sin, num_heads, eps)
 
 define(OpSpec(
     "attention", _attention, outputs=("out", "lse"), check=check_attention, fake=_fake, dispatch=3,
-    backends={"triton": "dip_kernels.triton.attention", "eager": "dip_kernels.reference.attention"},
+    backends={"triton": "dip_kernels.triton.attention", "reference": "dip_kernels.reference.attention"},
     backward=Backward(saves=("qkv", "q_norm_weight", "k_norm_weight", "rope_cos", "rope_sin", "out", "lse"),
                       attrs=("num_heads", "eps"), grads=("qkv", "q_norm_weight", "k_norm_weight"),
                       grad_outputs=("out",))))

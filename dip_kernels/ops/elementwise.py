@@ -13,7 +13,7 @@ from ..opspec import Backward, OpSpec, define
 from ..reference import elementwise as _ref
 from . import checks
 
-BACKENDS = {"triton": "dip_kernels.triton.elementwise", "eager": "dip_kernels.reference.elementwise"}
+BACKENDS = {"triton": "dip_kernels.triton.elementwise", "reference": "dip_kernels.reference.elementwise"}
 
 
 def check_rmsnorm_modulate(x, weight, shift, scale, eps=None, out_dtype=None):

@@ -48,7 +48,7 @@ def _fake(patches, tokens, weights):
 define(OpSpec(
     "patch_detailer", _patch_detailer, outputs=("out",), check=check_patch_detailer, fake=_fake, dispatch=3,
     backends={"cuda": "dip_kernels.cuda.patch_detailer", "triton": "dip_kernels.triton.patch_detailer",
-              "cpu": "dip_kernels.cpu.patch_detailer_onednn", "eager": "dip_kernels.reference.patch_detailer"},
+              "onednn": "dip_kernels.onednn.patch_detailer", "reference": "dip_kernels.reference.patch_detailer"},
     backward=Backward(saves=("patches", "tokens", "weights"), grads=("patches", "tokens", "weights"))))
 
 

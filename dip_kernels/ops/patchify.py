@@ -10,7 +10,7 @@ from ..opspec import OpSpec, define
 from ..reference import patchify as _ref
 from . import checks
 
-BACKENDS = {"triton": "dip_kernels.triton.patchify", "eager": "dip_kernels.reference.patchify"}
+BACKENDS = {"triton": "dip_kernels.triton.patchify", "reference": "dip_kernels.reference.patchify"}
 
 
 def check_patchify(images, patch_size, out_dtype=None):

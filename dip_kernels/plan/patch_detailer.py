@@ -26,12 +26,12 @@ Activation memory per patch, bf16, token dim 1152 (``activation_bytes_per_patch`
 * recomputing (what the plan does): 0 B kept from forward to backward; the backward holds the same
   289 / 1,156 KiB plus ~62 / 246 KiB of gradient buffers while it runs, freeing each activation
   after its last use;
-* the eager head under autograd keeps 422,656 B (413 KiB) at P=16 and 1,690,624 B (1,651 KiB)
+* the reference head under autograd keeps 422,656 B (413 KiB) at P=16 and 1,690,624 B (1,651 KiB)
   at P=32 from forward to backward (conv inputs incl. the materialised concats, SiLU inputs,
   pool inputs and int64 indices).
 
 So between forward and backward the head holds no activations, and the backward's transient peak
-stays below what eager keeps alive across the whole step, for one extra forward (a third of the
+stays below what the reference under autograd keeps alive across the whole step, for one extra forward (a third of the
 step's FLOPs).
 
 The weight cache keeps each re-laid weight for its source tensor: keyed on the tensor's identity,
@@ -477,7 +477,7 @@ def backward(ex, grad_out, patches, tokens, weights):
 
 # ---------------------------------------------------------------- memory
 def activation_bytes_per_patch(patch_size, token_dim, dtype_bytes=2):
-    """(bytes the backward's recompute materialises per patch, bytes eager autograd saves per patch)."""
+    """(bytes the backward's recompute materialises per patch, bytes autograd of the reference saves per patch)."""
     sizes = [patch_size >> i for i in range(5)]
     ours = 0
     for level, c in enumerate(ENCODER_CHANNELS):

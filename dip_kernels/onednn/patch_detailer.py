@@ -1,6 +1,6 @@
-"""CPU backend of the Patch Detailer Head: the reference's math as a schedule of GEMMs and oneDNN
-convolutions on channels-last activations, each layer in the form that measured fastest on CPU
-(bench/test_bench_patch_detailer.py::test_patch_detailer_cpu_side_by_side times it against the eager reference).
+"""The ``onednn`` backend of the Patch Detailer Head: the reference's math as a schedule of GEMMs and
+oneDNN convolutions on channels-last activations, each layer in the form that measured fastest on CPU
+(bench/test_bench_patch_detailer.py::test_patch_detailer_onednn_side_by_side times it against the reference).
 
 Activations are NHWC tensors (M, S, S, C) between layers; the same memory viewed as NCHW is a
 channels-last tensor, which is what oneDNN's fast convolutions take. Per layer:
@@ -25,7 +25,7 @@ because an optimizer may update weights in place without bumping their version c
 AdamW does not), so a cache keyed on versions could serve stale weights.
 
 Backward: the op saves only its inputs, so a backward would have to re-run the forward to get the
-activations (the eager and Triton heads do). Here the forward keeps what the backward needs (each
+activations (the reference and Triton heads do). Here the forward keeps what the backward needs (each
 layer's input and pre-activation, the pools' argmax, the dense matrices) for the most recent call,
 and a backward on the very same inputs (the same tensor objects, data pointers, shapes, strides
 and version counters) takes it instead of recomputing; autograd always runs an op's backward after
@@ -37,9 +37,9 @@ recomputes. Then the schedule is walked back: SiLU derivative, input gradient an
 of every layer.
 
 Any floating dtype runs (the GEMMs and oneDNN take them all); float32 is the one this exists for
-(no bf16 units on the CPUs it was measured on). The eager reference stays the ground truth: this
-backend runs only when chosen, ``set_backend("cpu", op="patch_detailer")``. (The head plan's torch
-executor, dip_kernels/cpu/patch_detailer.py, runs the GPU kernels' schedule to test it; this
+(no bf16 units on the CPUs it was measured on). The reference stays the ground truth: this
+backend runs only when chosen, ``set_backend("onednn", op="patch_detailer")``. (The head plan's torch
+executor, dip_kernels/plan/patch_detailer_torch.py, runs the GPU kernels' schedule to test it; this
 module is a schedule of its own, chosen for CPU speed.)
 """
 import functools
