@@ -11,6 +11,7 @@ the temp directory between runs: about 3 minutes cold on 2 busy cores, seconds w
 
 The other tests check the pieces on small inputs: tracing, specialisation, the ptxas log parser and
 the checks."""
+import ast
 import json
 import os
 import subprocess
@@ -196,3 +197,46 @@ def test_every_kernel_compiles_for_sm90_and_sm80_at_dip_xl16_bf16(tmp_path):
         assert name in kernels, name
     assert {r["arch"] for r in report["results"]} == {"sm_90", "sm_80"}
     assert all(r["status"] == "compiled" and r["registers"] is not None for r in report["results"])
+
+
+# ---------------------------------------------------------------- every kernel launches through launch.py
+def _jit_functions(tree):
+    """The module's @triton.jit functions (bare or called with options)."""
+    def is_jit(d):
+        d = d.func if isinstance(d, ast.Call) else d
+        return isinstance(d, ast.Attribute) and d.attr == "jit"
+    return {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef) and any(map(is_jit, f.decorator_list))}
+
+
+def test_every_triton_kernel_launches_through_launch_py():
+    """precompile sees a kernel only through dip_kernels/triton/launch.py's ``launch``: no module
+    indexes one of its kernels (or an autotune / heuristics wrapper of one) with a grid itself
+    (``kernel[grid](...)``), and every @triton.jit function that no other Triton function calls (an
+    entry point) is the first argument of a ``launch`` call in its module, directly or through a
+    module-level wrapper."""
+    package = os.path.join(ROOT, "dip_kernels")
+    entry_points = 0
+    for folder, _, files in os.walk(package):
+        for name in sorted(f for f in files if f.endswith(".py")):
+            path = os.path.join(folder, name)
+            tree = ast.parse(open(path).read())
+            jit = _jit_functions(tree)
+            if not jit:
+                continue
+            wrappers = {t.id: {n.id for n in ast.walk(node.value) if isinstance(n, ast.Name)}
+                        for node in tree.body if isinstance(node, ast.Assign)
+                        for t in node.targets if isinstance(t, ast.Name)}
+            kernels = set(jit) | {w for w, names in wrappers.items() if names & set(jit)}
+            grid_calls = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Subscript)
+                          and isinstance(n.func.value, ast.Name) and n.func.value.id in kernels]
+            assert not grid_calls, f"{path}:{grid_calls}: launch kernels with dip_kernels.triton.launch.launch"
+            called = {n.func.id for f in jit.values() for n in ast.walk(f)
+                      if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+            launched = {n.args[0].id for n in ast.walk(tree) if isinstance(n, ast.Call)
+                        and isinstance(n.func, ast.Name) and n.func.id == "launch" and n.args
+                        and isinstance(n.args[0], ast.Name)}
+            launched |= {name for w in launched for name in wrappers.get(w, ())}  # _fwd = autotune(...)(_kernel)
+            for kernel in set(jit) - called:
+                entry_points += 1
+                assert kernel in launched, f"{path}: kernel {kernel} is not launched through launch()"
+    assert entry_points >= 13  # the kernels the slow test below expects, and more
