@@ -18,7 +18,7 @@ torch.compile's build time is the first call's wall time, kept as ``compile_buil
 absorbs it. The compiled training steps build for minutes on GPU, so they are marked slow.
 
 FLOPs per image: counted by torch's FlopCounterMode on a meta-device copy of the model, with the
-dip ops' FLOPs added analytically (attention: its two matmuls; head: its convolutions); the
+dip ops' FLOPs added analytically (attention: its two matmuls; detailer: its convolutions); the
 training step counts 3x the forward (4x with checkpointing, which reruns the forward). CPU: DiPTiny
 at 32x32, float32, 2 Euler steps, tiny batches: the CPU run only proves every row works.
 """
@@ -62,7 +62,7 @@ def _attention_flops(qkv, qw, kw, cos, sin, num_heads, eps, out_shape=None):
     return 4 * b * n * n * (three_hd // 3)
 
 
-def _head_flops(patches, tokens, weights, out_shape=None):
+def _detailer_flops(patches, tokens, weights, out_shape=None):
     return patches[0] * flops_per_patch(patches[2], tokens[1])
 
 
@@ -75,7 +75,7 @@ def forward_flops_per_image(build=BUILD, res=RES):
         x = torch.randn(1, 3, res, res, device="meta")
         t = torch.rand(1, device="meta")
         y = torch.zeros(1, dtype=torch.long, device="meta")
-        mapping = {torch.ops.dip.attention: _attention_flops, torch.ops.dip.patch_detailer: _head_flops}
+        mapping = {torch.ops.dip.attention: _attention_flops, torch.ops.dip.patch_detailer: _detailer_flops}
         with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
             model(x, t, y)
         return int(counter.get_total_flops())
@@ -89,7 +89,7 @@ def model():
     device = timing.bench_device()
     threads = torch.get_num_threads()
     if device.type == "cpu":
-        # the conv head's small GEMMs crawl when OpenMP threads fight other processes for the cores
+        # the detailer's small GEMMs crawl when OpenMP threads fight other processes for the cores
         torch.set_num_threads(1)
     with torch.device(device):
         m = BUILD()

@@ -30,13 +30,13 @@ if cases.ON_GPU:
              ("fwdbwd", "bf16", "8192")]
 else:
     DTYPE, TOKEN_DIM = torch.float32, 64
-    # the Triton head under the CPU interpreter takes seconds per call: fwd only unless -m slow
+    # the Triton detailer under the CPU interpreter takes seconds per call: fwd only unless -m slow
     CASES = [("fwd", "f32", "2"), ("fwdbwd", "f32", "2", ("triton",))]
 
 
-def head_weights(token_dim, dtype, device, requires_grad):
+def detailer_weights(token_dim, dtype, device, requires_grad):
     ws = []
-    for shape in ref.head_weight_shapes(token_dim):
+    for shape in ref.detailer_weight_shapes(token_dim):
         fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
         scale = 1.0 / math.sqrt(fan_in) if len(shape) > 1 else 0.02
         ws.append(cases.randn(shape, dtype, device, scale, requires_grad))
@@ -57,13 +57,13 @@ def test_patch_detailer(benchmark, device, mode, dtype, case, provider):
     def make_inputs():
         patches = cases.randn((m, 3, PATCH, PATCH), DTYPE, device)
         tokens = cases.randn((m, TOKEN_DIM), DTYPE, device, requires_grad=train)
-        weights = head_weights(TOKEN_DIM, DTYPE, device, train)
+        weights = detailer_weights(TOKEN_DIM, DTYPE, device, train)
         if not train:
             return patches, tokens, weights
         return patches, tokens, weights, cases.randn((m, 3, PATCH, PATCH), DTYPE, device)
 
     call = cases.grad_fn(fn, 3, wrt=(1, 2)) if train else cases.no_grad_fn(fn)
-    weight_bytes = cases.tensor_bytes(*[(s, DTYPE) for s in ref.head_weight_shapes(TOKEN_DIM)])
+    weight_bytes = cases.tensor_bytes(*[(s, DTYPE) for s in ref.detailer_weight_shapes(TOKEN_DIM)])
     io = cases.tensor_bytes(((m, 3, PATCH, PATCH), DTYPE), ((m, TOKEN_DIM), DTYPE), ((m, 3, PATCH, PATCH), DTYPE))
     fwd_flops = m * ref.flops_per_patch(PATCH, TOKEN_DIM)
     if train:  # + grad_out read, g_tokens and g_weights written
@@ -79,7 +79,7 @@ def test_patch_detailer(benchmark, device, mode, dtype, case, provider):
         timing.run(benchmark, call, make_inputs, info=info, device=device)
 
 
-# dip-demo's head calls per training step: 64x64 at batch 4 (the default) and 128x128 at batch 4
+# dip-demo's detailer calls per training step: 64x64 at batch 4 (the default) and 128x128 at batch 4
 # (--thorough's size), token dim 768
 DEMO_CASES = [pytest.param(mode, m, id=f"{mode}-f32-{m}x768", marks=[pytest.mark.slow] if m > 64 else [])
               for m in (64, 256) for mode in ("fwd", "fwdbwd")]
@@ -91,7 +91,7 @@ def test_patch_detailer_onednn_side_by_side(benchmark, mode, m):
     token_dim, train = 768, mode == "fwdbwd"
     patches = cases.randn((m, 3, PATCH, PATCH), torch.float32, "cpu")
     tokens = cases.randn((m, token_dim), torch.float32, "cpu", requires_grad=train)
-    weights = head_weights(token_dim, torch.float32, "cpu", train)
+    weights = detailer_weights(token_dim, torch.float32, "cpu", train)
     grad_out = cases.randn((m, 3, PATCH, PATCH), torch.float32, "cpu")
     wrap = (lambda fn: cases.grad_fn(fn, 3, wrt=(1, 2))) if train else cases.no_grad_fn
     calls = {"reference": wrap(ref.patch_detailer), "op_reference": wrap(dip_kernels.patch_detailer),
@@ -133,7 +133,7 @@ def test_patch_detailer_onednn_side_by_side(benchmark, mode, m):
                  "threads": torch.get_num_threads(),
                  "timer": "process_time (ratios, GFLOP/s) and perf_counter (time_ms), the three calls alternating"})
     benchmark.extra_info.update(info)
-    print(f"\nhead {mode} {m}x768 f32, {torch.get_num_threads()} threads, CPU time: " + ", ".join(
+    print(f"\ndetailer {mode} {m}x768 f32, {torch.get_num_threads()} threads, CPU time: " + ", ".join(
         f"{name} {t:.1f} ms ({info['gflops'][name]:.0f} GFLOP/s)" for name, t in ms.items())
         + f"; onednn is {info['speedup_vs_reference']:.2f}x reference, {info['speedup_vs_op_reference']:.2f}x "
         "op_reference")

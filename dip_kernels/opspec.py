@@ -1,9 +1,10 @@
 """One spec per custom op, and the factory that turns it into ``torch.ops.dip.<name>``.
 
-An ``OpSpec`` declares, once: the signature (an annotated stub; torch.library infers the schema
-from it), the names of its outputs, the input check (a ValueError naming the argument; it runs in
-the real and in the fake implementation, so bad input fails before any kernel runs, eagerly and
-under torch.compile alike), the fake (the outputs' shapes and dtypes), the backends that implement
+An ``OpSpec`` declares, once: the signature (an annotated stub named ``<name>_signature``, so
+that ``grep -rn "def <name>"`` finds the spec beside the reference and the kernels' wrappers;
+torch.library infers the schema from it), the names of its outputs, the input check (a ValueError
+naming the argument; it runs in the real and in the fake implementation, so bad input fails before
+any kernel runs, eagerly and under torch.compile alike), the fake (the outputs' shapes and dtypes), the backends that implement
 it, and its derivative: either a ``Backward`` (which forward inputs and outputs the backward op
 receives, which non-tensor arguments, which inputs it returns gradients for) or, for an op whose
 derivative is another dip op (patchify / unpatchify), the autograd functions themselves.

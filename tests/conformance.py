@@ -19,7 +19,7 @@ import torch
 import dip_kernels
 from dip_kernels import backends
 from dip_kernels.opspec import SPECS
-from dip_kernels.reference.patch_detailer import HEAD_WEIGHT_NAMES, head_weight_shapes
+from dip_kernels.reference.patch_detailer import DETAILER_WEIGHT_NAMES, detailer_weight_shapes
 from dip_kernels.testing import assert_close_to_fp64, max_error, poisoned_allocations, ran_on, rms_error
 
 EPS = 1e-6
@@ -186,11 +186,11 @@ def _swiglu(shape, noncontiguous):
 
 
 # ---------------------------------------------------------------- patch detailer
-def head_weights(token_dim, dtype=torch.float32, device="cpu"):
-    """The head's layers with torch's default initialisation (activations stay O(1) through the
+def detailer_weights(token_dim, dtype=torch.float32, device="cpu"):
+    """The detailer's layers with torch's default initialisation (activations stay O(1) through the
     head), biases widened so that they matter."""
     weights = []
-    for name, shape in zip(HEAD_WEIGHT_NAMES[::2], head_weight_shapes(token_dim)[::2]):
+    for name, shape in zip(DETAILER_WEIGHT_NAMES[::2], detailer_weight_shapes(token_dim)[::2]):
         if name.startswith("up"):
             layer = torch.nn.ConvTranspose2d(shape[0], shape[1], shape[2], stride=2)
         else:
@@ -199,18 +199,18 @@ def head_weights(token_dim, dtype=torch.float32, device="cpu"):
     return [w.to(device=device, dtype=dtype) for w in weights]
 
 
-def head_inputs(m, p, d, dtype=torch.float32, device="cpu", layout="contiguous"):
+def detailer_inputs(m, p, d, dtype=torch.float32, device="cpu", layout="contiguous"):
     patches = _randn(m, 3, p, p, dtype=dtype, device=device)
     tokens = _randn(m, d, dtype=dtype, device=device)
     if layout == "strided":  # channels-last patches and tokens sliced from wider rows
         patches = patches.contiguous(memory_format=torch.channels_last)
         tokens = torch.cat([tokens, torch.randn_like(tokens)], 1)[:, :d]
-    return patches, tokens, head_weights(d, dtype, device)
+    return patches, tokens, detailer_weights(d, dtype, device)
 
 
 def _head(m, p, d, layout="contiguous"):
     def make(dtype, device):
-        return head_inputs(m, p, d, dtype, device, layout)
+        return detailer_inputs(m, p, d, dtype, device, layout)
     return make
 
 
@@ -235,7 +235,7 @@ SAMPLES: Dict[str, List[Sample]] = {
                                              ("noncontiguous", False, True))],
     "swiglu": [Sample(f"{_shape_id(s)}{'-noncontiguous' if nc else ''}", _swiglu(s, nc))
                for s in [(2, 7, 96), (37, 2000), (2, 3, 5, 600), (6,), (1, 5, 40)] for nc in (False, True)],
-    # the head's channel counts are fixed, so even one patch is seconds of interpreter: M=1 at
+    # the detailer's channel counts are fixed, so even one patch is seconds of interpreter: M=1 at
     # P=16 and 32; M=3 runs the weight gradient's row splits (several, the last partial) and
     # strided inputs; float16 at M=1
     "patch_detailer": [Sample("1x16x8", _head(1, 16, 8), slow=True, dtypes=(torch.float32,)),
@@ -255,7 +255,7 @@ CHECKS: Dict[str, Check] = {
     "rmsnorm_modulate": Check(),
     "gated_residual": Check(),
     "swiglu": Check(),
-    # The head's half-precision kernels round activations and partial sums to the dtype at other
+    # The detailer's half-precision kernels round activations and partial sums to the dtype at other
     # points than the reference. At batch 1 (a few hundred elements per gradient) the largest
     # rounding error is a noisy statistic: over 100 fp16 seeds of sample 1x16x16 the Triton
     # kernel's max error reached 7.6x the reference's (CI hit 4.7x), while its RMS error stayed
@@ -286,14 +286,14 @@ OPCHECK = {
                          lambda d: _rmsnorm(2, 3, 8, False)(torch.float32, d)[:5] + (None,)],
     "gated_residual": [lambda d: _gated(2, 3, 8, True, False)(torch.float32, d)],
     "swiglu": [lambda d: (torch.randn(2, 3, 10, device=d),)],
-    "patch_detailer": [lambda d: head_inputs(1, 16, 8, torch.float32, d)],
+    "patch_detailer": [lambda d: detailer_inputs(1, 16, 8, torch.float32, d)],
 }
 
 
 # inputs for the CUDA-graph capture of each op on a GPU: real sizes in bf16 (float32 weights where
 # autocast gives them, the images as the model feeds them)
-def _head_capture(device):
-    return head_inputs(64, 16, 32, torch.bfloat16, device)
+def _detailer_capture(device):
+    return detailer_inputs(64, 16, 32, torch.bfloat16, device)
 
 
 CAPTURE = {
@@ -304,7 +304,7 @@ CAPTURE = {
                                    None),
     "gated_residual": lambda d: gated_residual_inputs(4, 256, 1152, torch.bfloat16, d),
     "swiglu": lambda d: (swiglu_input((4, 256, 2 * 1152), torch.bfloat16, d),),
-    "patch_detailer": _head_capture,
+    "patch_detailer": _detailer_capture,
 }
 
 
@@ -319,7 +319,7 @@ OPCHECK_GPU = {
                                     None)],
     "gated_residual": [lambda d: gated_residual_inputs(2, 3, 8, torch.bfloat16, d)],
     "swiglu": [lambda d: (_randn(2, 3, 10, dtype=torch.bfloat16, device=d),)],
-    "patch_detailer": [lambda d: head_inputs(8, 16, 64, torch.bfloat16, d)],
+    "patch_detailer": [lambda d: detailer_inputs(8, 16, 64, torch.bfloat16, d)],
 }
 
 

@@ -85,7 +85,7 @@ def _opcheck_params():
 
 
 # opcheck's AOT-dispatch checks run the op again under AOTAutograd and compare with eager mode: for the
-# Triton head under the interpreter that is 40 s of the very kernels test_backend_matches_reference
+# Triton detailer under the interpreter that is 40 s of the very kernels test_backend_matches_reference
 # checks, and AOT dispatch depends on the op's registration, not on its backend (the reference and GPU
 # runs cover it); there, the checks that run the kernels are the schema check (no input mutated or
 # aliased) and the autograd registration's
@@ -141,7 +141,7 @@ def _compile_params():
             if name not in _backends_here(op, "cpu"):
                 marks.append(pytest.mark.skip(reason=f"{name} does not run cpu tensors here"))
             if op == "patch_detailer" and name == "triton":
-                marks.append(pytest.mark.slow)  # seconds of interpreted head kernels
+                marks.append(pytest.mark.slow)  # seconds of interpreted detailer kernels
             out.append(pytest.param(op, name, marks=marks, id=f"{op}-{name}"))
     return out
 

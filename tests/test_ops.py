@@ -9,7 +9,7 @@ import torch
 
 import dip_kernels
 from dip_kernels import backends
-from dip_kernels.reference.patch_detailer import head_weight_shapes
+from dip_kernels.reference.patch_detailer import detailer_weight_shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -85,7 +85,7 @@ def _inputs(device, dtype, d=64, heads=4, grid=(4, 6), p=16, m=3, token_dim=32):
         qkv=rnd(b, n, 3 * d), qw=rnd(d // heads), kw=rnd(d // heads), cos=cos, sin=sin,
         x=rnd(b, n, d), w=rnd(d), shift=rnd(b, d), scale=rnd(b, d), gate=rnd(b, d), ab=rnd(b, n, 2 * d),
         patches=rnd(m, 3, p, p), tokens=rnd(m, token_dim),
-        head_weights=[rnd(*s) * 0.05 for s in head_weight_shapes(token_dim)])
+        detailer_weights=[rnd(*s) * 0.05 for s in detailer_weight_shapes(token_dim)])
 
 
 def _every_op(a):
@@ -96,7 +96,7 @@ def _every_op(a):
     y = dip_kernels.rmsnorm_modulate(a["x"], a["w"], a["shift"], a["scale"])
     y = dip_kernels.gated_residual(a["x"], a["gate"], y)
     sw = dip_kernels.swiglu(a["ab"])
-    head = dip_kernels.patch_detailer(a["patches"], a["tokens"], a["head_weights"])
+    head = dip_kernels.patch_detailer(a["patches"], a["tokens"], a["detailer_weights"])
     return back.sum() + att.sum() + y.sum() + sw.sum() + head.sum()
 
 
@@ -194,3 +194,16 @@ def test_old_backend_names_still_select_with_a_deprecation_warning(backend, old,
     out = _run(code, DIP_KERNELS_BACKEND=f"patch_detailer={old}")
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [new]
+
+
+def test_every_op_is_found_by_its_name():
+    """``grep -rn "def <op>"`` finds each op's spec (its signature ``<op>_signature``), its public
+    function, the reference's ``<op>_forward`` and every backend module's ``<op>_forward``."""
+    import inspect
+    from dip_kernels.opspec import SPECS
+    for op, spec in SPECS.items():
+        assert spec.signature.__name__ == f"{op}_signature", op
+        public = getattr(dip_kernels, op)
+        assert public.__name__ == op and inspect.getmodule(public) is inspect.getmodule(spec.signature), op
+        for backend_name in backends._MODULES[spec.op_family]:
+            assert backends.backend_function(op, backend_name).__name__ == f"{op}_forward", (op, backend_name)

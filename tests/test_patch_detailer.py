@@ -13,19 +13,19 @@ import torch
 from torch import nn
 
 import dip_kernels
-from dip_kernels import HEAD_WEIGHT_NAMES
+from dip_kernels import DETAILER_WEIGHT_NAMES
 from dip_kernels.plan import patch_detailer as plan
 from dip_kernels.plan import patch_detailer_torch as torch_head
 from dip_kernels.reference import patch_detailer as ref
-from dip_kernels.reference.patch_detailer import head_weight_shapes
+from dip_kernels.reference.patch_detailer import detailer_weight_shapes
 from dip_kernels.testing import assert_close_to_fp64, poisoned_allocations
 
 import conformance
-from conformance import head_inputs as make_inputs
+from conformance import detailer_inputs as make_inputs
 
 
 class Head(nn.Module):
-    """The head written with torch's layers, independently of the reference's functional form."""
+    """The detailer written with torch's layers, independently of the reference's functional form."""
 
     def __init__(self, token_dim):
         super().__init__()
@@ -62,15 +62,15 @@ def test_reference_matches_torch_layers_fp64(p):
     head = Head(d).double()
     patches = torch.randn(2, 3, p, p, dtype=torch.float64, requires_grad=True)
     tokens = torch.randn(2, d, dtype=torch.float64, requires_grad=True)
-    weights = [head.state_dict()[n] for n in HEAD_WEIGHT_NAMES]
-    assert [tuple(w.shape) for w in weights] == head_weight_shapes(d)
+    weights = [head.state_dict()[n] for n in DETAILER_WEIGHT_NAMES]
+    assert [tuple(w.shape) for w in weights] == detailer_weight_shapes(d)
     want = head(patches, tokens)
     torch.testing.assert_close(ref.patch_detailer(patches, tokens, weights), want, rtol=1e-12, atol=1e-12)
     grad_out = torch.randn_like(want)
     params = dict(head.named_parameters())
-    autograd = torch.autograd.grad(want, [patches, tokens] + [params[n] for n in HEAD_WEIGHT_NAMES], grad_out)
+    autograd = torch.autograd.grad(want, [patches, tokens] + [params[n] for n in DETAILER_WEIGHT_NAMES], grad_out)
     g_p, g_t, g_w = ref.patch_detailer_backward(grad_out, patches.detach(), tokens.detach(), weights)
-    for name, got, expected in zip(["patches", "tokens", *HEAD_WEIGHT_NAMES], [g_p, g_t, *g_w], autograd):
+    for name, got, expected in zip(["patches", "tokens", *DETAILER_WEIGHT_NAMES], [g_p, g_t, *g_w], autograd):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10, msg=name)
 
 
@@ -99,7 +99,7 @@ def test_fake_tensor_shapes():
     with FakeTensorMode():
         patches = torch.empty(5, 3, 32, 32, dtype=torch.bfloat16)
         tokens = torch.empty(5, 24, dtype=torch.bfloat16)
-        weights = [torch.empty(s, dtype=torch.bfloat16) for s in head_weight_shapes(24)]
+        weights = [torch.empty(s, dtype=torch.bfloat16) for s in detailer_weight_shapes(24)]
         out = torch.ops.dip.patch_detailer(patches, tokens, weights)
         assert out.shape == (5, 3, 32, 32) and out.dtype == torch.bfloat16
         g_p, g_t, g_w = torch.ops.dip.patch_detailer_backward(out, patches, tokens, weights)
@@ -151,16 +151,16 @@ def test_tokens_dtype_mismatch_names_tokens():
 
 # ---------------------------------------------------------------- the plan
 def test_plan_is_derived_from_the_weight_names():
-    """Every head weight is read by one forward GEMM and gets one WeightGrad; every activation a
+    """Every detailer weight is read by one forward GEMM and gets one WeightGrad; every activation a
     step reads was written by an earlier step (or is an op input); the output conv is the last
     forward step and the backward ends with the patches' gradient."""
     for p in (16, 32):
         fwd, bwd = plan.forward_plan(p), plan.backward_plan(p)
         weights = [s.weight.weight for s in fwd] + [s.bias.weight for s in fwd]
-        assert sorted(weights) == sorted(HEAD_WEIGHT_NAMES)
+        assert sorted(weights) == sorted(DETAILER_WEIGHT_NAMES)
         grads = [s.weight for s in bwd if isinstance(s, plan.WeightGrad)]
         grads += [s.bias for s in bwd if isinstance(s, plan.WeightGrad)]
-        assert sorted(grads) == sorted(HEAD_WEIGHT_NAMES)
+        assert sorted(grads) == sorted(DETAILER_WEIGHT_NAMES)
         written = {"x", "tokens", "g_out"}
         for step in fwd + bwd:
             assert set(plan._reads(step)) <= written, (step.name, set(plan._reads(step)) - written)
@@ -183,7 +183,7 @@ def test_torch_executor_matches_reference(m, p, d, dtype):
                          ref.patch_detailer(hi(patches), hi(tokens), [hi(w) for w in weights]))
     want = ref.patch_detailer_backward(grad_out, patches, tokens, weights)
     anchor = ref.patch_detailer_backward(hi(grad_out), hi(patches), hi(tokens), [hi(w) for w in weights])
-    names = ["grad patches", "grad tokens"] + [f"grad {n}" for n in HEAD_WEIGHT_NAMES]
+    names = ["grad patches", "grad tokens"] + [f"grad {n}" for n in DETAILER_WEIGHT_NAMES]
     error = conformance.error_measure("patch_detailer", dtype)
     for name, g, lo, h in zip(names, [got[0], got[1], *got[2]], [want[0], want[1], *want[2]],
                               [anchor[0], anchor[1], *anchor[2]]):
@@ -192,7 +192,7 @@ def test_torch_executor_matches_reference(m, p, d, dtype):
 
 
 def test_interpreter_cases_cover_the_row_split_weight_gradient():
-    """The GPU splits weight-gradient rows over programs; the catalogue's 3-patch head case runs
+    """The GPU splits weight-gradient rows over programs; the catalogue's 3-patch detailer case runs
     that path on the interpreter too: several splits, the last one partial."""
     from dip_kernels.triton import patch_detailer as tri
     m = conformance.sample("patch_detailer", "3x16x32-strided").make(torch.float32, "cpu")[0].shape[0]
@@ -325,8 +325,8 @@ def test_triton_bf16_real_sizes(backend, m, p):
 def _train(backend_name, backend, steps=30):
     torch.manual_seed(1234)
     d = 64
-    weights = [nn.Parameter(w) for w in conformance.head_weights(d, torch.float32, "cuda")]
-    teacher = conformance.head_weights(d, torch.float32, "cuda")
+    weights = [nn.Parameter(w) for w in conformance.detailer_weights(d, torch.float32, "cuda")]
+    teacher = conformance.detailer_weights(d, torch.float32, "cuda")
     patches = torch.randn(256, 3, 16, 16, device="cuda")
     tokens = torch.randn(256, d, device="cuda")
     with torch.no_grad():

@@ -1,7 +1,7 @@
 """The onednn backend of the Patch Detailer Head (dip_kernels/onednn/patch_detailer.py) against the
 reference: forward and every gradient through torch.ops.dip.patch_detailer with poisoned
 allocations, errors judged against fp64 (tests/conformance.py, which tests/test_backends.py also
-runs over the head's catalogue on this backend), at the shapes its own paths need; its dense 2x2
+runs over the detailer's catalogue on this backend), at the shapes its own paths need; its dense 2x2
 GEMM form of a conv3x3 against F.conv2d; fresh weights under in-place updates; the forward it keeps
 for its backward; the whole DiP model on it against the independent functional spec; and how it is
 selected."""
@@ -16,7 +16,7 @@ from dip_kernels.reference import patch_detailer as ref
 from dip_kernels.testing import assert_close_to_fp64, poisoned_allocations, ran_on
 
 import conformance
-from conformance import head_inputs as make_inputs
+from conformance import detailer_inputs as make_inputs
 
 
 # M=17: an odd patch count; P=32 runs the 2x2 bottleneck (no dense conv level) and the 4x4 level

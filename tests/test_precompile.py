@@ -40,7 +40,7 @@ def _run_python(code, timeout=600):
 
 # ---------------------------------------------------------------- the pieces
 def test_trace_records_the_dtypes_a_gpu_run_sees():
-    """bf16 autocast: the attention gets a bf16 qkv with fp32 norm weights, the head bf16 everything."""
+    """bf16 autocast: the attention gets a bf16 qkv with fp32 norm weights, the detailer bf16 everything."""
     workloads = dict(model_precompile.model_workloads("DiP-Tiny", [32], ["bf16"], [2], [1]))
     calls = precompile.trace_op_calls(workloads["DiP-Tiny bf16 train B=2 32px"])
     ops = [c.op for c in calls]
@@ -65,16 +65,16 @@ def _specs(code):
 
 
 def test_row_counts_do_not_specialise_and_configs_expand():
-    """The head's kernels for 1 and 3 patches are the same binaries (row counts are not
+    """The detailer's kernels for 1 and 3 patches are the same binaries (row counts are not
     specialised), and each autotune config of the attention kernels is its own binary."""
     got = _specs('''
 import torch
-from dip_kernels.reference.patch_detailer import head_weight_shapes
+from dip_kernels.reference.patch_detailer import detailer_weight_shapes
 def calls(m):
     p = pc.TensorSpec((m, 3, 16, 16), (768, 256, 16, 1), 0, "bfloat16")
     t = pc.TensorSpec((m, 64), (64, 1), 0, "bfloat16")
     ws = tuple(pc.TensorSpec(s, tuple(torch.empty(s, device="meta").stride()), 0, "bfloat16")
-               for s in head_weight_shapes(64))
+               for s in detailer_weight_shapes(64))
     return [pc.OpCall("patch_detailer", (p, t, ws)), pc.OpCall("patch_detailer_backward", (p, p, t, ws))]
 from dip_kernels.triton import attention
 launches = []

@@ -25,12 +25,12 @@ because an optimizer may update weights in place without bumping their version c
 AdamW does not), so a cache keyed on versions could serve stale weights.
 
 Backward: the op saves only its inputs, so a backward would have to re-run the forward to get the
-activations (the reference and Triton heads do). Here the forward keeps what the backward needs (each
+activations (the reference and Triton detailers do). Here the forward keeps what the backward needs (each
 layer's input and pre-activation, the pools' argmax, the dense matrices) for the most recent call,
 and a backward on the very same inputs (the same tensor objects, data pointers, shapes, strides
 and version counters) takes it instead of recomputing; autograd always runs an op's backward after
 its forward and before anything updates the saved inputs, so a training step runs one forward, not
-two (a fifth of the head's time). One entry, forgotten when taken; calls where no input requires
+two (a fifth of the detailer's time). One entry, forgotten when taken; calls where no input requires
 grad (sampling) or of more than ``KEEP_MAX_PIXELS`` patch pixels (about 640 MiB of float32
 activations) keep no activations, and a backward that finds nothing (or another call's)
 recomputes. Then the schedule is walked back: SiLU derivative, input gradient and weight gradient
@@ -38,7 +38,7 @@ of every layer.
 
 Any floating dtype runs (the GEMMs and oneDNN take them all); float32 is the one this exists for
 (no bf16 units on the CPUs it was measured on). The reference stays the ground truth: this
-backend runs only when chosen, ``set_backend("onednn", op="patch_detailer")``. (The head plan's torch
+backend runs only when chosen, ``set_backend("onednn", op="patch_detailer")``. (The detailer plan's torch
 executor, dip_kernels/plan/patch_detailer_torch.py, runs the GPU kernels' schedule to test it; this
 module is a schedule of its own, chosen for CPU speed.)
 """
@@ -50,9 +50,9 @@ import torch.nn.functional as F
 
 from .._alloc import output_buffer
 from ..backends import Capability
-from ..reference.patch_detailer import ENCODER_CHANNELS, HEAD_WEIGHT_NAMES
+from ..reference.patch_detailer import ENCODER_CHANNELS, DETAILER_WEIGHT_NAMES
 
-_W = {name: i for i, name in enumerate(HEAD_WEIGHT_NAMES)}
+_W = {name: i for i, name in enumerate(DETAILER_WEIGHT_NAMES)}
 DENSE_MAX_SIZE = 2
 LEVELS = (1, 2, 3, 4)
 KEEP_MAX_PIXELS = 1 << 18  # M * P * P: 1024 patches of 16x16
@@ -196,7 +196,7 @@ def _upsample_backward(g_up, x, weights, level):
 
 # ---------------------------------------------------------------- the schedule
 def _forward(patches, tokens, weights, dense, keep):
-    """The head's output (M, P, P, 3) NHWC, and (when keep) what the backward needs."""
+    """The detailer's output (M, P, P, 3) NHWC, and (when keep) what the backward needs."""
     m, _, p, _ = patches.shape
     saved = {}
     x = _nhwc(patches.contiguous(memory_format=torch.channels_last))
@@ -275,7 +275,7 @@ def _backward(grad_out, patches, tokens, weights, dense, saved):
     g_patches = output_buffer(patches.shape, patches.dtype, patches.device).copy_(g_x.permute(0, 3, 1, 2))
     g_tokens = output_buffer(tokens.shape, tokens.dtype, tokens.device).copy_(g_tokens)
     g_weights = [output_buffer(w.shape, w.dtype, w.device).copy_(grads[name])
-                 for name, w in zip(HEAD_WEIGHT_NAMES, weights)]
+                 for name, w in zip(DETAILER_WEIGHT_NAMES, weights)]
     return g_patches, g_tokens, g_weights
 
 

@@ -9,7 +9,7 @@ CUDA executors run, and is tested against the reference (tests/test_patch_detail
 lets tests run the CUDA executor's lowering on CPU (tests/test_patch_detailer_cuda.py).
 
 It is not a backend: the reference is what auto runs on a CPU, and the onednn backend
-(dip_kernels/onednn) is the head's fast CPU schedule.
+(dip_kernels/onednn) is the detailer's fast CPU schedule.
 """
 import torch
 import torch.nn.functional as F
