@@ -293,7 +293,7 @@ OPCHECK = {
 # inputs for the CUDA-graph capture of each op on a GPU: real sizes in bf16 (float32 weights where
 # autocast gives them, the images as the model feeds them)
 def _detailer_capture(device):
-    return detailer_inputs(64, 16, 32, torch.bfloat16, device)
+    return detailer_inputs(64, 16, 1152, torch.bfloat16, device)
 
 
 CAPTURE = {
@@ -319,7 +319,7 @@ OPCHECK_GPU = {
                                     None)],
     "gated_residual": [lambda d: gated_residual_inputs(2, 3, 8, torch.bfloat16, d)],
     "swiglu": [lambda d: (_randn(2, 3, 10, dtype=torch.bfloat16, device=d),)],
-    "patch_detailer": [lambda d: detailer_inputs(8, 16, 64, torch.bfloat16, d)],
+    "patch_detailer": [lambda d: detailer_inputs(8, 16, 1152, torch.bfloat16, d)],
 }
 
 
