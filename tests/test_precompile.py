@@ -173,6 +173,19 @@ def test_readme_numbers_come_from_the_committed_report():
     assert report["archive_bytes"] < 64 * 2 ** 20  # what one call to the lent GPU carries
 
 
+def test_sm100_report_is_generated_from_its_results():
+    """The committed Blackwell report: its markdown is markdown() of its JSON, and its problems are
+    check() of its results (two detailer backward kernels spill on sm_100 with sm_90's tiles)."""
+    stem = os.path.join(ROOT, "bench", "results", "precompile_sm100_triton3.6.0")
+    with open(stem + ".json") as f:
+        report = json.load(f)
+    assert report["archs"] == ["sm_100"] and report["environment"]["triton"] == "3.6.0"
+    assert report["problems"] == precompile.check(report["results"])
+    assert all(r["status"] == "compiled" for r in report["results"])
+    with open(stem + ".md") as f:
+        assert f.read() == precompile.markdown(report)
+
+
 # ---------------------------------------------------------------- every kernel, compiled for sm_90 and sm_80
 def _cache_dir():
     # shared across runs and worktrees: Triton keys its entries on source, triton build and target
