@@ -20,7 +20,7 @@
 #
 # Triton cache: TRITON_CACHE_DIR (default OUTDIR/triton-cache) is filled first from the archive
 # DIP_TRITON_CACHE_ARCHIVE (default build/triton-cache-sm90.tar.xz, made by
-# `python -m dip_kernels.precompile --archive`) when it exists; the summary says how many Triton
+# `python -m dip.precompile --archive`) when it exists; the summary says how many Triton
 # binaries the run still compiled itself (cache misses) and for which kernels.
 #
 # The whole run is kept inside DIP_CHECK_BUDGET_S seconds (default 470, 285 with --quick): each
@@ -138,7 +138,7 @@ fi
 cache_entries() { find "$TRITON_CACHE_DIR" -mindepth 2 -maxdepth 2 -name '__grp__*.json' 2>/dev/null | sort; }
 if [[ -f $CACHE_ARCHIVE ]]; then
   run_step warm_cache 30 tar -xJf "$CACHE_ARCHIVE" -C "$TRITON_CACHE_DIR"
-  "$PY" -m dip_kernels.precompile --check-cache "$TRITON_CACHE_DIR" 2>&1 | tee -a "$OUTDIR/logs/warm_cache.log"
+  "$PY" -m dip.precompile --check-cache "$TRITON_CACHE_DIR" 2>&1 | tee -a "$OUTDIR/logs/warm_cache.log"
 else
   echo "=== [warm_cache] no $CACHE_ARCHIVE: every Triton kernel compiles on this machine"
   record warm_cache "skipped: no archive" 0 "-"

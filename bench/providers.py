@@ -1,24 +1,26 @@
 """The implementations each benchmark compares ("providers").
 
 Op level:
-  eager     the reference function in dip_kernels/reference, called directly under torch autograd:
-            what a user without this library would run (no lse, no recompute-based backward)
-  compile   torch.compile of that same reference function (dynamic=False: one static graph per shape)
-  op_eager  the torch.ops.dip op with its "eager" backend: the reference math behind the custom-op
-            layer; its attention forward also computes the lse (an explicit fp32 QK^T) and every
-            eager-backend backward recomputes the forward, so it shows what the op layer costs
-  triton    the torch.ops.dip op with set_backend("triton", op)
-  cuda      the torch.ops.dip op with set_backend("cuda", op)
-  cpu       the torch.ops.dip op with set_backend("cpu", op) (CPU tensors; the head suite only)
+  reference     the reference function in dip_kernels/reference, called directly under torch
+                autograd: what a user without this library would run (no lse, no recompute-based
+                backward)
+  compile       torch.compile of that same reference function (dynamic=False: one static graph per shape)
+  op_reference  the torch.ops.dip op on its "reference" backend: the reference math behind the
+                custom-op layer; its attention forward also computes the lse (an explicit fp32
+                QK^T) and every reference-backend backward recomputes the forward, so it shows what
+                the op layer costs
+  triton        the torch.ops.dip op with set_backend("triton", op)
+  cuda          the torch.ops.dip op with set_backend("cuda", op)
+  onednn        the torch.ops.dip op with set_backend("onednn", op) (CPU tensors; the detailer suite only)
 
 Model level (DiP):
-  eager     dip_kernels.plain_reference(): the model calls the reference functions directly, no
-            custom ops, plain autograd -- the plain PyTorch DiP a user would otherwise run
-  compile   torch.compile(model, dynamic=False) inside plain_reference(): the compiler sees (and
-            fuses) every reference op
-  dip       the custom ops on backend "auto" (cuda, then triton, then eager)
+  reference     dip_kernels.plain_reference(): the model calls the reference functions directly, no
+                custom ops, plain autograd -- the plain PyTorch DiP a user would otherwise run
+  compile       torch.compile(model, dynamic=False) inside plain_reference(): the compiler sees (and
+                fuses) every reference op
+  dip           the custom ops on backend "auto" (cuda, then triton, then the reference)
 
-DIP_BENCH_PROVIDERS=eager,triton (comma list) restricts any suite to those providers;
+DIP_BENCH_PROVIDERS=reference,triton (comma list) restricts any suite to those providers;
 DIP_BENCH_COMPILE_BACKEND picks torch.compile's backend (default inductor on GPU, aot_eager on CPU).
 """
 import contextlib
@@ -30,8 +32,8 @@ import torch
 import dip_kernels
 from dip_kernels import backends
 
-OP_PROVIDERS = ("eager", "compile", "triton", "cuda")
-MODEL_PROVIDERS = ("eager", "compile", "dip")
+OP_PROVIDERS = ("reference", "compile", "triton", "cuda")
+MODEL_PROVIDERS = ("reference", "compile", "dip")
 
 
 def _configure_dynamo():
@@ -67,9 +69,9 @@ def unavailable_reason(op: str, provider: str, device: torch.device) -> Optional
     """Why ``provider`` cannot run ``op`` on ``device`` (None when it can)."""
     if not requested(provider):
         return f"provider {provider!r} not in DIP_BENCH_PROVIDERS"
-    if provider in ("eager", "compile", "op_eager"):
+    if provider in ("reference", "compile", "op_reference"):
         return None
-    if provider in ("triton", "cuda", "cpu"):
+    if provider in ("triton", "cuda", "onednn"):
         if provider in dip_kernels.available_backends(op, device):
             return None
         return backends.why_unavailable(op, provider, device) or "unavailable"
@@ -104,20 +106,20 @@ def compiled(fn: Callable) -> Callable:
 
 def op_implementation(provider: str, op: str, reference_fn: Callable, dip_fn: Callable):
     """(callable, backend context) for an op-level provider."""
-    if provider == "eager":
+    if provider == "reference":
         return reference_fn, op_backend(None, None)
     if provider == "compile":
         return compiled(reference_fn), op_backend(None, None)
-    if provider == "op_eager":
-        return dip_fn, op_backend(op, "eager")
-    if provider in ("triton", "cuda", "cpu"):
+    if provider == "op_reference":
+        return dip_fn, op_backend(op, "reference")
+    if provider in ("triton", "cuda", "onednn"):
         return dip_fn, op_backend(op, provider)
     raise ValueError(f"unknown provider {provider!r}")
 
 
 def model_backend(provider: str):
     """The backend context for a model-level provider (every op at once)."""
-    if provider in ("eager", "compile"):
+    if provider in ("reference", "compile"):
         return dip_kernels.plain_reference()
     if provider == "dip":
         return op_backend(None, "auto")

@@ -4,7 +4,7 @@
 
 Writes DIR/<date>_<gpu>.md, .png and .json (the merged rows), DIR defaulting to bench/results, and
 prints the summary table. Times are extra_info["time_ms"] (median of per-call CUDA-event times on
-GPU; see bench/timing.py); speedups are eager/provider and compile/provider; TFLOP/s and GB/s are
+GPU; see bench/timing.py); speedups are reference/provider and compile/provider; TFLOP/s and GB/s are
 taken against the card's ceilings measured in the same run (the ceiling benchmark's rows in the
 JSON, a ceilings.json given with --ceilings, or one beside the first JSON file).
 """
@@ -18,9 +18,9 @@ import sys
 from typing import Dict, List, Optional
 
 SUITE_ORDER = ("patch_detailer", "attention", "elementwise", "patchify", "model")
-PROVIDER_ORDER = ("eager", "compile", "op_eager", "triton", "cuda", "cpu", "dip")
-BASELINES = ("eager", "compile", "op_eager")
-OURS = ("triton", "cuda", "cpu", "dip")
+PROVIDER_ORDER = ("reference", "compile", "op_reference", "triton", "cuda", "onednn", "dip")
+BASELINES = ("reference", "compile", "op_reference")
+OURS = ("triton", "cuda", "onednn", "dip")
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -131,11 +131,11 @@ def _notes(row):
 
 
 def speedups(row, providers_of_case):
-    eager = providers_of_case.get("eager")
+    reference = providers_of_case.get("reference")
     comp = providers_of_case.get("compile")
-    vs_eager = eager["time_ms"] / row["time_ms"] if eager else None
+    vs_reference = reference["time_ms"] / row["time_ms"] if reference else None
     vs_compile = comp["time_ms"] / row["time_ms"] if comp else None
-    return vs_eager, vs_compile
+    return vs_reference, vs_compile
 
 
 def _ordered(providers_of_case):
@@ -150,15 +150,15 @@ def _suites(cases):
 
 # ----------------------------------------------------------------------------- markdown
 def summary_table(cases) -> List[str]:
-    """One line per case: eager, compile, the best of ours and its speedups."""
-    lines = ["| case | eager | compile | ours (best) | vs eager | vs compile |",
+    """One line per case: reference, compile, the best of ours and its speedups."""
+    lines = ["| case | reference | compile | ours (best) | vs reference | vs compile |",
              "|---|---:|---:|---|---:|---:|"]
     for key, provs in cases.items():
         suite, op, mode, dtype, case = key
         ours = [provs[p] for p in OURS if p in provs]
         best = min(ours, key=lambda r: r["time_ms"]) if ours else None
         vs_e, vs_c = speedups(best, provs) if best else (None, None)
-        lines.append(f"| {op} {mode} {dtype} {case} | {_fmt_ms(provs['eager']['time_ms']) if 'eager' in provs else '-'} "
+        lines.append(f"| {op} {mode} {dtype} {case} | {_fmt_ms(provs['reference']['time_ms']) if 'reference' in provs else '-'} "
                      f"| {_fmt_ms(provs['compile']['time_ms']) if 'compile' in provs else '-'} "
                      f"| {(_fmt_ms(best['time_ms']) + ' ' + best['provider']) if best else '-'} "
                      f"| {_fmt_x(vs_e)} | {_fmt_x(vs_c)} |")
@@ -193,11 +193,11 @@ def render_markdown(rows, machine, when, ceilings, png_name=None) -> str:
 
     out += ["## Summary", "", *summary_table(cases), ""]
     if png_name:
-        out += [f"![speedup over eager]({png_name})", ""]
+        out += [f"![speedup over the reference]({png_name})", ""]
 
     for suite in _suites(cases):
         out += [f"## {suite}", "",
-                "| op | mode | dtype | case | provider | median ms | IQR ms | vs eager | vs compile "
+                "| op | mode | dtype | case | provider | median ms | IQR ms | vs reference | vs compile "
                 "| TFLOP/s (% peak) | GB/s (% peak) | notes |",
                 "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
         for key, provs in cases.items():
@@ -218,11 +218,11 @@ def render_markdown(rows, machine, when, ceilings, png_name=None) -> str:
             "(GPU), `perf_counter` (CPU); warm-up first (it absorbs torch.compile builds, Triton "
             "autotuning, cuDNN's search: see `build` in notes), inputs rotated over enough random "
             "sets to cover 3x L2, so small ops are timed from DRAM, not a warm cache.",
-            "- Op level: `eager` is the plain reference function under autograd; `compile` is "
-            "torch.compile of it (static shapes); `op_eager` is the dip op on its eager backend "
+            "- Op level: `reference` is the reference function called directly under autograd; `compile` is "
+            "torch.compile of it (static shapes); `op_reference` is the dip op on its reference backend "
             "(attention also computes the lse with an explicit fp32 QK^T and its backward recomputes "
             "the forward); `triton`/`cuda` are the dip op's backends.",
-            "- Model level: `eager` runs the model on the plain reference functions (no custom ops, "
+            "- Model level: `reference` runs the model on the reference functions (no custom ops, "
             "plain autograd: the PyTorch DiP a user would otherwise run) and `compile` is torch.compile "
             "of exactly that; `dip` runs the custom ops on the fastest available backend per op.",
             "- FLOPs: matmuls/convolutions/attention matmuls; fwdbwd and training steps count 3x the "
@@ -240,14 +240,14 @@ def render_png(rows, path, title):
     import matplotlib.ticker  # noqa: F401  (used through matplotlib.ticker below)
 
     cases = group_cases(rows)
-    suites = [s for s in _suites(cases) if any(k[0] == s and "eager" in v for k, v in cases.items())]
+    suites = [s for s in _suites(cases) if any(k[0] == s and "reference" in v for k, v in cases.items())]
     if not suites:
         return False
     fig, axes = plt.subplots(len(suites), 1, figsize=(12, 3.2 * len(suites)), squeeze=False)
-    colors = {"eager": "#9e9e9e", "compile": "#5c6bc0", "op_eager": "#bdbdbd", "triton": "#ef6c00",
+    colors = {"reference": "#9e9e9e", "compile": "#5c6bc0", "op_reference": "#bdbdbd", "triton": "#ef6c00",
               "cuda": "#2e7d32", "dip": "#c62828"}
     for ax, suite in zip(axes[:, 0], suites):
-        keys = [k for k, v in cases.items() if k[0] == suite and "eager" in v]
+        keys = [k for k, v in cases.items() if k[0] == suite and "reference" in v]
         provs = [p for p in PROVIDER_ORDER if any(p in cases[k] for k in keys)]
         width = 0.8 / max(len(provs), 1)
         for j, p in enumerate(provs):
@@ -255,14 +255,14 @@ def render_png(rows, path, title):
             for i, k in enumerate(keys):
                 if p in cases[k]:
                     xs.append(i + (j - (len(provs) - 1) / 2) * width)
-                    ys.append(cases[k]["eager"]["time_ms"] / cases[k][p]["time_ms"])
+                    ys.append(cases[k]["reference"]["time_ms"] / cases[k][p]["time_ms"])
             ax.bar(xs, ys, width, label=p, color=colors.get(p))
         ax.axhline(1.0, color="black", linewidth=0.6)
         ax.set_xticks(range(len(keys)))
         ax.set_xticklabels([f"{k[1]}\n{k[2]} {k[3]} {k[4]}" for k in keys], fontsize=7)
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
-        ax.set_ylabel("speedup vs eager")
+        ax.set_ylabel("speedup vs reference")
         ax.set_title(suite, fontsize=10)
         ax.legend(fontsize=7, ncol=len(provs))
     fig.suptitle(title, fontsize=11)

@@ -4,8 +4,8 @@ tables float32. 256 tokens (256x256 images) at B = 2 (one image with guidance), 
 (sampling); 1024 tokens (512x512) at B = 2 and 8.
 
 FLOPs are the two attention matmuls, 4*B*N^2*H*d forward; fwdbwd counts 3.5x that (the usual
-flash-attention convention: backward = 2.5x forward). The op_eager provider is the dip op on its
-eager backend, which also computes the lse with an explicit float32 QK^T: compare it with eager
+flash-attention convention: backward = 2.5x forward). The op_reference provider is the dip op on
+its reference backend, which also computes the lse with an explicit float32 QK^T: compare it with reference
 (the plain reference function) to see that overhead."""
 import pytest
 import torch
@@ -29,7 +29,7 @@ else:
     SIZES = {"b2-n16": (2, 4)}
     CASES = [("fwd", "f32", "b2-n16"), ("fwdbwd", "f32", "b2-n16")]
 
-PROVIDERS = ("eager", "compile", "op_eager", "triton", "cuda")
+PROVIDERS = ("reference", "compile", "op_reference", "triton", "cuda")
 
 
 def _reference(qkv, qw, kw, cos, sin):
@@ -68,7 +68,7 @@ def test_attention(benchmark, device, mode, dtype, case, provider):
                       shape={"qkv": (b, n, 3 * hd), "heads": HEADS, "head_dim": HEAD_DIM},
                       flops=3.5 * fwd_flops if train else fwd_flops, bytes_moved=bytes_moved,
                       flops_note="QK^T and PV; backward 2.5x forward" if train else "QK^T and PV")
-    if provider == "op_eager":
-        info["note"] = "eager backend also computes lse via an explicit fp32 QK^T; backward recomputes"
+    if provider == "op_reference":
+        info["note"] = "reference backend also computes lse via an explicit fp32 QK^T; backward recomputes"
     with backend:
         timing.run(benchmark, call, make_inputs, info=info, device=device)

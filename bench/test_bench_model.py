@@ -7,7 +7,7 @@
   test_model_train    one training step at batch 32: flow-matching MSE, backward, AdamW (fused on
                       CUDA); images/s and peak memory in extra_info
 
-Providers (bench/providers.py, plus the dip variants below): eager (the plain reference functions,
+Providers (bench/providers.py, plus the dip variants below): reference (the reference functions,
 no custom ops), compile (torch.compile of the model, ops plain), dip (the custom ops on backend
 "auto"), and per test
   dip_graph    sample: dip.graph_sampler.GraphSampler with the dip ops, each Euler step one replayed
@@ -18,7 +18,7 @@ torch.compile's build time is the first call's wall time, kept as ``compile_buil
 absorbs it. The compiled training steps build for minutes on GPU, so they are marked slow.
 
 FLOPs per image: counted by torch's FlopCounterMode on a meta-device copy of the model, with the
-dip ops' FLOPs added analytically (attention: its two matmuls; head: its convolutions); the
+dip ops' FLOPs added analytically (attention: its two matmuls; detailer: its convolutions); the
 training step counts 3x the forward (4x with checkpointing, which reruns the forward). CPU: DiPTiny
 at 32x32, float32, 2 Euler steps, tiny batches: the CPU run only proves every row works.
 """
@@ -66,7 +66,7 @@ def model():
     device = timing.bench_device()
     threads = torch.get_num_threads()
     if device.type == "cpu":
-        # the conv head's small GEMMs crawl when OpenMP threads fight other processes for the cores
+        # the detailer's small GEMMs crawl when OpenMP threads fight other processes for the cores
         torch.set_num_threads(1)
     with torch.device(device):
         m = BUILD()
@@ -123,8 +123,8 @@ def _random_batch(b, device, num_classes):
 def _common_info(model, provider, device):
     record = {"model": MODEL_NAME, "resolution": RES, "params": sum(p.numel() for p in model.parameters()),
               "autocast": str(AMP) if AMP is not None else None}
-    if provider in ("eager", "compile"):
-        record["backends"] = "plain reference functions, no custom ops"
+    if provider in ("reference", "compile"):
+        record["backends"] = "reference functions, no custom ops"
     else:
         with _backend(provider):
             record["backends"] = providers.resolved_backends(device)

@@ -3,12 +3,12 @@
 1152, 16x16 patches, bf16. fwdbwd differentiates w.r.t. the tokens and the 28 weights (the patches
 are pixels: no gradient), FLOPs counted as 3x the forward's.
 
-On a CPU, ``test_patch_detailer_cpu_side_by_side`` also times the cpu backend against the eager reference at
+On a CPU, ``test_patch_detailer_onednn_side_by_side`` also times the onednn backend against the reference at
 dip-demo's shapes, float32, the calls alternating in one process so that whatever else the machine
-runs weighs on all alike: against the reference function under plain autograd (``eager``: a
-backward that reuses the forward's activations) and against the op on its eager backend
-(``op_eager``: what ``auto`` runs on a CPU, its backward re-running the forward). The ratios are
-the record's ``speedup_vs_eager`` and ``speedup_vs_op_eager``."""
+runs weighs on all alike: against the reference function under plain autograd (``reference``: a
+backward that reuses the forward's activations) and against the op on its reference backend
+(``op_reference``: what ``auto`` runs on a CPU, its backward re-running the forward). The ratios are
+the record's ``speedup_vs_reference`` and ``speedup_vs_op_reference``."""
 import math
 import os
 import statistics
@@ -30,20 +30,20 @@ if cases.ON_GPU:
              ("fwdbwd", "bf16", "8192")]
 else:
     DTYPE, TOKEN_DIM = torch.float32, 64
-    # the Triton head under the CPU interpreter takes seconds per call: fwd only unless -m slow
+    # the Triton detailer under the CPU interpreter takes seconds per call: fwd only unless -m slow
     CASES = [("fwd", "f32", "2"), ("fwdbwd", "f32", "2", ("triton",))]
 
 
-def head_weights(token_dim, dtype, device, requires_grad):
+def detailer_weights(token_dim, dtype, device, requires_grad):
     ws = []
-    for shape in ref.head_weight_shapes(token_dim):
+    for shape in ref.detailer_weight_shapes(token_dim):
         fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
         scale = 1.0 / math.sqrt(fan_in) if len(shape) > 1 else 0.02
         ws.append(cases.randn(shape, dtype, device, scale, requires_grad))
     return ws
 
 
-PATCH_DETAILER_PROVIDERS = providers.OP_PROVIDERS + ("cpu",)
+PATCH_DETAILER_PROVIDERS = providers.OP_PROVIDERS + ("onednn",)
 
 
 @pytest.mark.parametrize("mode,dtype,case,provider", cases.grid(CASES, PATCH_DETAILER_PROVIDERS))
@@ -57,13 +57,13 @@ def test_patch_detailer(benchmark, device, mode, dtype, case, provider):
     def make_inputs():
         patches = cases.randn((m, 3, PATCH, PATCH), DTYPE, device)
         tokens = cases.randn((m, TOKEN_DIM), DTYPE, device, requires_grad=train)
-        weights = head_weights(TOKEN_DIM, DTYPE, device, train)
+        weights = detailer_weights(TOKEN_DIM, DTYPE, device, train)
         if not train:
             return patches, tokens, weights
         return patches, tokens, weights, cases.randn((m, 3, PATCH, PATCH), DTYPE, device)
 
     call = cases.grad_fn(fn, 3, wrt=(1, 2)) if train else cases.no_grad_fn(fn)
-    weight_bytes = cases.tensor_bytes(*[(s, DTYPE) for s in ref.head_weight_shapes(TOKEN_DIM)])
+    weight_bytes = cases.tensor_bytes(*[(s, DTYPE) for s in ref.detailer_weight_shapes(TOKEN_DIM)])
     io = cases.tensor_bytes(((m, 3, PATCH, PATCH), DTYPE), ((m, TOKEN_DIM), DTYPE), ((m, 3, PATCH, PATCH), DTYPE))
     fwd_flops = m * ref.flops_per_patch(PATCH, TOKEN_DIM)
     if train:  # + grad_out read, g_tokens and g_weights written
@@ -79,38 +79,38 @@ def test_patch_detailer(benchmark, device, mode, dtype, case, provider):
         timing.run(benchmark, call, make_inputs, info=info, device=device)
 
 
-# dip-demo's head calls per training step: 64x64 at batch 4 (the default) and 128x128 at batch 4
+# dip-demo's detailer calls per training step: 64x64 at batch 4 (the default) and 128x128 at batch 4
 # (--thorough's size), token dim 768
 DEMO_CASES = [pytest.param(mode, m, id=f"{mode}-f32-{m}x768", marks=[pytest.mark.slow] if m > 64 else [])
               for m in (64, 256) for mode in ("fwd", "fwdbwd")]
 
 
-@pytest.mark.skipif(cases.ON_GPU, reason="the cpu backend runs on CPU tensors")
+@pytest.mark.skipif(cases.ON_GPU, reason="the onednn backend runs on CPU tensors")
 @pytest.mark.parametrize("mode,m", DEMO_CASES)
-def test_patch_detailer_cpu_side_by_side(benchmark, mode, m):
+def test_patch_detailer_onednn_side_by_side(benchmark, mode, m):
     token_dim, train = 768, mode == "fwdbwd"
     patches = cases.randn((m, 3, PATCH, PATCH), torch.float32, "cpu")
     tokens = cases.randn((m, token_dim), torch.float32, "cpu", requires_grad=train)
-    weights = head_weights(token_dim, torch.float32, "cpu", train)
+    weights = detailer_weights(token_dim, torch.float32, "cpu", train)
     grad_out = cases.randn((m, 3, PATCH, PATCH), torch.float32, "cpu")
     wrap = (lambda fn: cases.grad_fn(fn, 3, wrt=(1, 2))) if train else cases.no_grad_fn
-    calls = {"eager": wrap(ref.patch_detailer), "op_eager": wrap(dip_kernels.patch_detailer),
-             "cpu": wrap(dip_kernels.patch_detailer)}
+    calls = {"reference": wrap(ref.patch_detailer), "op_reference": wrap(dip_kernels.patch_detailer),
+             "onednn": wrap(dip_kernels.patch_detailer)}
     args = (patches, tokens, weights, grad_out) if train else (patches, tokens, weights)
     times = {name: [] for name in calls}
     cpu_times = {name: [] for name in calls}
 
     def alternate():
         for name, fn in calls.items():
-            with providers.op_backend("patch_detailer", "cpu" if name == "cpu" else "eager"):
+            with providers.op_backend("patch_detailer", "onednn" if name == "onednn" else "reference"):
                 t, c = time.perf_counter(), time.process_time()
                 fn(*args)
                 times[name].append(time.perf_counter() - t)
                 cpu_times[name].append(time.process_time() - c)
 
-    # they compute the same thing (tests/test_patch_detailer_cpu.py checks how closely)
-    with providers.op_backend("patch_detailer", "cpu"):
-        for got, want in zip(_flat(calls["cpu"](*args)), _flat(calls["eager"](*args))):
+    # they compute the same thing (tests/test_patch_detailer_onednn.py checks how closely)
+    with providers.op_backend("patch_detailer", "onednn"):
+        for got, want in zip(_flat(calls["onednn"](*args)), _flat(calls["reference"](*args))):
             assert (got - want).abs().max() <= 1e-3 * want.abs().max()
     t = time.perf_counter()
     alternate()  # warm-up (oneDNN's primitives) that also sizes the rounds
@@ -123,18 +123,20 @@ def test_patch_detailer_cpu_side_by_side(benchmark, mode, m):
     # do not inflate; on an idle machine with one thread it equals the wall time
     ms = {name: statistics.median(ts) * 1e3 for name, ts in cpu_times.items()}
     wall_ms = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
-    info = cases.info("patch_detailer", "patch_detailer", mode, "f32", f"{m}x768 demo", "cpu",
+    info = cases.info("patch_detailer", "patch_detailer", mode, "f32", f"{m}x768 demo", "onednn",
                       shape={"patches": (m, 3, PATCH, PATCH), "tokens": (m, token_dim)}, flops=flops,
                       bytes_moved=None, flops_note="3x forward" if train else "forward convolutions")
-    info.update({"time_ms": wall_ms["cpu"], "wall_ms": wall_ms, "cpu_ms": ms,
-                 "speedup_vs_eager": ms["eager"] / ms["cpu"], "speedup_vs_op_eager": ms["op_eager"] / ms["cpu"],
+    info.update({"time_ms": wall_ms["onednn"], "wall_ms": wall_ms, "cpu_ms": ms,
+                 "speedup_vs_reference": ms["reference"] / ms["onednn"],
+                 "speedup_vs_op_reference": ms["op_reference"] / ms["onednn"],
                  "gflops": {name: flops / t / 1e6 for name, t in ms.items()}, "rounds": rounds,
                  "threads": torch.get_num_threads(),
                  "timer": "process_time (ratios, GFLOP/s) and perf_counter (time_ms), the three calls alternating"})
     benchmark.extra_info.update(info)
-    print(f"\nhead {mode} {m}x768 f32, {torch.get_num_threads()} threads, CPU time: " + ", ".join(
+    print(f"\ndetailer {mode} {m}x768 f32, {torch.get_num_threads()} threads, CPU time: " + ", ".join(
         f"{name} {t:.1f} ms ({info['gflops'][name]:.0f} GFLOP/s)" for name, t in ms.items())
-        + f"; cpu is {info['speedup_vs_eager']:.2f}x eager, {info['speedup_vs_op_eager']:.2f}x op_eager")
+        + f"; onednn is {info['speedup_vs_reference']:.2f}x reference, {info['speedup_vs_op_reference']:.2f}x "
+        "op_reference")
 
 
 def _flat(result):

@@ -1,5 +1,5 @@
 """patchify / unpatchify (torch.ops.dip.patchify, .unpatchify) with the dtypes the model uses:
-patchify of the float32 input image, unpatchify of the bf16 head output back to a float32 image
+patchify of the float32 input image, unpatchify of the bf16 detailer output back to a float32 image
 (autocast). Pure data movement: GB/s is the measure. Forward only (each op's backward is the other)."""
 import pytest
 import torch

@@ -15,7 +15,7 @@ def _attention_flops(qkv, qw, kw, cos, sin, num_heads, eps, out_shape=None):
     return 4 * b * n * n * (three_hd // 3)
 
 
-def _patch_detailer_flops(patches, tokens, weights, out_shape=None):
+def _detailer_flops(patches, tokens, weights, out_shape=None):
     return patches[0] * flops_per_patch(patches[2], tokens[1])
 
 
@@ -28,7 +28,7 @@ def forward_flops_per_image(build: Callable[[], torch.nn.Module], resolution: in
         x = torch.randn(1, 3, resolution, resolution, device="meta")
         t = torch.rand(1, device="meta")
         y = torch.zeros(1, dtype=torch.long, device="meta")
-        mapping = {torch.ops.dip.attention: _attention_flops, torch.ops.dip.patch_detailer: _patch_detailer_flops}
+        mapping = {torch.ops.dip.attention: _attention_flops, torch.ops.dip.patch_detailer: _detailer_flops}
         with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
             model(x, t, y)
         return int(counter.get_total_flops())

@@ -1,20 +1,21 @@
 """Which implementation runs behind each ``torch.ops.dip.*`` op: dispatch by capability.
 
-Backends: ``eager`` (the reference ops in dip_kernels/reference, the ground truth: it runs every
-input), ``triton`` (dip_kernels/triton), ``cuda`` (dip_kernels/cuda over the compiled extension
-dip_kernels._C, csrc/) and ``cpu`` (the head only: dip_kernels/cpu/patch_detailer_onednn.py, CPU
-tensors, never picked by auto). Each op's spec (dip_kernels/ops/<op>.py) lists the modules that
+Backends: ``reference`` (dip_kernels/reference, the ground truth: it runs every input),
+``triton`` (dip_kernels/triton), ``cuda`` (dip_kernels/cuda over the compiled extension
+dip_kernels._C, csrc/) and ``onednn`` (dip_kernels/onednn, the Patch Detailer Head only: CPU
+tensors, never picked by auto). The old names ``eager`` (reference) and ``cpu`` (onednn) are
+accepted with a DeprecationWarning. Each op's spec (dip_kernels/ops/<op>.py) lists the modules that
 implement it, fastest first; each backend module declares in ``CAPABILITY`` what it runs: the
 device types, the dtypes of the deciding (first) input, where ``auto`` may pick it, and any other
 limits (a function giving the reason it cannot run given inputs).
 
 ``auto`` (the default) runs each call on the first backend in the op's order that is available
-here and supports the call's inputs; eager supports everything and comes last, so auto is the
-eager reference on CPU tensors (Triton's CPU interpreter and the cpu head are never picked by
-auto) and cuda, then triton, then eager on CUDA tensors. A backend chosen by name
+here and supports the call's inputs; the reference supports everything and comes last, so auto
+is the reference on CPU tensors (Triton's CPU interpreter and onednn are never picked by auto)
+and cuda, then triton, then the reference on CUDA tensors. A backend chosen by name
 (``dip_kernels.set_backend("triton")``, ``set_backend("cuda", op="patch_detailer")``, or
 ``DIP_KERNELS_BACKEND=triton`` / ``DIP_KERNELS_BACKEND=auto,patch_detailer=cuda`` read at import)
-runs every call it supports; a call it does not support runs the eager reference with a
+runs every call it supports; a call it does not support runs the reference with a
 RuntimeWarning. Nothing falls back inside a backend. The user's choice is the only state kept;
 each call's choice is recorded (``recorded_runs()``) and ``dip_kernels.explain(op, *inputs)`` says
 what would run and why.
@@ -29,10 +30,14 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-BACKENDS = ("auto", "eager", "triton", "cuda", "cpu")
+BACKENDS = ("auto", "reference", "triton", "cuda", "onednn")
+REFERENCE = "reference"  # the ground truth: every op has it, last in its order
+# old backend names a user may still type: each one runs the backend it names, with a DeprecationWarning
+RENAMED = {"eager": "reference", "cpu": "onednn"}
 FLOATING = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 _MODULES: Dict[str, Dict[str, str]] = {}  # op family -> backend -> module, fastest first (the op specs')
+_FAMILY: Dict[str, str] = {}              # custom op (forward and backward) -> its op family
 _choice: Dict[str, str] = {}              # op family -> the backend the user chose ("auto" by default)
 
 
@@ -82,12 +87,14 @@ def capturing(t):
 
 
 # ---------------------------------------------------------------- the op families and their backends
-def register(family, modules):
-    """Called by dip_kernels.opspec.define: ``modules`` maps backend -> module, fastest first."""
+def register(op, family, modules):
+    """Called by dip_kernels.opspec.define for custom op ``op`` (and its backward op) of op family
+    ``family``: ``modules`` maps backend -> module, fastest first."""
+    _FAMILY[op] = _FAMILY[f"{op}_backward"] = family
     if family in _MODULES:
         assert _MODULES[family] == dict(modules), f"{family}: two specs disagree on its backends"
         return
-    assert list(modules)[-1] == "eager", f"{family}: the eager reference must come last"
+    assert list(modules)[-1] == REFERENCE, f"{family}: the reference must come last"
     _MODULES[family] = dict(modules)
     _choice.setdefault(family, "auto")
 
@@ -100,9 +107,7 @@ def ops():
 def op_family(op):
     """The op family (the key of the user's choice) of custom op ``op``, e.g. attention_backward ->
     attention, unpatchify -> patchify."""
-    from .opspec import SPECS
-    family = op[:-len("_backward")] if op.endswith("_backward") else op
-    return SPECS[family].op_family if family in SPECS else family
+    return _FAMILY.get(op, op)
 
 
 def has_backend(op, backend):
@@ -112,11 +117,12 @@ def has_backend(op, backend):
 def set_backend(name, op=None):
     """Select backend ``name`` for ``op``; with ``op=None``, for every op that has that backend.
     Raises BackendUnavailableError, saying what is missing, if it cannot run here at all."""
+    name = _current_name(name)
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if op is None:
         # every op that has this backend; the others keep their choice
-        families = tuple(o for o in _MODULES if name in ("auto", "eager") or name in _MODULES[o])
+        families = tuple(o for o in _MODULES if name in ("auto", REFERENCE) or name in _MODULES[o])
     elif op not in _MODULES:
         raise ValueError(f"op must be one of {ops()}, got {op!r}")
     else:
@@ -128,6 +134,15 @@ def set_backend(name, op=None):
                 raise BackendUnavailableError(f"backend {name!r} for op {o!r} is unavailable: {problem}")
     for o in families:
         _choice[o] = name
+
+
+def _current_name(name):
+    """``name``, or the backend an old name now names (with a DeprecationWarning)."""
+    if name in RENAMED:
+        warnings.warn(f"dip_kernels: backend {name!r} is now called {RENAMED[name]!r}; the old name will go",
+                      DeprecationWarning, stacklevel=3)
+        return RENAMED[name]
+    return name
 
 
 def get_backend(op):
@@ -189,7 +204,7 @@ def _unavailable_reason(op, backend):
     modules = _MODULES[op_family(op)]
     if backend not in modules:
         return f"op {op!r} has no {backend} implementation (it has: {', '.join(modules)})"
-    if backend == "eager":
+    if backend == REFERENCE:
         return None
     if backend == "triton":
         err = _triton_import_error()
@@ -211,12 +226,12 @@ def _module(family, backend):
     return importlib.import_module(_MODULES[family][backend])
 
 
-_EAGER = Capability(devices=None)  # the reference runs everything
+_RUNS_EVERYTHING = Capability(devices=None)  # the reference's
 
 
 def _capability(op, backend):
-    if backend == "eager":
-        return _EAGER
+    if backend == REFERENCE:
+        return _RUNS_EVERYTHING
     return _module(op_family(op), backend).CAPABILITY
 
 
@@ -236,7 +251,7 @@ def declines(op, backend, inputs, device_type=None):
 @dataclass(frozen=True)
 class Choice:
     op: str       # the custom op, e.g. "attention_backward"
-    backend: str  # the implementation that runs it: eager, triton or cuda
+    backend: str  # the implementation that runs it: reference, triton, cuda or onednn
     reason: str   # why that one
 
 
@@ -284,7 +299,7 @@ def _select(op, device, inputs):
         raise BackendUnavailableError(f"backend {name!r} for op {family!r} is unavailable: {problem}")
     problem = _capability(family, name).declines(device.type, inputs) if inputs is not None else None
     if problem:
-        return Choice(op, "eager", f"{name} selected, but it cannot run these inputs: {problem}")
+        return Choice(op, REFERENCE, f"{name} selected, but it cannot run these inputs: {problem}")
     return Choice(op, name, f"{name} selected")
 
 
@@ -311,7 +326,7 @@ def implementation(op, *inputs):
         _runs.append(choice)
     if choice.backend != _choice[op_family(op)] != "auto":
         # once per message, by the default warning filter
-        warnings.warn(f"dip_kernels: {choice.reason}; the eager reference runs {op}", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"dip_kernels: {choice.reason}; the reference runs {op}", RuntimeWarning, stacklevel=3)
     return backend_function(op, choice.backend)
 
 

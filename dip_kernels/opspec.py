@@ -1,9 +1,10 @@
 """One spec per custom op, and the factory that turns it into ``torch.ops.dip.<name>``.
 
-An ``OpSpec`` declares, once: the signature (an annotated stub; torch.library infers the schema
-from it), the names of its outputs, the input check (a ValueError naming the argument; it runs in
-the real and in the fake implementation, so bad input fails before any kernel runs, eagerly and
-under torch.compile alike), the fake (the outputs' shapes and dtypes), the backends that implement
+An ``OpSpec`` declares, once: the signature (an annotated stub named ``<name>_signature``, so
+that ``grep -rn "def <name>"`` finds the spec beside the reference and the kernels' wrappers;
+torch.library infers the schema from it), the names of its outputs, the input check (a ValueError
+naming the argument; it runs in the real and in the fake implementation, so bad input fails before
+any kernel runs, eagerly and under torch.compile alike), the fake (the outputs' shapes and dtypes), the backends that implement
 it, and its derivative: either a ``Backward`` (which forward inputs and outputs the backward op
 receives, which non-tensor arguments, which inputs it returns gradients for) or, for an op whose
 derivative is another dip op (patchify / unpatchify), the autograd functions themselves.
@@ -46,7 +47,7 @@ class OpSpec:
     outputs: Tuple[str, ...]               # output names (the backward's gradient arguments: grad_<name>)
     check: Callable                        # check(*inputs) raises ValueError naming the argument
     fake: Callable                         # fake(*inputs) -> outputs allocated like the real ones
-    backends: Dict[str, str]               # backend -> module, fastest first (eager, the reference, last)
+    backends: Dict[str, str]               # backend -> module, fastest first (the reference last)
     dispatch: int = 1                      # leading inputs the backend is chosen from
     family: Optional[str] = None           # the backend modules' op family (default: name)
     backward: Optional[Backward] = None
@@ -127,7 +128,7 @@ def _choose_inputs(spec, args):
 
 def define(spec: OpSpec):
     """Register ``spec`` as torch.ops.dip.<name> (and its backward op); returns the custom op."""
-    backends.register(spec.op_family, spec.backends)
+    backends.register(spec.name, spec.op_family, spec.backends)
     sig = inspect.signature(spec.signature)
     bind = _binder(sig)
     names = list(sig.parameters)
@@ -228,10 +229,10 @@ _plain = False
 
 @contextlib.contextmanager
 def plain_reference(enabled: bool = True):
-    """Inside this block the public functions (dip_kernels.attention, ...) call the eager reference
+    """Inside this block the public functions (dip_kernels.attention, ...) call the reference
     functions directly, with plain autograd and no custom ops: the model becomes exactly what a user
-    without this library would run (and what torch.compile of it would see). The benchmarks' eager
-    and compile baselines; not a backend, since it bypasses the ops' checks, schema and saved
+    without this library would run (and what torch.compile of it would see). The benchmarks'
+    ``reference`` and ``compile`` baselines; not a backend, since it bypasses the ops' checks, schema and saved
     statistics."""
     global _plain
     old, _plain = _plain, enabled

@@ -1,28 +1,33 @@
 """Compile, on a machine without a GPU, every Triton kernel a workload would launch on one: a warm
 Triton cache and a report of each binary's registers, spills and shared memory against the target.
 
-    python -m dip_kernels.precompile --model DiP-XL/16 --dtype bf16 --arch sm_90 \\
-        --cache-dir build/triton-cache --out bench/results/precompile_sm90
+This module is the kernel-level machinery and knows no model: a workload is a labelled function
+that calls dip ops on tensors it makes itself. dip/precompile.py builds DiP's workloads (a training
+step and sampling calls) and is the command line, ``python -m dip.precompile``.
 
-1. The workload (a DiP model's training step and sampling calls) runs on fake tensors; every
-   ``torch.ops.dip.*`` call it makes is recorded with its inputs' shapes, strides and dtypes. Under
-   bf16 the model runs under CPU autocast, which casts exactly as CUDA autocast does for the layers
-   DiP uses (nn.Linear), so the ops see the dtypes a GPU run gives them.
+1. The workload runs on fake tensors; every ``torch.ops.dip.*`` call it makes is recorded with its
+   inputs' shapes, strides and dtypes (``trace_op_calls``).
 2. Each recorded call runs the Triton backend's own host code on meta tensors with launches
    recorded instead of run (dip_kernels.triton.launch): the kernels, grids and arguments come from
-   the wrappers themselves.
+   the wrappers themselves (``triton_launches``).
 3. Each launch becomes one specialisation per autotune config, deduplicated with Triton's own
-   argument binder (so two launches that Triton would compile once are compiled once).
+   argument binder (so two launches that Triton would compile once are compiled once;
+   ``kernel_specs``).
 4. A process pool compiles them through Triton's own ``JITFunction.run(warmup=True)`` path with a
-   compile-only driver that reports the target GPU: the cache entries are the ones a GPU run of the
-   same triton build looks up (the key hashes the kernel source, the triton build and the target,
-   not paths). ptxas's own log gives registers, spills and stack; Triton's metadata the shared memory.
+   compile-only driver that reports the target GPU (``compile_all``): the cache entries are the
+   ones a GPU run of the same triton build looks up (the key hashes the kernel source, the triton
+   build and the target, not paths). ptxas's own log gives registers, spills and stack; Triton's
+   metadata the shared memory.
 
-The report fails (exit code 1) on a compile error, shared memory or registers over the target's
-limit, a grid over CUDA's limits, or spills in a kernel of the bf16 workload (the hot path: budget
-``SPILL_BUDGET_BYTES``).
+``check`` lists what a GPU's first run would hit (the command exits 1 on any): a compile error,
+shared memory or registers over the target's limit, a grid over CUDA's limits, or spills in a
+kernel of a bf16 workload (the hot path: budget ``SPILL_BUDGET_BYTES``). A workload's label starts
+with its name and its precision ("DiP-XL/16 bf16 train B=32"; ``workload_dtype``).
+
+Files are written through the caller's atomic writer (``writer``: a context manager
+``writer(path, mode)`` that yields a file and renames it into place), so this module writes no file
+by a way of its own.
 """
-import argparse
 import concurrent.futures
 import contextlib
 import hashlib
@@ -34,22 +39,33 @@ import os
 import platform
 import re
 import sys
+import tarfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Tuple
 
 import torch
+import triton  # this tool compiles Triton kernels: it needs triton, like dip_kernels/triton
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from tqdm import tqdm
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
+from triton.runtime.cache import triton_key
+from triton.runtime.driver import driver
+from triton.runtime.jit import create_function_from_signature
 
 from . import backends
+from .triton.launch import autotune_configs, jit_function, recording
 
 # Opt-in dynamic shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin), what Triton
 # checks a kernel's shared memory against at its first launch.
-SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448}
 REGISTERS_PER_BLOCK = 65536
 GRID_LIMIT = (2 ** 31 - 1, 65535, 65535)
 # ptxas spill bytes allowed in the kernels of the bf16 workload (training and sampling hot path)
 SPILL_BUDGET_BYTES = 0
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WARP_SIZE = 32
 _PTXAS_LOG_DIR = "dip_kernels_ptxas"  # beside Triton's own entries in the cache directory
 MANIFEST = "dip_kernels_precompile.json"  # what filled the cache directory (the triton build above all)
@@ -99,9 +115,6 @@ def _unspec(value):
 def trace_op_calls(workload):
     """The dip op calls ``workload()`` makes, in order, run on fake tensors (no memory, no compute).
     The workload creates its tensors itself (inside the fake mode)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     calls = []
 
     class _Record(TorchDispatchMode):
@@ -115,35 +128,8 @@ def trace_op_calls(workload):
     return calls
 
 
-def model_workloads(model, image_sizes, dtypes, train_batches, sample_batches):
-    """(label, workload) pairs for a DiP model: a training step (forward and backward) per train
-    batch and a sampling forward (no grad; guided, so 2B images) per sample batch, per dtype and
-    image size. ``image_sizes`` empty: 16 patches a side (256 px at patch 16, 512 at patch 32)."""
-    from dip.models import build_model  # the model configs live in dip; only this tool needs them here
-
-    def step(dtype, batch, train, size):
-        def run():
-            net = build_model(model)
-            x = torch.randn(batch, net.in_channels, size or 16 * net.patch_size, size or 16 * net.patch_size)
-            t, y = torch.rand(batch), torch.randint(0, net.num_classes, (batch,))
-            autocast = (torch.autocast("cpu", dtype=DTYPES[dtype]) if dtype != "fp32" else contextlib.nullcontext())
-            with torch.set_grad_enabled(train), autocast:
-                out = net(x, t, y)
-            if train:
-                out.float().square().mean().backward()
-        return run
-
-    jobs = []
-    for dtype in dtypes:
-        for size in image_sizes or [None]:
-            at = f" {size}px" if size else ""
-            jobs += [(f"{model} {dtype} train B={b}{at}", step(dtype, b, True, size)) for b in train_batches]
-            jobs += [(f"{model} {dtype} sample B={b}{at}", step(dtype, 2 * b, False, size)) for b in sample_batches]
-    return jobs
-
-
 def workload_dtype(label):
-    """The precision of a model_workloads label ("DiP-XL/16 bf16 train B=32" -> "bf16")."""
+    """The precision of a workload label, its second word ("DiP-XL/16 bf16 train B=32" -> "bf16")."""
     return label.split()[1]
 
 
@@ -151,8 +137,6 @@ def workload_dtype(label):
 def triton_launches(call):
     """The Triton launches the triton backend's host code makes for ``call`` (on meta tensors), or
     the reason the triton backend declines these inputs."""
-    from .triton import launch
-
     args = [_unspec(a) for a in call.args]
     family = backends.op_family(call.op)
     if not backends.has_backend(family, "triton"):
@@ -162,7 +146,7 @@ def triton_launches(call):
     problem = backends.declines(call.op, "triton", forward_inputs, device_type="cuda")
     if problem:
         return [], problem
-    with launch.recording() as launches:
+    with recording() as launches:
         backends.backend_function(call.op, "triton")(*args)
     return launches, None
 
@@ -219,12 +203,6 @@ def _config_label(cfg):
 
 def kernel_specs(launches_by_workload, arch=90):
     """One KernelSpec per distinct Triton specialisation (per autotune config) of the launches."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
-    from triton.runtime.jit import create_function_from_signature
-
-    from .triton.launch import autotune_configs, jit_function
-
     backend = make_backend(GPUTarget("cuda", arch, WARP_SIZE))
     binders, specs = {}, {}
     for workload, op, launch in launches_by_workload:
@@ -253,7 +231,6 @@ def kernel_specs(launches_by_workload, arch=90):
 
 def _apply_heuristics(kernel, fn, args, meta):
     """The values triton.heuristics wrappers would add, computed as they do."""
-    import triton
     named = dict(zip(fn.arg_names, args), **meta)
     while not isinstance(kernel, triton.runtime.JITFunction):
         if isinstance(kernel, triton.runtime.Heuristics):
@@ -268,7 +245,6 @@ class CompileOnlyDriver:
     """What JITFunction.run(warmup=True) asks of the active driver: the target, a device, a stream."""
 
     def __init__(self, arch):
-        from triton.backends.compiler import GPUTarget
         self.target = GPUTarget("cuda", arch, WARP_SIZE)
 
     def get_current_target(self):
@@ -300,11 +276,8 @@ def _error_summary(exc):
     return f"{type(exc).__name__}: {message}" + (f" ({location.rstrip(':')})" if location else "")
 
 
-def compile_one(spec, arch, cache_dir):
+def compile_one(spec, arch, cache_dir, writer):
     """Compile ``spec`` for sm_<arch> into ``cache_dir`` (a hit if it is there). Returns a dict."""
-    from triton import knobs
-    from triton.runtime.driver import driver
-
     knobs.nvidia.dump_ptxas_log = True  # ptxas -v output goes to stdout, which we keep
     fn = getattr(importlib.import_module(spec.module), spec.name)
     driver.set_active(CompileOnlyDriver(arch))
@@ -322,7 +295,7 @@ def compile_one(spec, arch, cache_dir):
     log_path = os.path.join(cache_dir, _PTXAS_LOG_DIR, f"{kernel.hash}.log")
     cached = parse_ptxas_log(log) is None
     if not cached:
-        _write(log_path, log)
+        write_text(log_path, log, writer)
     elif os.path.exists(log_path):
         log = open(log_path).read()
     usage = parse_ptxas_log(log)
@@ -338,7 +311,7 @@ def _worker_init(cache_dir):
     os.environ.pop("TRITON_INTERPRET", None)
 
 
-def compile_all(specs, archs, cache_dir, jobs, progress=True):
+def compile_all(specs, archs, cache_dir, jobs, writer, progress=True):
     """Compile every spec for every arch in a process pool; results in (spec, arch) order."""
     tasks = [(spec, arch) for arch in archs for spec in specs]
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch threads
@@ -346,7 +319,7 @@ def compile_all(specs, archs, cache_dir, jobs, progress=True):
     bar = _progress(len(tasks), progress)
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init,
                                                 initargs=(cache_dir,)) as pool:
-        futures = {pool.submit(compile_one, spec, arch, cache_dir): i for i, (spec, arch) in enumerate(tasks)}
+        futures = {pool.submit(compile_one, spec, arch, cache_dir, writer): i for i, (spec, arch) in enumerate(tasks)}
         for future in concurrent.futures.as_completed(futures):
             results[futures[future]] = future.result()
             bar.update(1)
@@ -355,7 +328,6 @@ def compile_all(specs, archs, cache_dir, jobs, progress=True):
 
 
 def _progress(total, enabled):
-    from tqdm import tqdm
     return tqdm(total=total, desc="compiling", unit="binary", disable=not enabled, file=sys.stderr)
 
 
@@ -386,8 +358,6 @@ def check(results):
 
 
 def environment():
-    import triton
-    from triton.runtime.cache import triton_key
     return dict(triton=triton.__version__, torch=torch.__version__, python=platform.python_version(),
                 triton_build=hashlib.sha256(triton_key().encode()).hexdigest()[:16])
 
@@ -413,15 +383,14 @@ def summarize(results):
     return sorted(rows.values(), key=lambda row: (row["arch"] != "sm_90", row["arch"], row["dtypes"], row["kernel"]))
 
 
-def _directory_bytes(path):
+def directory_bytes(path):
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
-def write_archive(cache_dir, path):
-    """The cache directory as one .tar.xz (Triton's text stages compress about 15x), written atomically."""
-    import tarfile
-    from dip.checkpoint import atomic_write  # the package's one atomic writer
-    with atomic_write(path, "wb") as f, tarfile.open(fileobj=f, mode="w:xz") as tar:
+def write_archive(cache_dir, path, writer):
+    """The cache directory as one .tar.xz (Triton's text stages compress about 15x), written through
+    ``writer`` (atomically)."""
+    with writer(path, "wb") as f, tarfile.open(fileobj=f, mode="w:xz") as tar:
         for name in sorted(os.listdir(cache_dir)):
             tar.add(os.path.join(cache_dir, name), arcname=name)
     return os.path.getsize(path)
@@ -439,7 +408,7 @@ def markdown(report):
     lines = [f"# Triton precompile: {', '.join(report['models'])}, {', '.join(report['dtypes'])}, "
              f"{', '.join(report['archs'])}",
              "",
-             f"Generated by `python -m dip_kernels.precompile {' '.join(report['argv'])}` with triton "
+             f"Generated by `python -m dip.precompile {' '.join(report['argv'])}` with triton "
              f"{env['triton']} (build {env['triton_build']}), torch {env['torch']}, Python {env['python']}: "
              f"{len(report['results'])} binaries ({report['compiled']} compiled, {report['cached']} found in the "
              f"cache) in {report['seconds']:.0f} s with {report['jobs']} processes. Cache "
@@ -515,96 +484,7 @@ def readme_summary(report):
             f"CPU without a GPU.")
 
 
-# ---------------------------------------------------------------- command line
-def _arch(value):
-    m = re.fullmatch(r"sm_?(\d+)a?", value)
-    if not m or int(m.group(1)) not in SHARED_MEMORY_LIMIT:
-        raise argparse.ArgumentTypeError(f"arch must be one of {[f'sm_{a}' for a in SHARED_MEMORY_LIMIT]}, "
-                                         f"got {value!r}")
-    return int(m.group(1))
-
-
-def _batches(value):
-    try:
-        out = [int(v) for v in value.split(",") if v]
-    except ValueError:
-        out = []
-    if not out or min(out) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive batch sizes separated by commas, got {value!r}")
-    return out
-
-
-def _model(value):
-    from dip.models import CONFIGS
-    if value not in CONFIGS:
-        raise argparse.ArgumentTypeError(f"model must be one of {sorted(CONFIGS)}, got {value!r}")
-    return value
-
-
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m dip_kernels.precompile", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", action="append", type=_model, help="a dip.models config, repeatable (default DiP-XL/16)")
-    p.add_argument("--image-size", type=int, action="append", default=[],
-                   help="image side in pixels, repeatable (default: 16 patches a side, 256 px at patch 16)")
-    p.add_argument("--dtype", action="append", choices=sorted(DTYPES),
-                   help="workload precision, repeatable (default bf16): bf16/fp16 run the model under autocast")
-    p.add_argument("--arch", action="append", type=_arch, help="target, repeatable: sm_90 (default), sm_80, ...")
-    p.add_argument("--train-batch", type=_batches, default=[32], help="training batches, e.g. 32 (default)")
-    p.add_argument("--sample-batch", type=_batches, default=[1, 64],
-                   help="sampling batches (each runs guided, as 2B images; default 1,64)")
-    p.add_argument("--no-train", action="store_true", help="sampling workloads only")
-    p.add_argument("--cache-dir", default=os.environ.get("TRITON_CACHE_DIR") or os.path.expanduser("~/.triton/cache"),
-                   help="the Triton cache directory to fill (default $TRITON_CACHE_DIR or ~/.triton/cache)")
-    p.add_argument("--archive", help="also write the cache directory as this .tar.xz (to carry it elsewhere)")
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: CPU count)")
-    p.add_argument("--out", help="write OUT.json and OUT.md (the report)")
-    p.add_argument("--compare", metavar="BEFORE_JSON", help="with --out: also write OUT_vs_before.md")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--check-cache", metavar="DIR",
-                   help="only say whether the cache in DIR was built by this triton build (its entries apply)")
-    args = p.parse_args(argv)
-    args.model = args.model or ["DiP-XL/16"]
-    args.dtype = args.dtype or ["bf16"]
-    args.arch = args.arch or [90]
-    if any(size < 1 for size in args.image_size) or args.jobs < 1:
-        p.error("--image-size and --jobs must be positive")
-    if args.compare and not args.out:
-        p.error("--compare needs --out")
-    return args
-
-
-def run(args, argv=()):
-    """Trace, specialise, compile and check; returns the report (a dict)."""
-    if backends.triton_interpreted():
-        raise RuntimeError("TRITON_INTERPRET=1 is set: unset it, the interpreter compiles nothing")
-    start = time.time()
-    launches, declined = [], set()
-    for model in args.model:
-        for label, workload in model_workloads(model, args.image_size, args.dtype,
-                                               [] if args.no_train else args.train_batch, args.sample_batch):
-            for call in dict.fromkeys(trace_op_calls(workload)):
-                found, why = triton_launches(call)
-                if why:
-                    declined.add(f"{call.op} ({model} {workload_dtype(label)}): {why}")
-                launches += [(label, call.op, launch) for launch in found]
-    specs = kernel_specs(launches)
-    os.makedirs(args.cache_dir, exist_ok=True)
-    results = compile_all(specs, args.arch, os.path.abspath(args.cache_dir), args.jobs, progress=not args.quiet)
-    report = dict(models=args.model, image_sizes=args.image_size, dtypes=args.dtype,
-                  archs=[f"sm_{a}" for a in args.arch], train_batches=[] if args.no_train else args.train_batch,
-                  sample_batches=args.sample_batch, argv=list(argv), environment=environment(), jobs=args.jobs,
-                  seconds=round(time.time() - start, 1), cache_bytes=_directory_bytes(args.cache_dir),
-                  compiled=sum(r["status"] == "compiled" and not r["cached"] for r in results),
-                  cached=sum(r["status"] == "compiled" and r["cached"] for r in results),
-                  not_triton=sorted(declined), results=results)
-    record_run(args.cache_dir, report)
-    if args.archive:
-        report.update(archive=args.archive, archive_bytes=write_archive(args.cache_dir, args.archive))
-    report["problems"] = check(results)
-    return report
-
-
+# ---------------------------------------------------------------- the whole run and the cache's manifest
 def _manifest(cache_dir):
     """The runs the manifest lists; none when there is none or it is not one this version reads."""
     try:
@@ -615,11 +495,11 @@ def _manifest(cache_dir):
     return runs if isinstance(runs, list) else []
 
 
-def record_run(cache_dir, report):
+def record_run(cache_dir, report, writer):
     """Add this run (what it compiled, with which triton build) to the cache directory's manifest."""
     run_ = {k: report[k] for k in ("models", "dtypes", "archs", "image_sizes", "argv", "environment")}
     runs = [r for r in _manifest(cache_dir) if r != run_] + [run_]
-    _write(os.path.join(cache_dir, MANIFEST), json.dumps({"runs": runs}, indent=1) + "\n")
+    write_text(os.path.join(cache_dir, MANIFEST), json.dumps({"runs": runs}, indent=1) + "\n", writer)
 
 
 def check_cache(cache_dir):
@@ -627,7 +507,7 @@ def check_cache(cache_dir):
     per precompile run that filled it."""
     runs, here = _manifest(cache_dir), environment()
     if not runs:
-        return f"{cache_dir} holds no {MANIFEST}: not filled by dip_kernels.precompile"
+        return f"{cache_dir} holds no {MANIFEST}: not filled by dip.precompile"
     lines = []
     for r in runs:
         env = r["environment"]
@@ -639,38 +519,41 @@ def check_cache(cache_dir):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    if args.check_cache:
-        print(check_cache(args.check_cache))
-        return 0
-    report = run(args, argv)
-    for row in summarize(report["results"]):
-        print(f"{row['kernel']:28s} {row['arch']} {row['dtypes']:9s} {row['binaries']:3d} binaries {row['errors']:2d} "
-              f"errors  registers <= {row['registers']:3d}  spills <= {row['spill_store_bytes']:6d} B  "
-              f"shared <= {row['shared_bytes']:6d} B")
-    print(f"{len(report['results'])} binaries in {report['seconds']:.0f} s ({report['cached']} found in the cache); "
-          f"cache {args.cache_dir}: {report['cache_bytes'] / 2 ** 20:.1f} MiB"
-          + (f"; archive {args.archive}: {report['archive_bytes'] / 2 ** 20:.1f} MiB" if args.archive else ""))
-    for line in report["not_triton"]:
-        print("not triton:", line)
-    for p in report["problems"]:
-        print("PROBLEM", p)
-    if args.out:
-        _write(args.out + ".json", json.dumps(report, indent=1) + "\n")
-        _write(args.out + ".md", markdown(report))
-        if args.compare:
-            with open(args.compare) as f:
-                _write(args.out + "_vs_before.md", compare_markdown(json.load(f), report))
-    return 1 if report["problems"] else 0
+def compile_workloads(workloads, archs, cache_dir, jobs, writer, progress=True):
+    """Trace ``workloads`` ((label, function) pairs), specialise their Triton launches and compile
+    them for every arch (ints: 90 for sm_90) into ``cache_dir``. Returns (results, the op calls the
+    Triton backend declines: one line each, with why)."""
+    if backends.triton_interpreted():
+        raise RuntimeError("TRITON_INTERPRET=1 is set: unset it, the interpreter compiles nothing")
+    launches, declined = [], set()
+    for label, workload in workloads:
+        for call in dict.fromkeys(trace_op_calls(workload)):
+            found, why = triton_launches(call)
+            if why:
+                declined.add(f"{call.op} ({' '.join(label.split()[:2])}): {why}")
+            launches += [(label, call.op, launch) for launch in found]
+    specs = kernel_specs(launches)
+    os.makedirs(cache_dir, exist_ok=True)
+    results = compile_all(specs, archs, os.path.abspath(cache_dir), jobs, writer, progress=progress)
+    return results, sorted(declined)
 
 
-def _write(path, text):
-    from dip.checkpoint import atomic_write  # the package's one atomic writer
-    with atomic_write(path, "w") as f:
+def summary_lines(report, cache_dir):
+    """What the command prints: one line per kernel (worst binary), the totals, the declined calls
+    and the problems."""
+    lines = [f"{row['kernel']:28s} {row['arch']} {row['dtypes']:9s} {row['binaries']:3d} binaries "
+             f"{row['errors']:2d} errors  registers <= {row['registers']:3d}  spills <= "
+             f"{row['spill_store_bytes']:6d} B  shared <= {row['shared_bytes']:6d} B"
+             for row in summarize(report["results"])]
+    lines.append(f"{len(report['results'])} binaries in {report['seconds']:.0f} s ({report['cached']} found in the "
+                 f"cache); cache {cache_dir}: {report['cache_bytes'] / 2 ** 20:.1f} MiB"
+                 + (f"; archive {report['archive']}: {report['archive_bytes'] / 2 ** 20:.1f} MiB"
+                    if report.get("archive") else ""))
+    lines += [f"not triton: {line}" for line in report["not_triton"]]
+    lines += [f"PROBLEM {p}" for p in report["problems"]]
+    return lines
+
+
+def write_text(path, text, writer):
+    with writer(path, "w") as f:
         f.write(text)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,6 +10,7 @@ import contextlib
 
 import torch
 
+from . import backends
 from ._alloc import poisoned_allocations  # noqa: F401  (re-exported: the tests' entry point)
 
 
@@ -17,7 +18,6 @@ from ._alloc import poisoned_allocations  # noqa: F401  (re-exported: the tests'
 def ran_on(backend):
     """Assert that dip ops ran inside the block and every one of them ran on ``backend`` (as
     dip_kernels.backends recorded it: no fallback goes unseen). Yields the recorded choices."""
-    from . import backends
     with backends.recorded_runs() as runs:
         yield runs
     wrong = [(c.op, c.backend, c.reason) for c in runs if c.backend != backend]
@@ -34,7 +34,7 @@ def rms_error(a, b):
 
 def assert_close_to_fp64(actual, same_dtype_reference, fp64_reference, name="output", factor=2.0, atol=1e-5,
                          error=max_error):
-    """The kernel's error against an fp64 reference must be at most ``factor`` times the eager
+    """The kernel's error against an fp64 reference must be at most ``factor`` times the
     reference's own error in the same low precision, plus ``atol``: the kernel is judged by the
     rounding its dtype forces, not by an arbitrary tolerance. ``error`` measures it: the largest
     elementwise error by default; ``rms_error`` where the maximum of few elements' rounding errors is
@@ -44,5 +44,5 @@ def assert_close_to_fp64(actual, same_dtype_reference, fp64_reference, name="out
     err = error(actual, fp64_reference)
     ref_err = error(same_dtype_reference, fp64_reference)
     bound = factor * ref_err + atol * max(1.0, fp64_reference.abs().max().item())
-    assert err <= bound, (f"{name}: {error.__name__} {err:.3e} vs fp64 exceeds {factor} x eager "
+    assert err <= bound, (f"{name}: {error.__name__} {err:.3e} vs fp64 exceeds {factor} x reference "
                           f"{error.__name__} {ref_err:.3e} + atol")

@@ -19,7 +19,7 @@ import torch
 import dip_kernels
 from dip_kernels import backends
 from dip_kernels.opspec import SPECS
-from dip_kernels.reference.patch_detailer import HEAD_WEIGHT_NAMES, head_weight_shapes
+from dip_kernels.reference.patch_detailer import DETAILER_WEIGHT_NAMES, detailer_weight_shapes
 from dip_kernels.testing import assert_close_to_fp64, max_error, poisoned_allocations, ran_on, rms_error
 
 EPS = 1e-6
@@ -132,48 +132,65 @@ def _attention(b, h, n, d, layout="contiguous"):
 ELEMENTWISE_SHAPES = [(2, 7, 48), (2, 37, 1000), (3, 5, 300), (1, 3, 20)]
 
 
+def rmsnorm_modulate_inputs(b, n, d, dtype, device="cpu", weight_dtype=None, noncontiguous=False):
+    """x, weight, shift, scale (B, N, D): the weight near 1, shift and scale of scale 0.5."""
+    x = _randn(b, n, d, dtype=dtype, device=device)
+    weight = (1 + 0.5 * torch.randn(d, device=device)).to(weight_dtype or dtype)
+    shift = _randn(b, d, dtype=dtype, device=device, scale=0.5)
+    scale = _randn(b, d, dtype=dtype, device=device, scale=0.5)
+    if noncontiguous:
+        x = _transposed(x, 1, 2)
+        weight = torch.stack([weight, torch.randn_like(weight)], -1)[:, 0]
+        shift = torch.cat([shift, torch.randn_like(shift)], -1)[:, :d]
+    return x, weight, shift, scale
+
+
+def gated_residual_inputs(b, n, d, dtype, device="cpu", f_dtype=None, noncontiguous=False):
+    """x, gate, f: the residual stream, its gate (B, D) and the branch output (in ``f_dtype``)."""
+    x = _randn(b, n, d, dtype=dtype, device=device)
+    gate = _randn(b, d, dtype=dtype, device=device)
+    f = _randn(b, n, d, dtype=f_dtype or dtype, device=device)
+    if noncontiguous:
+        f = _transposed(f, 1, 2)
+        gate = torch.cat([torch.randn_like(gate), gate], -1)[:, d:]
+    return x, gate, f
+
+
+def swiglu_input(shape, dtype, device="cpu", noncontiguous=False):
+    """ab (..., 2H) of scale 2; non-contiguous: the first 2/3 of a wider projection's output."""
+    if noncontiguous:
+        h = shape[-1] // 2
+        return _randn(*shape[:-1], 3 * h, dtype=dtype, device=device, scale=2.0)[..., :2 * h]
+    return _randn(*shape, dtype=dtype, device=device, scale=2.0)
+
+
 def _rmsnorm(b, n, d, noncontiguous):
     # float16 activations with a float32 weight, as under autocast; float32 ones written as float16
     def make(dtype, device):
-        x = _randn(b, n, d, dtype=dtype, device=device)
-        weight = (1 + 0.5 * torch.randn(d, device=device)).to(torch.float32 if dtype == torch.float16 else dtype)
-        shift = _randn(b, d, dtype=dtype, device=device, scale=0.5)
-        scale = _randn(b, d, dtype=dtype, device=device, scale=0.5)
-        if noncontiguous:
-            x = _transposed(x, 1, 2)
-            weight = torch.stack([weight, torch.randn_like(weight)], -1)[:, 0]
-            shift = torch.cat([shift, torch.randn_like(shift)], -1)[:, :d]
-        return x, weight, shift, scale, EPS, torch.float16 if dtype == torch.float32 else None
+        weight_dtype = torch.float32 if dtype == torch.float16 else dtype
+        return (*rmsnorm_modulate_inputs(b, n, d, dtype, device, weight_dtype, noncontiguous), EPS,
+                torch.float16 if dtype == torch.float32 else None)
     return make
 
 
 def _gated(b, n, d, f_half, noncontiguous):
     def make(dtype, device):
-        x = _randn(b, n, d, dtype=dtype, device=device)
-        gate = _randn(b, d, dtype=dtype, device=device)
-        f = _randn(b, n, d, dtype=torch.float16 if f_half else dtype, device=device)
-        if noncontiguous:
-            f = _transposed(f, 1, 2)
-            gate = torch.cat([torch.randn_like(gate), gate], -1)[:, d:]
-        return x, gate, f
+        return gated_residual_inputs(b, n, d, dtype, device, torch.float16 if f_half else dtype, noncontiguous)
     return make
 
 
 def _swiglu(shape, noncontiguous):
     def make(dtype, device):
-        if noncontiguous:  # the first 2/3 of a wider projection's output
-            h = shape[-1] // 2
-            return (_randn(*shape[:-1], 3 * h, dtype=dtype, device=device, scale=2.0)[..., :2 * h],)
-        return (_randn(*shape, dtype=dtype, device=device, scale=2.0),)
+        return (swiglu_input(shape, dtype, device, noncontiguous),)
     return make
 
 
 # ---------------------------------------------------------------- patch detailer
-def head_weights(token_dim, dtype=torch.float32, device="cpu"):
-    """The head's layers with torch's default initialisation (activations stay O(1) through the
+def detailer_weights(token_dim, dtype=torch.float32, device="cpu"):
+    """The detailer's layers with torch's default initialisation (activations stay O(1) through the
     head), biases widened so that they matter."""
     weights = []
-    for name, shape in zip(HEAD_WEIGHT_NAMES[::2], head_weight_shapes(token_dim)[::2]):
+    for name, shape in zip(DETAILER_WEIGHT_NAMES[::2], detailer_weight_shapes(token_dim)[::2]):
         if name.startswith("up"):
             layer = torch.nn.ConvTranspose2d(shape[0], shape[1], shape[2], stride=2)
         else:
@@ -182,18 +199,18 @@ def head_weights(token_dim, dtype=torch.float32, device="cpu"):
     return [w.to(device=device, dtype=dtype) for w in weights]
 
 
-def head_inputs(m, p, d, dtype=torch.float32, device="cpu", layout="contiguous"):
+def detailer_inputs(m, p, d, dtype=torch.float32, device="cpu", layout="contiguous"):
     patches = _randn(m, 3, p, p, dtype=dtype, device=device)
     tokens = _randn(m, d, dtype=dtype, device=device)
     if layout == "strided":  # channels-last patches and tokens sliced from wider rows
         patches = patches.contiguous(memory_format=torch.channels_last)
         tokens = torch.cat([tokens, torch.randn_like(tokens)], 1)[:, :d]
-    return patches, tokens, head_weights(d, dtype, device)
+    return patches, tokens, detailer_weights(d, dtype, device)
 
 
 def _head(m, p, d, layout="contiguous"):
     def make(dtype, device):
-        return head_inputs(m, p, d, dtype, device, layout)
+        return detailer_inputs(m, p, d, dtype, device, layout)
     return make
 
 
@@ -218,7 +235,7 @@ SAMPLES: Dict[str, List[Sample]] = {
                                              ("noncontiguous", False, True))],
     "swiglu": [Sample(f"{_shape_id(s)}{'-noncontiguous' if nc else ''}", _swiglu(s, nc))
                for s in [(2, 7, 96), (37, 2000), (2, 3, 5, 600), (6,), (1, 5, 40)] for nc in (False, True)],
-    # the head's channel counts are fixed, so even one patch is seconds of interpreter: M=1 at
+    # the detailer's channel counts are fixed, so even one patch is seconds of interpreter: M=1 at
     # P=16 and 32; M=3 runs the weight gradient's row splits (several, the last partial) and
     # strided inputs; float16 at M=1
     "patch_detailer": [Sample("1x16x8", _head(1, 16, 8), slow=True, dtypes=(torch.float32,)),
@@ -238,7 +255,7 @@ CHECKS: Dict[str, Check] = {
     "rmsnorm_modulate": Check(),
     "gated_residual": Check(),
     "swiglu": Check(),
-    # The head's half-precision kernels round activations and partial sums to the dtype at other
+    # The detailer's half-precision kernels round activations and partial sums to the dtype at other
     # points than the reference. At batch 1 (a few hundred elements per gradient) the largest
     # rounding error is a noisy statistic: over 100 fp16 seeds of sample 1x16x16 the Triton
     # kernel's max error reached 7.6x the reference's (CI hit 4.7x), while its RMS error stayed
@@ -269,7 +286,40 @@ OPCHECK = {
                          lambda d: _rmsnorm(2, 3, 8, False)(torch.float32, d)[:5] + (None,)],
     "gated_residual": [lambda d: _gated(2, 3, 8, True, False)(torch.float32, d)],
     "swiglu": [lambda d: (torch.randn(2, 3, 10, device=d),)],
-    "patch_detailer": [lambda d: head_inputs(1, 16, 8, torch.float32, d)],
+    "patch_detailer": [lambda d: detailer_inputs(1, 16, 8, torch.float32, d)],
+}
+
+
+# inputs for the CUDA-graph capture of each op on a GPU: real sizes in bf16 (float32 weights where
+# autocast gives them, the images as the model feeds them)
+def _detailer_capture(device):
+    return detailer_inputs(64, 16, 1152, torch.bfloat16, device)
+
+
+CAPTURE = {
+    "patchify": lambda d: (torch.randn(8, 3, 256, 256, device=d), 16, torch.bfloat16),
+    "unpatchify": lambda d: (_randn(8, 256, 768, dtype=torch.bfloat16, device=d), 16, 256, 256, torch.float32),
+    "attention": lambda d: attention_inputs(2, 4, 256, 72, torch.bfloat16, d, torch.float32),
+    "rmsnorm_modulate": lambda d: (*rmsnorm_modulate_inputs(4, 256, 1152, torch.bfloat16, d, torch.float32), EPS,
+                                   None),
+    "gated_residual": lambda d: gated_residual_inputs(4, 256, 1152, torch.bfloat16, d),
+    "swiglu": lambda d: (swiglu_input((4, 256, 2 * 1152), torch.bfloat16, d),),
+    "patch_detailer": _detailer_capture,
+}
+
+
+# opcheck's inputs on a GPU: bf16 activations (what the Triton and CUDA kernels take there; they
+# decline float32), float32 norm weights and RoPE tables as under autocast
+OPCHECK_GPU = {
+    "patchify": [lambda d: (_randn(2, 3, 8, 12, dtype=torch.bfloat16, device=d), 4, None),
+                 lambda d: (torch.randn(2, 3, 8, 12, device=d), 4, torch.bfloat16)],
+    "unpatchify": [lambda d: (_randn(2, 6, 3 * 16, dtype=torch.bfloat16, device=d), 4, 8, 12, None)],
+    "attention": [lambda d: attention_inputs(2, 2, 64, 72, torch.bfloat16, d, torch.float32)],
+    "rmsnorm_modulate": [lambda d: (*rmsnorm_modulate_inputs(2, 3, 8, torch.bfloat16, d, torch.float32), EPS,
+                                    None)],
+    "gated_residual": [lambda d: gated_residual_inputs(2, 3, 8, torch.bfloat16, d)],
+    "swiglu": [lambda d: (_randn(2, 3, 10, dtype=torch.bfloat16, device=d),)],
+    "patch_detailer": [lambda d: detailer_inputs(8, 16, 1152, torch.bfloat16, d)],
 }
 
 
@@ -309,16 +359,19 @@ def leaves(args, wrt):
     return [leaf(a, i in wrt) for i, a in enumerate(args)]
 
 
-def _run(fn, spec, args, grad_outputs):
-    """Outputs and the gradients of the differentiable ones w.r.t. the differentiated inputs."""
-    wrt = grads_of(spec, args)
-    inputs = leaves(args, wrt)
+def outputs_and_grads(fn, spec, inputs, grad_outputs):
+    """``fn``'s outputs on ``inputs`` (leaves, those differentiated requiring grad) and the
+    gradients of the differentiable outputs w.r.t. the differentiated inputs."""
     outs = fn(*inputs)
     outs = outs if isinstance(outs, tuple) else (outs,)
-    targets = list(_flat(inputs[i] for i in wrt))
-    diff = differentiable(spec)
-    grads = torch.autograd.grad([outs[i] for i in diff], targets, grad_outputs)
+    targets = list(_flat(inputs[i] for i in grads_of(spec, inputs)))
+    grads = torch.autograd.grad([outs[i] for i in differentiable(spec)], targets, grad_outputs)
     return [o.detach() for o in outs] + list(grads)
+
+
+def _run(fn, spec, args, grad_outputs):
+    """Outputs and the gradients of the differentiable ones w.r.t. the differentiated inputs."""
+    return outputs_and_grads(fn, spec, leaves(args, grads_of(spec, args)), grad_outputs)
 
 
 def _reference(op, spec, args, grad_outputs, high_precision):
@@ -332,7 +385,7 @@ def _reference(op, spec, args, grad_outputs, high_precision):
         if high_precision and isinstance(a, torch.dtype):
             return None
         return a
-    forward = backends.backend_function(op, "eager")
+    forward = backends.backend_function(op, "reference")
     return _run(forward, spec, [cast(a) for a in args], [cast(g) for g in grad_outputs])
 
 
@@ -343,6 +396,13 @@ def _names(spec, args):
         a = args[i]
         names += [f"grad {params[i]}[{k}]" for k in range(len(a))] if isinstance(a, list) else [f"grad {params[i]}"]
     return names
+
+
+def grad_outputs_for(op, args):
+    """Random gradients for custom op ``op``'s differentiable outputs on ``args``."""
+    with torch.no_grad():
+        outs = getattr(torch.ops.dip, op)(*args)
+    return _grad_outputs(SPECS[op], outs if isinstance(outs, tuple) else (outs,))
 
 
 def _grad_outputs(spec, outs_like):
@@ -357,7 +417,7 @@ def check_against_reference(op, backend_name, args, high_precision=torch.float64
     dtype (float32 stands in for float64 at real GPU sizes)."""
     spec, check = SPECS[op], CHECKS[op]
     with torch.no_grad():
-        outs_like = backends.backend_function(op, "eager")(*args)
+        outs_like = backends.backend_function(op, "reference")(*args)
     grad_outputs = _grad_outputs(spec, outs_like if isinstance(outs_like, tuple) else (outs_like,))
     with poisoned_allocations(), ran_on(backend_name) as runs:
         got = _run(getattr(torch.ops.dip, op), spec, args, grad_outputs)

@@ -25,7 +25,7 @@ def test_timing_run_records_extra_info(benchmark):
     def make_inputs():
         return torch.randn(16, 16), torch.randn(16, 16)
 
-    info = {"suite": "unit", "op": "mm", "mode": "fwd", "dtype": "f32", "case": "16", "provider": "eager",
+    info = {"suite": "unit", "op": "mm", "mode": "fwd", "dtype": "f32", "case": "16", "provider": "reference",
             "flops": 2 * 16 ** 3, "bytes": 3 * 16 * 16 * 4}
     summary = timing.run(benchmark, fn, make_inputs, info=info, device=torch.device("cpu"), seconds=0.0)
     extra = benchmark.extra_info
@@ -62,7 +62,7 @@ def test_report_arithmetic_and_files(tmp_path):
     rows = [
         _row("ceiling", "matmul", "torch", 1.0, ceiling="matmul_tflops", ceiling_value=800.0),
         _row("ceiling", "copy", "torch", 1.0, ceiling="copy_gbps", ceiling_value=4000.0),
-        _row("patch_detailer", "patch_detailer", "eager", 4.0, flops=400e9, nbytes=4e9),
+        _row("patch_detailer", "patch_detailer", "reference", 4.0, flops=400e9, nbytes=4e9),
         _row("patch_detailer", "patch_detailer", "compile", 2.0, flops=400e9, nbytes=4e9, first_call_s=12.5),
         _row("patch_detailer", "patch_detailer", "triton", 1.0, flops=400e9, nbytes=4e9),
         _row("model", "train_step", "dip", 100.0, case="b32", images_per_s=320.0, peak_memory_bytes=30e9),
@@ -75,7 +75,7 @@ def test_report_arithmetic_and_files(tmp_path):
     assert (tmp_path / "out" / f"{stem}.png").stat().st_size > 1000
     json.loads((tmp_path / "out" / f"{stem}.json").read_text())
     triton_line = next(line for line in md.splitlines() if line.startswith("| patch_detailer | fwd") and "triton" in line)
-    # 4 ms eager / 1 ms = 4x, 2 ms compile / 1 ms = 2x; 400 GFLOP in 1 ms = 400 TFLOP/s = 50% of 800;
+    # 4 ms reference / 1 ms = 4x, 2 ms compile / 1 ms = 2x; 400 GFLOP in 1 ms = 400 TFLOP/s = 50% of 800;
     # 4 GB in 1 ms = 4000 GB/s = 100% of the copy ceiling
     assert "| 4.00x | 2.00x | 400.0 (50%) | 4000.0 (100%) |" in triton_line
     assert "build 12.5 s" in md and "320.0 img/s" in md and "peak 30.0 GB" in md
@@ -84,7 +84,7 @@ def test_report_arithmetic_and_files(tmp_path):
 
 def test_report_reads_ceilings_file(tmp_path):
     path = tmp_path / "run.json"
-    _write_run(path, [_row("elementwise", "swiglu", "eager", 1.0, nbytes=1e9),
+    _write_run(path, [_row("elementwise", "swiglu", "reference", 1.0, nbytes=1e9),
                       _row("elementwise", "swiglu", "triton", 0.5, nbytes=1e9)])
     (tmp_path / "ceilings.json").write_text(json.dumps({"matmul_tflops": 700.0, "copy_gbps": 4000.0}))
     rows, _, _ = report.load_runs([str(path)])

@@ -99,7 +99,7 @@ def test_tiny_demo_writes_png_json_and_tables(tmp_path):
         saved = json.load(f)
     assert saved == json.loads(json.dumps(report))
     assert set(saved) >= {"config", "metrics_doc", "head_backend", "runs", "summary", "figure", "timing"}
-    assert saved["head_backend"] == "cpu" and saved["timing"]["jobs"] == 1
+    assert saved["head_backend"] == "onednn" and saved["timing"]["jobs"] == 1
     assert [(r["photo"], r["seed"]) for r in saved["runs"]] == [("astronaut", 0), ("astronaut", 1)]
     for run in saved["runs"]:
         assert set(run["models"]) == {"dit", "dip"} and set(run["verdict"]) >= {"shows_effect", "psnr_margin"}

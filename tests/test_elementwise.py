@@ -1,10 +1,10 @@
-"""rmsnorm_modulate, gated_residual, swiglu: the eager reference (forward and its written-out
-backward) against independent float64 formulas, the op layer (gradcheck, fake shapes,
-torch.compile), bad inputs, the Triton backward's fresh and deterministic results, and on a GPU
-bf16 at real sizes and CUDA-graph capture.
+"""rmsnorm_modulate, gated_residual, swiglu: the reference (forward and its written-out backward)
+against independent float64 formulas, the op layer (gradcheck, fake shapes), bad inputs, the
+Triton backward's fresh and deterministic results, and on a GPU bf16 at real sizes.
 
-Every backend against the reference over the ops' sample catalogues, and opcheck, is
-tests/test_backends.py."""
+Every backend against the reference over the ops' sample catalogues, opcheck, torch.compile and
+CUDA-graph capture are tests/test_backends.py; the inputs are the catalogue's builders
+(tests/conformance.py)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,7 @@ import dip_kernels
 from dip_kernels.reference import elementwise as ref
 
 import conformance
+from conformance import gated_residual_inputs, rmsnorm_modulate_inputs
 
 EPS = 1e-6
 
@@ -56,46 +57,16 @@ def test_reference_matches_independent_fp64_formulas(op, formula):
             torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=f"{op} {sample.name}")
 
 
-# ---------------------------------------------------------------- inputs
-def _rms_inputs(b, n, d, dtype, weight_dtype=None, noncontiguous=False):
-    x = torch.randn(b, n, d).to(dtype)
-    weight = (1 + 0.5 * torch.randn(d)).to(weight_dtype or dtype)
-    shift = (0.5 * torch.randn(b, d)).to(dtype)
-    scale = (0.5 * torch.randn(b, d)).to(dtype)
-    if noncontiguous:
-        x = x.transpose(1, 2).contiguous().transpose(1, 2)
-        weight = torch.stack([weight, torch.randn_like(weight)], -1)[:, 0]
-        shift = torch.cat([shift, torch.randn_like(shift)], -1)[:, :d]
-    return x, weight, shift, scale
-
-
-def _gated_inputs(b, n, d, dtype, f_dtype, noncontiguous=False):
-    x = torch.randn(b, n, d).to(dtype)
-    gate = torch.randn(b, d).to(dtype)
-    f = torch.randn(b, n, d).to(f_dtype)
-    if noncontiguous:
-        f = f.transpose(1, 2).contiguous().transpose(1, 2)
-        gate = torch.cat([torch.randn_like(gate), gate], -1)[:, d:]
-    return x, gate, f
-
-
-def _swiglu_input(shape, dtype, noncontiguous=False):
-    if noncontiguous:  # the first 2/3 of a wider projection's output
-        h = shape[-1] // 2
-        return (2 * torch.randn(*shape[:-1], 3 * h)).to(dtype)[..., :2 * h]
-    return (2 * torch.randn(shape)).to(dtype)
-
-
 # The ops compute in float32 by contract, even for float64 tensors, so finite differences need a
 # step far above float32 rounding: eps=1e-3 makes the difference quotient's rounding error ~1e-4.
 _GRADCHECK_TOL = dict(eps=1e-3, atol=2e-3, rtol=2e-3)
 
 
 def test_gradcheck():
-    x, w, shift, scale = (t.double().requires_grad_(True) for t in _rms_inputs(2, 3, 5, torch.float32))
+    x, w, shift, scale = (t.double().requires_grad_(True) for t in rmsnorm_modulate_inputs(2, 3, 5, torch.float32))
     assert torch.autograd.gradcheck(lambda *a: dip_kernels.rmsnorm_modulate(*a, eps=EPS), (x, w, shift, scale),
                                     **_GRADCHECK_TOL)
-    x, gate, f = (t.double().requires_grad_(True) for t in _gated_inputs(2, 3, 5, torch.float32, torch.float32))
+    x, gate, f = (t.double().requires_grad_(True) for t in gated_residual_inputs(2, 3, 5, torch.float32))
     assert torch.autograd.gradcheck(dip_kernels.gated_residual, (x, gate, f), **_GRADCHECK_TOL)
     ab = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(dip_kernels.swiglu, (ab,), **_GRADCHECK_TOL)
@@ -114,32 +85,10 @@ def test_fake_shapes():
         assert s.shape == (2, 16, 6, 64) and s.dtype == torch.float16
 
 
-@pytest.mark.parametrize("name", ["eager", "triton"])
-def test_compile_no_graph_break(backend, name):
-    for op in ("rmsnorm_modulate", "gated_residual", "swiglu"):
-        backend(name, op)
-    torch._dynamo.reset()
-
-    def block(x, w, shift, scale, gate):
-        h = dip_kernels.rmsnorm_modulate(x, w, shift, scale, EPS, torch.float16)
-        return dip_kernels.gated_residual(x, gate, dip_kernels.swiglu(torch.cat([h, h * 2], -1)))
-
-    x, w, shift, scale = _rms_inputs(2, 5, 8, torch.float32)
-    gate = torch.randn(2, 8)
-    leaves = [t.requires_grad_(True) for t in (x, w, shift, scale, gate)]
-    out = torch.compile(block, fullgraph=True, backend="aot_eager")(*leaves)
-    grads = torch.autograd.grad(out.sum(), leaves)
-    eager = [t.detach().requires_grad_(True) for t in leaves]
-    expected = block(*eager)
-    torch.testing.assert_close(out, expected)
-    for g, e in zip(grads, torch.autograd.grad(expected.sum(), eager)):
-        torch.testing.assert_close(g, e)
-
-
 # ---------------------------------------------------------------- bad inputs
 def _bad_calls():
-    x, w, shift, scale = _rms_inputs(2, 3, 8, torch.float32)
-    xg, gate, f = _gated_inputs(2, 3, 8, torch.float32, torch.float16)
+    x, w, shift, scale = rmsnorm_modulate_inputs(2, 3, 8, torch.float32)
+    xg, gate, f = gated_residual_inputs(2, 3, 8, torch.float32, f_dtype=torch.float16)
     rms = dip_kernels.rmsnorm_modulate
     return [
         (lambda: rms(x[0], w, shift, scale), "x must have rank 3"),
@@ -167,28 +116,24 @@ def test_bad_inputs(index):
 # ---------------------------------------------------------------- the Triton kernels
 def test_triton_backward_fresh_and_deterministic():
     from dip_kernels.triton import elementwise as tri
-    x, gate, f = _gated_inputs(2, 37, 1000, torch.float16, torch.float16)
+    x, gate, f = gated_residual_inputs(2, 37, 1000, torch.float16)
     grad_y = torch.randn_like(x)
     gx, ggate, gf = tri.gated_residual_backward(grad_y, x, gate, f)
     assert gx.data_ptr() != grad_y.data_ptr() and torch.equal(gx, grad_y)
     # partial sums + torch.sum, no atomics: bitwise repeatable
     assert all(torch.equal(a, b) for a, b in zip((gx, ggate, gf), tri.gated_residual_backward(grad_y, x, gate, f)))
-    inputs = _rms_inputs(2, 37, 1000, torch.float32)
+    inputs = rmsnorm_modulate_inputs(2, 37, 1000, torch.float32)
     first = tri.rmsnorm_modulate_backward(grad_y.float(), *inputs, EPS)
     assert all(torch.equal(a, b) for a, b in zip(first, tri.rmsnorm_modulate_backward(grad_y.float(), *inputs, EPS)))
 
 
-# ---------------------------------------------------------------- GPU: real sizes, bf16, CUDA graphs
-def _cuda(ts):
-    return [t.cuda() if isinstance(t, torch.Tensor) else t for t in ts]
-
-
+# ---------------------------------------------------------------- GPU: real sizes, bf16
 @pytest.mark.gpu
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
 def test_gpu_rmsnorm_modulate_real_size(backend, x_dtype):
     # float32 residual stream with bf16 output is the autocast case; bf16 in and out the pure one
     backend("triton", "rmsnorm_modulate")
-    args = _cuda(_rms_inputs(32, 256, 1152, x_dtype, torch.float32)) + [EPS, torch.bfloat16]
+    args = list(rmsnorm_modulate_inputs(32, 256, 1152, x_dtype, "cuda", torch.float32)) + [EPS, torch.bfloat16]
     conformance.check_against_reference("rmsnorm_modulate", "triton", args)
 
 
@@ -197,7 +142,7 @@ def test_gpu_rmsnorm_modulate_real_size(backend, x_dtype):
 def test_gpu_gated_residual_real_size(backend, x_dtype):
     backend("triton", "gated_residual")
     conformance.check_against_reference("gated_residual", "triton",
-                                        _cuda(_gated_inputs(32, 256, 1152, x_dtype, torch.bfloat16)))
+                                        list(gated_residual_inputs(32, 256, 1152, x_dtype, "cuda", torch.bfloat16)))
 
 
 @pytest.mark.gpu
@@ -205,30 +150,3 @@ def test_gpu_swiglu_real_size(backend):
     backend("triton", "swiglu")
     ab = torch.randn(32, 256, 2 * 3072, device="cuda", dtype=torch.bfloat16)
     conformance.check_against_reference("swiglu", "triton", [ab])
-
-
-@pytest.mark.gpu
-def test_gpu_cuda_graph_capture():
-    from dip_kernels.triton import elementwise as tri
-    b, n, d = 4, 256, 1152
-    x, w, shift, scale = _cuda(_rms_inputs(b, n, d, torch.bfloat16, torch.float32))
-    gate, f, grad_y = torch.randn_like(shift), torch.randn_like(x), torch.randn_like(x)
-    ab = torch.randn(b, n, 2 * d, device="cuda", dtype=torch.bfloat16)
-
-    def step():
-        return (tri.rmsnorm_modulate_forward(x, w, shift, scale, EPS, None),
-                *tri.rmsnorm_modulate_backward(grad_y, x, w, shift, scale, EPS),
-                tri.gated_residual_forward(x, gate, f), *tri.gated_residual_backward(grad_y, x, gate, f),
-                tri.swiglu_forward(ab), tri.swiglu_backward(grad_y, ab))
-
-    step()  # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
-    for t in (x, shift, scale, gate, f, grad_y, ab):
-        t.copy_(torch.randn_like(t))
-    graph.replay()
-    torch.cuda.synchronize()
-    for got, expected in zip(captured, step()):
-        assert torch.equal(got, expected)

@@ -311,7 +311,7 @@ def check_against_eager(sampler, model, noise, y, backend):
     with autocast_ctx(sampler.autocast_dtype):
         eager = euler_sample(model, noise, y, steps=sampler.steps, cfg_scale=sampler.cfg_scale,
                              guidance_interval=sampler.guidance_interval)
-    backend("eager")
+    backend("reference")
     ref64 = euler_fp64(model, noise, y, sampler.steps, sampler.cfg_scale, sampler.guidance_interval)
     backend("auto")
     print(f"graph vs eager max diff {(out - eager).abs().max().item():.3e}, "
@@ -343,7 +343,7 @@ def test_graph_replay_matches_eager_sampler(backend, autocast_dtype):
     assert forwards == [] and sampler.num_captures == 2
     with autocast_ctx(autocast_dtype):
         eager2 = euler_sample(model, noise2, y2, steps=10, cfg_scale=3.0, guidance_interval=(0.3, 0.8))
-    backend("eager")
+    backend("reference")
     ref2 = euler_fp64(model, noise2, y2, 10, 3.0, (0.3, 0.8))
     backend("auto")
     assert torch.equal(out2, eager2)

@@ -15,17 +15,14 @@ PACKAGES = ("dip_kernels", "dip")
 # Lowest first. A module may import modules of its own layer or of a lower one, never a higher one.
 # A pattern names modules (fnmatch on the dotted name); every module must match exactly one layer.
 DIP_KERNELS_LAYERS = [
-    ["dip_kernels._alloc", "dip_kernels.ops.checks", "dip_kernels.triton.launch"],
-    ["dip_kernels.reference", "dip_kernels.reference.*"],
-    ["dip_kernels.plan", "dip_kernels.plan.*"],
+    ["dip_kernels._alloc", "dip_kernels.reference", "dip_kernels.reference.*", "dip_kernels.triton.launch"],
     ["dip_kernels.backends"],
-    ["dip_kernels.triton", "dip_kernels.triton.*", "dip_kernels.cuda", "dip_kernels.cuda.*",
-     "dip_kernels.cpu", "dip_kernels.cpu.*", "dip_kernels.onednn", "dip_kernels.onednn.*"],
-    ["dip_kernels.opspec"],
-    ["dip_kernels.ops", "dip_kernels.ops.*"],
-    ["dip_kernels.testing"],
-    ["dip_kernels.precompile", "dip_kernels.precompile.*"],
-    ["dip_kernels"],
+    ["dip_kernels.opspec", "dip_kernels.ops.checks", "dip_kernels.plan", "dip_kernels.plan.patch_detailer",
+     "dip_kernels.triton"],
+    ["dip_kernels.plan.*", "dip_kernels.triton.*", "dip_kernels.cuda", "dip_kernels.cuda.*", "dip_kernels.onednn",
+     "dip_kernels.onednn.*", "dip_kernels.ops.*"],
+    ["dip_kernels.ops"],
+    ["dip_kernels", "dip_kernels.testing", "dip_kernels.precompile"],
 ]
 DIP_LAYERS = [
     ["dip", "dip.errors"],
@@ -49,8 +46,8 @@ EXTENSION_MODULES = {"dip_kernels._C": -1}
 
 # (module, imported module): project imports that may stay inside a function, and why.
 FUNCTION_IMPORTS_ALLOWED = {
-    # the compiled extension is optional (a pure-Python install works without it): imported where
-    # the CUDA backend's availability is decided, so a missing or mismatched build is reported there
+    # the compiled extension is optional: the package imports, and its reference and Triton backends
+    # run, without it; it is imported where the CUDA backend's availability is decided
     ("dip_kernels.backends", "dip_kernels._C"): "optional compiled extension",
 }
 

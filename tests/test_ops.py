@@ -9,7 +9,7 @@ import torch
 
 import dip_kernels
 from dip_kernels import backends
-from dip_kernels.reference.patch_detailer import head_weight_shapes
+from dip_kernels.reference.patch_detailer import detailer_weight_shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,7 +23,7 @@ def test_unknown_backend_and_op_are_rejected():
     with pytest.raises(ValueError, match="backend must be one of"):
         dip_kernels.set_backend("fastest")
     with pytest.raises(ValueError, match="op must be one of"):
-        dip_kernels.set_backend("eager", op="conv")
+        dip_kernels.set_backend("reference", op="conv")
 
 
 def test_backend_an_op_lacks_names_what_it_has(backend):
@@ -38,25 +38,25 @@ def test_cuda_backend_without_cuda_extension_says_how_to_get_it(backend):
         backend("cuda", "patch_detailer")
 
 
-def test_auto_runs_eager_on_cpu(backend):
+def test_auto_runs_the_reference_on_cpu(backend):
     backend("auto")
     for op in dip_kernels.OPS:
-        assert backends.resolve(op, "cpu") == "eager"
+        assert backends.resolve(op, "cpu") == "reference"
 
 
 def test_set_backend_for_all_ops_skips_ops_without_it(backend):
-    backend("eager")
-    assert all(dip_kernels.get_backend(op) == "eager" for op in dip_kernels.OPS)
+    backend("reference")
+    assert all(dip_kernels.get_backend(op) == "reference" for op in dip_kernels.OPS)
     backend("auto", "attention")
     assert dip_kernels.get_backend("attention") == "auto"
-    assert dip_kernels.get_backend("swiglu") == "eager"
+    assert dip_kernels.get_backend("swiglu") == "reference"
 
 
 def test_environment_variable_selects_backends():
     code = "import dip_kernels as d; print(d.get_backend('attention'), d.get_backend('swiglu'))"
-    out = _run(code, DIP_KERNELS_BACKEND="eager,attention=auto")
+    out = _run(code, DIP_KERNELS_BACKEND="reference,attention=auto")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["auto", "eager"]
+    assert out.stdout.split() == ["auto", "reference"]
     bad = _run(code, DIP_KERNELS_BACKEND="attention=magic")
     assert bad.returncode != 0 and "backend must be one of" in bad.stderr
 
@@ -85,7 +85,7 @@ def _inputs(device, dtype, d=64, heads=4, grid=(4, 6), p=16, m=3, token_dim=32):
         qkv=rnd(b, n, 3 * d), qw=rnd(d // heads), kw=rnd(d // heads), cos=cos, sin=sin,
         x=rnd(b, n, d), w=rnd(d), shift=rnd(b, d), scale=rnd(b, d), gate=rnd(b, d), ab=rnd(b, n, 2 * d),
         patches=rnd(m, 3, p, p), tokens=rnd(m, token_dim),
-        head_weights=[rnd(*s) * 0.05 for s in head_weight_shapes(token_dim)])
+        detailer_weights=[rnd(*s) * 0.05 for s in detailer_weight_shapes(token_dim)])
 
 
 def _every_op(a):
@@ -96,7 +96,7 @@ def _every_op(a):
     y = dip_kernels.rmsnorm_modulate(a["x"], a["w"], a["shift"], a["scale"])
     y = dip_kernels.gated_residual(a["x"], a["gate"], y)
     sw = dip_kernels.swiglu(a["ab"])
-    head = dip_kernels.patch_detailer(a["patches"], a["tokens"], a["head_weights"])
+    head = dip_kernels.patch_detailer(a["patches"], a["tokens"], a["detailer_weights"])
     return back.sum() + att.sum() + y.sum() + sw.sum() + head.sum()
 
 
@@ -123,7 +123,7 @@ def test_every_op_captures_in_a_cuda_graph():
         captured = _every_op(a)
     graph.replay()
     torch.cuda.synchronize()
-    # the replay runs the kernels the eager call ran, on the same inputs: the same bits
+    # the replay runs the kernels the uncaptured call ran, on the same inputs: the same bits
     assert torch.equal(captured, expected)
 
 
@@ -148,7 +148,7 @@ def test_auto_takes_the_first_backend_that_supports_the_inputs(gpu_machine):
     cases = [("patch_detailer", head(torch.bfloat16), "cuda"), ("patch_detailer", head(torch.float32), "triton"),
              ("patch_detailer", head(torch.float16, d=12), "triton"),
              ("attention", (torch.empty(1, 4, 3 * 64, dtype=torch.bfloat16),), "triton"),
-             ("attention", (torch.empty(1, 4, 3 * 64, dtype=torch.float32),), "eager"),
+             ("attention", (torch.empty(1, 4, 3 * 64, dtype=torch.float32),), "reference"),
              ("swiglu", (torch.empty(2, 8, dtype=torch.float64),), "triton")]
     for op, inputs, expected in cases:
         inputs = tuple(t.to("meta") for t in inputs)
@@ -162,11 +162,11 @@ def test_auto_order_is_the_specs_and_never_the_interpreter(backend):
     Triton's interpreter (it runs only when chosen by name) and says so."""
     backend("auto")
     for op in dip_kernels.OPS:
-        assert list(backends._MODULES[op])[-1] == "eager"
-        assert dip_kernels.available_backends(op, "cpu")[-1] == "eager"
+        assert list(backends._MODULES[op])[-1] == "reference"
+        assert dip_kernels.available_backends(op, "cpu")[-1] == "reference"
     reason = backends._select("swiglu", torch.device("cpu"), (torch.ones(2),)).reason
     expected = "auto picks it for cuda tensors" if backends.triton_interpreted() else "it runs cuda tensors"
-    assert f"not triton: {expected}, got cpu" in reason and reason.endswith("eager runs them")
+    assert f"not triton: {expected}, got cpu" in reason and reason.endswith("reference runs them")
 
 
 def test_production_code_imports_no_test_helpers_and_no_dispatch_key_guards():
@@ -180,3 +180,30 @@ def test_production_code_imports_no_test_helpers_and_no_dispatch_key_guards():
             text = open(os.path.join(folder, name)).read()
             assert "testing import" not in text and "import testing" not in text, name
             assert "_ForceDispatchKeyGuard" not in text and "_dispatch_tls" not in text, name
+
+
+@pytest.mark.parametrize("old,new", sorted(backends.RENAMED.items()))
+def test_old_backend_names_still_select_with_a_deprecation_warning(backend, old, new):
+    """``eager`` is now ``reference`` and ``cpu`` (the detailer's oneDNN schedule) ``onednn``: the
+    old names select the new backends, say so, and get_backend answers with the new name."""
+    op = "patch_detailer"
+    with pytest.warns(DeprecationWarning, match=f"backend '{old}' is now called '{new}'"):
+        backend(old, op)
+    assert dip_kernels.get_backend(op) == new
+    code = "import dip_kernels as d; print(d.get_backend('patch_detailer'))"
+    out = _run(code, DIP_KERNELS_BACKEND=f"patch_detailer={old}")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [new]
+
+
+def test_every_op_is_found_by_its_name():
+    """``grep -rn "def <op>"`` finds each op's spec (its signature ``<op>_signature``), its public
+    function, the reference's ``<op>_forward`` and every backend module's ``<op>_forward``."""
+    import inspect
+    from dip_kernels.opspec import SPECS
+    for op, spec in SPECS.items():
+        assert spec.signature.__name__ == f"{op}_signature", op
+        public = getattr(dip_kernels, op)
+        assert public.__name__ == op and inspect.getmodule(public) is inspect.getmodule(spec.signature), op
+        for backend_name in backends._MODULES[spec.op_family]:
+            assert backends.backend_function(op, backend_name).__name__ == f"{op}_forward", (op, backend_name)

@@ -1,26 +1,26 @@
 """The CUDA executor of the Patch Detailer Head (dip_kernels/cuda/patch_detailer.py).
 
-CPU (no GPU needed): the CUDA executor's whole lowering of the head's plan (its tile-padded GEMM
+CPU (no GPU needed): the CUDA executor's whole lowering of the detailer's plan (its tile-padded GEMM
 operands, the 8-channel image packing, the split counts, the views it hands the kernels) runs on
 ``TorchKernels``, the dip_C kernels' contracts (csrc/patch_detailer.cpp) written with the torch
-executor's implicit GEMM, and is checked against the eager reference; its operands against the
+executor's implicit GEMM, and is checked against the reference; its operands against the
 plan's re-layouts; its capability (tensor cores only) through dispatch. Two more CPU tests replay
 the kernels' per-lane ldmatrix / mma.sync fragment addressing against the PTX fragment layouts and
 the pool-order row map against the epilogue's shuffles. GPU: the compiled kernels against the
-reference in bf16 / fp16, opcheck, CUDA-graph capture, determinism.
+reference in bf16 / fp16 and determinism (opcheck and CUDA-graph capture: tests/test_backends.py).
 """
 import pytest
 import torch
 
 import dip_kernels
 from dip_kernels import backends
-from dip_kernels.cpu.patch_detailer import columns, compute_dtype, implicit_gemm, silu_grad, unpool
+from dip_kernels.plan.patch_detailer_torch import columns, compute_dtype, implicit_gemm, silu_grad, unpool
 from dip_kernels.cuda import patch_detailer as pd
 from dip_kernels.plan import patch_detailer as plan
 from dip_kernels.reference import patch_detailer as ref
 from dip_kernels.testing import assert_close_to_fp64, poisoned_allocations
 
-from conformance import error_measure, head_inputs
+from conformance import error_measure, detailer_inputs
 
 
 # ---------------------------------------------------------------- the kernels' contracts, in torch
@@ -86,7 +86,7 @@ LOWERED = pd.CudaExecutor(TorchKernels)
 def test_cuda_lowering_matches_reference(m, patch, dtype):
     """The CUDA executor's forward and backward, its kernels replaced by their contracts in torch,
     against the reference: a wrong padding, packing, split, view or finalize layout is a mismatch."""
-    patches, tokens, weights = head_inputs(m, patch, 16, dtype)
+    patches, tokens, weights = detailer_inputs(m, patch, 16, dtype)
     grad_out = torch.randn(m, 3, patch, patch).to(dtype)
     with poisoned_allocations():
         out = plan.forward(LOWERED, patches, tokens, weights)
@@ -95,7 +95,7 @@ def test_cuda_lowering_matches_reference(m, patch, dtype):
     assert_close_to_fp64(out, ref.patch_detailer(patches, tokens, weights), ref.patch_detailer(*hi))
     want = ref.patch_detailer_backward(grad_out, patches, tokens, weights)
     anchor = ref.patch_detailer_backward(grad_out.double(), *hi)
-    names = ["grad patches", "grad tokens"] + [f"grad {n}" for n in dip_kernels.HEAD_WEIGHT_NAMES]
+    names = ["grad patches", "grad tokens"] + [f"grad {n}" for n in dip_kernels.DETAILER_WEIGHT_NAMES]
     for name, g, lo, h in zip(names, [gp, gt, *gw], [want[0], want[1], *want[2]], [anchor[0], anchor[1], *anchor[2]]):
         assert g.dtype == dtype
         assert_close_to_fp64(g, lo, h, name=name, error=error_measure("patch_detailer", dtype))
@@ -105,7 +105,7 @@ def test_cuda_operands_are_the_plan_layouts_padded():
     """Every GEMM operand the CUDA executor hands its kernels is the plan's re-layout, each tap's
     channels padded to a multiple of 8 (the 3-channel images), K to BK and N to CONV_BN, with zeros;
     biases float32."""
-    _, _, weights = head_inputs(1, 32, 16, torch.bfloat16)
+    _, _, weights = detailer_inputs(1, 32, 16, torch.bfloat16)
     layouts = {s.weight for s in plan.forward_plan(32) + plan.backward_plan(32) if isinstance(s, plan.Conv)}
     layouts |= {s.bias for s in plan.forward_plan(32) if s.bias is not None}
     for layout in layouts:
@@ -125,16 +125,16 @@ def test_cuda_operands_are_the_plan_layouts_padded():
 
 
 def test_cuda_backend_declines_float32_visibly(gpu_machine):
-    """float32 heads on a CUDA build: the CUDA kernels decline them (tensor cores only), auto takes
-    the Triton head, and the choice says so; nothing falls back silently inside the backend."""
-    p, t, w = head_inputs(1, 16, 16, torch.float32)
+    """float32 detailers on a CUDA build: the CUDA kernels decline them (tensor cores only), auto takes
+    the Triton detailer, and the choice says so; nothing falls back silently inside the backend."""
+    p, t, w = detailer_inputs(1, 16, 16, torch.float32)
     assert "tensor-core only" in pd.CAPABILITY.declines("cuda", (p, t, w))
     assert pd.CAPABILITY.declines("cuda", (p.half(), t.half(), w)) is None
     assert "divisible by 8" in pd.CAPABILITY.declines("cuda", (p.half(), t[:, :12].half(), w))
     with pytest.raises(ValueError, match="tensor-core only"):
         pd.patch_detailer_forward(p, t, w)
     choice = backends._select("patch_detailer", torch.device("cuda"), (p, t, w))
-    assert choice.backend == "triton" and "not cuda: the CUDA head kernels are tensor-core only" in choice.reason
+    assert choice.backend == "triton" and "not cuda: the CUDA detailer kernels are tensor-core only" in choice.reason
     half = backends._select("patch_detailer_backward", torch.device("cuda"), (p.half(), t.half(), w))
     assert half.backend == "cuda"
 
@@ -269,7 +269,7 @@ needs_cuda_backend = pytest.mark.skipif(not _cuda_available(), reason="needs the
 
 
 def _gpu_case(m, patch, d, dtype):
-    p, t, w = head_inputs(m, patch, d, dtype, "cuda")
+    p, t, w = detailer_inputs(m, patch, d, dtype, "cuda")
     return (p.double(), t.double(), [x.double() for x in w]), (p, t, w)
 
 
@@ -286,46 +286,15 @@ def test_cuda_forward_and_backward_match_reference(m, patch, dtype):
         out = pd.patch_detailer_forward(p, t, w)
         gp, gt, gw = pd.patch_detailer_backward(g, p, t, w)
     assert_close_to_fp64(out, ref.patch_detailer(p, t, w), ref.patch_detailer(p64, t64, w64))
-    if m > 512:  # the fp64 eager backward at 8192 patches is too slow; forward covers the size
+    if m > 512:  # the fp64 reference backward at 8192 patches is too slow; forward covers the size
         return
     rp, rt, rw = ref.patch_detailer_backward(g, p, t, w)
     ep, et, ew = ref.patch_detailer_backward(g64, p64, t64, w64)
     assert_close_to_fp64(gp, rp, ep, name="grad patches")
     assert_close_to_fp64(gt, rt, et, name="grad tokens")
-    for name, a, b, c in zip(dip_kernels.HEAD_WEIGHT_NAMES, gw, rw, ew):
+    for name, a, b, c in zip(dip_kernels.DETAILER_WEIGHT_NAMES, gw, rw, ew):
         assert a.dtype == dtype
         assert_close_to_fp64(a, b, c, name=f"grad {name}")
-
-
-@gpu
-@needs_cuda_backend
-def test_cuda_backend_through_the_op_opcheck(backend):
-    backend("cuda", "patch_detailer")
-    _, (p, t, w) = _gpu_case(8, 16, 1152, torch.bfloat16)
-    p.requires_grad_(True)
-    t.requires_grad_(True)
-    torch.library.opcheck(torch.ops.dip.patch_detailer.default, (p, t, w))
-
-
-@gpu
-@needs_cuda_backend
-def test_cuda_graph_capture():
-    _, (p, t, w) = _gpu_case(64, 16, 1152, torch.bfloat16)
-    g = torch.randn_like(p)
-    pd.patch_detailer_forward(p, t, w)  # warm the weight cache and the allocator
-    pd.patch_detailer_backward(g, p, t, w)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = pd.patch_detailer_forward(p, t, w)
-        gp, gt, gw = pd.patch_detailer_backward(g, p, t, w)
-    p.copy_(torch.randn_like(p))
-    graph.replay()
-    torch.cuda.synchronize()
-    torch.testing.assert_close(out, pd.patch_detailer_forward(p, t, w), rtol=0, atol=0)
-    gp2, gt2, _ = pd.patch_detailer_backward(g, p, t, w)
-    torch.testing.assert_close(gp, gp2, rtol=0, atol=0)
-    torch.testing.assert_close(gt, gt2, rtol=0, atol=0)
 
 
 @gpu

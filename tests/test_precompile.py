@@ -1,4 +1,5 @@
-"""dip_kernels.precompile: the compile-only pre-flight of every Triton kernel for a GPU that is not here.
+"""dip.precompile (the command and DiP's workloads) over dip_kernels.precompile (the kernel-level
+machinery): the compile-only pre-flight of every Triton kernel for a GPU that is not here.
 
 The slow test compiles, for sm_90 and sm_80, every autotune config of every Triton kernel that the
 wrappers launch for DiP-XL/16 in bf16 (training step and guided sampling), with the triton installed
@@ -10,6 +11,7 @@ the temp directory between runs: about 3 minutes cold on 2 busy cores, seconds w
 
 The other tests check the pieces on small inputs: tracing, specialisation, the ptxas log parser and
 the checks."""
+import ast
 import json
 import os
 import subprocess
@@ -18,6 +20,8 @@ import tempfile
 
 import pytest
 
+from dip import precompile as model_precompile
+from dip.checkpoint import atomic_write
 from dip_kernels import precompile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,8 +40,8 @@ def _run_python(code, timeout=600):
 
 # ---------------------------------------------------------------- the pieces
 def test_trace_records_the_dtypes_a_gpu_run_sees():
-    """bf16 autocast: the attention gets a bf16 qkv with fp32 norm weights, the head bf16 everything."""
-    workloads = dict(precompile.model_workloads("DiP-Tiny", [32], ["bf16"], [2], [1]))
+    """bf16 autocast: the attention gets a bf16 qkv with fp32 norm weights, the detailer bf16 everything."""
+    workloads = dict(model_precompile.model_workloads("DiP-Tiny", [32], ["bf16"], [2], [1]))
     calls = precompile.trace_op_calls(workloads["DiP-Tiny bf16 train B=2 32px"])
     ops = [c.op for c in calls]
     for op in ("patchify", "attention", "attention_backward", "patch_detailer", "patch_detailer_backward",
@@ -61,16 +65,16 @@ def _specs(code):
 
 
 def test_row_counts_do_not_specialise_and_configs_expand():
-    """The head's kernels for 1 and 3 patches are the same binaries (row counts are not
+    """The detailer's kernels for 1 and 3 patches are the same binaries (row counts are not
     specialised), and each autotune config of the attention kernels is its own binary."""
     got = _specs('''
 import torch
-from dip_kernels.reference.patch_detailer import head_weight_shapes
+from dip_kernels.reference.patch_detailer import detailer_weight_shapes
 def calls(m):
     p = pc.TensorSpec((m, 3, 16, 16), (768, 256, 16, 1), 0, "bfloat16")
     t = pc.TensorSpec((m, 64), (64, 1), 0, "bfloat16")
     ws = tuple(pc.TensorSpec(s, tuple(torch.empty(s, device="meta").stride()), 0, "bfloat16")
-               for s in head_weight_shapes(64))
+               for s in detailer_weight_shapes(64))
     return [pc.OpCall("patch_detailer", (p, t, ws)), pc.OpCall("patch_detailer_backward", (p, p, t, ws))]
 from dip_kernels.triton import attention
 launches = []
@@ -127,11 +131,11 @@ def test_cache_manifest_says_which_runs_apply(tmp_path, monkeypatch):
                                                                  python="3.12"))
     report = dict(models=["DiP-XL/16"], dtypes=["bf16"], archs=["sm_90"], image_sizes=[], argv=[],
                   environment=precompile.environment())
-    assert "not filled by dip_kernels.precompile" in precompile.check_cache(str(tmp_path))
-    precompile.record_run(str(tmp_path), report)
-    precompile.record_run(str(tmp_path), report)  # the same run again: recorded once
+    assert "not filled by dip.precompile" in precompile.check_cache(str(tmp_path))
+    precompile.record_run(str(tmp_path), report, atomic_write)
+    precompile.record_run(str(tmp_path), report, atomic_write)  # the same run again: recorded once
     precompile.record_run(str(tmp_path), dict(report, models=["DiP-Tiny"], environment=dict(
-        report["environment"], triton_build="old")))
+        report["environment"], triton_build="old")), atomic_write)
     lines = precompile.check_cache(str(tmp_path)).splitlines()
     assert len(lines) == 2 and lines[0].endswith("applies here") and "DiP-Tiny" in lines[1]
     assert "does not apply here" in lines[1]
@@ -140,8 +144,30 @@ def test_cache_manifest_says_which_runs_apply(tmp_path, monkeypatch):
 def test_command_line_rejects_bad_arguments():
     for argv in (["--arch", "sm_75"], ["--train-batch", "0"], ["--compare", "x.json"]):
         with pytest.raises(SystemExit) as exit_info:
-            precompile.parse_args(argv)
+            model_precompile.parse_args(argv)
         assert exit_info.value.code == 2
+    assert model_precompile.parse_args(["--arch", "sm_100", "--arch", "sm_90a"]).arch == [100, 90]
+
+
+def test_kernel_level_tool_imports_no_model():
+    """dip_kernels.precompile is below the model: importing it loads nothing of dip."""
+    out = _run_python("import sys, dip_kernels.precompile\n"
+                      "print(sorted(m for m in sys.modules if m == 'dip' or m.startswith('dip.')))")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_sm100_report_is_generated_from_its_results():
+    """The committed Blackwell report: its markdown is markdown() of its JSON, and its problems are
+    check() of its results (two detailer backward kernels spill on sm_100 with sm_90's tiles)."""
+    stem = os.path.join(ROOT, "bench", "results", "precompile_sm100_triton3.6.0")
+    with open(stem + ".json") as f:
+        report = json.load(f)
+    assert report["archs"] == ["sm_100"] and report["environment"]["triton"] == "3.6.0"
+    assert report["problems"] == precompile.check(report["results"])
+    assert all(r["status"] == "compiled" for r in report["results"])
+    with open(stem + ".md") as f:
+        assert f.read() == precompile.markdown(report)
 
 
 # ---------------------------------------------------------------- every kernel, compiled for sm_90 and sm_80
@@ -153,7 +179,7 @@ def _cache_dir():
 @pytest.mark.slow
 def test_every_kernel_compiles_for_sm90_and_sm80_at_dip_xl16_bf16(tmp_path):
     out = tmp_path / "report"
-    cmd = [sys.executable, "-m", "dip_kernels.precompile", "--model", "DiP-XL/16", "--dtype", "bf16",
+    cmd = [sys.executable, "-m", "dip.precompile", "--model", "DiP-XL/16", "--dtype", "bf16",
            "--arch", "sm_90", "--arch", "sm_80", "--cache-dir", _cache_dir(), "--jobs", str(os.cpu_count() or 2),
            "--out", str(out), "--quiet"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=_compile_only_env(), cwd=ROOT, timeout=1500)
@@ -176,3 +202,46 @@ def test_committed_sm90_report_is_clean():
         report = json.load(f)
     assert report["archs"] == ["sm_90"] and report["environment"]["triton"] == "3.6.0" and not report["problems"]
     assert report["archive_bytes"] < 64 * 2 ** 20  # an archive small enough to carry along with a job
+
+
+# ---------------------------------------------------------------- every kernel launches through launch.py
+def _jit_functions(tree):
+    """The module's @triton.jit functions (bare or called with options)."""
+    def is_jit(d):
+        d = d.func if isinstance(d, ast.Call) else d
+        return isinstance(d, ast.Attribute) and d.attr == "jit"
+    return {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef) and any(map(is_jit, f.decorator_list))}
+
+
+def test_every_triton_kernel_launches_through_launch_py():
+    """precompile sees a kernel only through dip_kernels/triton/launch.py's ``launch``: no module
+    indexes one of its kernels (or an autotune / heuristics wrapper of one) with a grid itself
+    (``kernel[grid](...)``), and every @triton.jit function that no other Triton function calls (an
+    entry point) is the first argument of a ``launch`` call in its module, directly or through a
+    module-level wrapper."""
+    package = os.path.join(ROOT, "dip_kernels")
+    entry_points = 0
+    for folder, _, files in os.walk(package):
+        for name in sorted(f for f in files if f.endswith(".py")):
+            path = os.path.join(folder, name)
+            tree = ast.parse(open(path).read())
+            jit = _jit_functions(tree)
+            if not jit:
+                continue
+            wrappers = {t.id: {n.id for n in ast.walk(node.value) if isinstance(n, ast.Name)}
+                        for node in tree.body if isinstance(node, ast.Assign)
+                        for t in node.targets if isinstance(t, ast.Name)}
+            kernels = set(jit) | {w for w, names in wrappers.items() if names & set(jit)}
+            grid_calls = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Subscript)
+                          and isinstance(n.func.value, ast.Name) and n.func.value.id in kernels]
+            assert not grid_calls, f"{path}:{grid_calls}: launch kernels with dip_kernels.triton.launch.launch"
+            called = {n.func.id for f in jit.values() for n in ast.walk(f)
+                      if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+            launched = {n.args[0].id for n in ast.walk(tree) if isinstance(n, ast.Call)
+                        and isinstance(n.func, ast.Name) and n.func.id == "launch" and n.args
+                        and isinstance(n.args[0], ast.Name)}
+            launched |= {name for w in launched for name in wrappers.get(w, ())}  # _fwd = autotune(...)(_kernel)
+            for kernel in set(jit) - called:
+                entry_points += 1
+                assert kernel in launched, f"{path}: kernel {kernel} is not launched through launch()"
+    assert entry_points >= 13  # the kernels the slow test below expects, and more

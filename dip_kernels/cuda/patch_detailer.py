@@ -36,13 +36,13 @@ KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 
 def _token_width(patches, tokens=None, *_):
     if tokens is not None and tokens.shape[1] % 8:
-        return f"the CUDA head kernels need a token width divisible by 8, got {tokens.shape[1]}"
+        return f"the CUDA detailer kernels need a token width divisible by 8, got {tokens.shape[1]}"
     return None
 
 
 CAPABILITY = Capability(
     devices=("cuda",), dtypes=KERNEL_DTYPES, limits=_token_width,
-    dtype_reason=lambda dtype: f"the CUDA head kernels are tensor-core only (bfloat16, float16), got {dtype}")
+    dtype_reason=lambda dtype: f"the CUDA detailer kernels are tensor-core only (bfloat16, float16), got {dtype}")
 
 
 def _round_up(x, m):

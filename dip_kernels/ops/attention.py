@@ -32,7 +32,7 @@ def check_attention(qkv, q_norm_weight, k_norm_weight, rope_cos, rope_sin, num_h
         checks.shape(name, t, (n, d // 2))
 
 
-def _attention(qkv: Tensor, q_norm_weight: Tensor, k_norm_weight: Tensor, rope_cos: Tensor, rope_sin: Tensor,
+def attention_signature(qkv: Tensor, q_norm_weight: Tensor, k_norm_weight: Tensor, rope_cos: Tensor, rope_sin: Tensor,
                num_heads: int, eps: float) -> Tuple[Tensor, Tensor]:
     ...
 
@@ -43,8 +43,8 @@ def _fake(qkv, q_norm_weight, k_norm_weight, rope_cos, rope_sin, num_heads, eps)
 
 
 define(OpSpec(
-    "attention", _attention, outputs=("out", "lse"), check=check_attention, fake=_fake, dispatch=3,
-    backends={"triton": "dip_kernels.triton.attention", "eager": "dip_kernels.reference.attention"},
+    "attention", attention_signature, outputs=("out", "lse"), check=check_attention, fake=_fake, dispatch=3,
+    backends={"triton": "dip_kernels.triton.attention", "reference": "dip_kernels.reference.attention"},
     backward=Backward(saves=("qkv", "q_norm_weight", "k_norm_weight", "rope_cos", "rope_sin", "out", "lse"),
                       attrs=("num_heads", "eps"), grads=("qkv", "q_norm_weight", "k_norm_weight"),
                       grad_outputs=("out",))))

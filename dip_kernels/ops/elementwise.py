@@ -13,7 +13,7 @@ from ..opspec import Backward, OpSpec, define
 from ..reference import elementwise as _ref
 from . import checks
 
-BACKENDS = {"triton": "dip_kernels.triton.elementwise", "eager": "dip_kernels.reference.elementwise"}
+BACKENDS = {"triton": "dip_kernels.triton.elementwise", "reference": "dip_kernels.reference.elementwise"}
 
 
 def check_rmsnorm_modulate(x, weight, shift, scale, eps=None, out_dtype=None):
@@ -44,16 +44,16 @@ def check_swiglu(ab):
         raise ValueError(f"ab must have an even last dim (the two halves a, b), got shape {tuple(ab.shape)}")
 
 
-def _rmsnorm_modulate(x: Tensor, weight: Tensor, shift: Tensor, scale: Tensor, eps: float,
+def rmsnorm_modulate_signature(x: Tensor, weight: Tensor, shift: Tensor, scale: Tensor, eps: float,
                       out_dtype: Optional[torch.dtype] = None) -> Tensor:
     ...
 
 
-def _gated_residual(x: Tensor, gate: Tensor, f: Tensor) -> Tensor:
+def gated_residual_signature(x: Tensor, gate: Tensor, f: Tensor) -> Tensor:
     ...
 
 
-def _swiglu(ab: Tensor) -> Tensor:
+def swiglu_signature(ab: Tensor) -> Tensor:
     ...
 
 
@@ -61,14 +61,14 @@ def _like_x(x, *_, out_dtype=None):
     return torch.empty_like(x, dtype=out_dtype or x.dtype, memory_format=torch.contiguous_format)
 
 
-define(OpSpec("rmsnorm_modulate", _rmsnorm_modulate, outputs=("y",), check=check_rmsnorm_modulate,
+define(OpSpec("rmsnorm_modulate", rmsnorm_modulate_signature, outputs=("y",), check=check_rmsnorm_modulate,
               fake=lambda x, weight, shift, scale, eps, out_dtype=None: _like_x(x, out_dtype=out_dtype),
               backends=BACKENDS,
               backward=Backward(saves=("x", "weight", "shift", "scale"), attrs=("eps",),
                                 grads=("x", "weight", "shift", "scale"))))
-define(OpSpec("gated_residual", _gated_residual, outputs=("y",), check=check_gated_residual, fake=_like_x,
+define(OpSpec("gated_residual", gated_residual_signature, outputs=("y",), check=check_gated_residual, fake=_like_x,
               backends=BACKENDS, backward=Backward(saves=("x", "gate", "f"), grads=("x", "gate", "f"))))
-define(OpSpec("swiglu", _swiglu, outputs=("y",), check=check_swiglu,
+define(OpSpec("swiglu", swiglu_signature, outputs=("y",), check=check_swiglu,
               fake=lambda ab: ab.new_empty((*ab.shape[:-1], ab.shape[-1] // 2)),
               backends=BACKENDS, backward=Backward(saves=("ab",), grads=("ab",))))
 

@@ -1,7 +1,7 @@
 """patch_detailer: the whole Patch Detailer Head (the paper's per-patch conv U-Net) in one op.
 
 patches (M, 3, P, P), P in {16, 32}; tokens (M, D), each patch's global token; weights: the 28
-tensors named by HEAD_WEIGHT_NAMES, in that order, all of the patches' dtype -> out (M, 3, P, P).
+tensors named by DETAILER_WEIGHT_NAMES, in that order, all of the patches' dtype -> out (M, 3, P, P).
 The backward op receives the op's inputs only (the backends recompute what they need)."""
 from typing import List
 
@@ -11,7 +11,7 @@ from torch import Tensor
 from .. import opspec
 from ..opspec import Backward, OpSpec, define
 from ..reference import patch_detailer as _ref
-from ..reference.patch_detailer import HEAD_WEIGHT_NAMES, head_weight_shapes
+from ..reference.patch_detailer import DETAILER_WEIGHT_NAMES, detailer_weight_shapes
 from . import checks
 
 
@@ -26,10 +26,10 @@ def check_patch_detailer(patches, tokens, weights):
     checks.same("tokens", tokens, "patches", patches)
     if tokens.shape[0] != m:
         raise ValueError(f"tokens must have one row per patch, shape ({m}, D), got {tuple(tokens.shape)}")
-    if len(weights) != len(HEAD_WEIGHT_NAMES):
-        raise ValueError(f"weights must hold the {len(HEAD_WEIGHT_NAMES)} head tensors {HEAD_WEIGHT_NAMES}, "
-                         f"got {len(weights)}")
-    for name, w, shape in zip(HEAD_WEIGHT_NAMES, weights, head_weight_shapes(tokens.shape[1])):
+    if len(weights) != len(DETAILER_WEIGHT_NAMES):
+        raise ValueError(f"weights must hold the {len(DETAILER_WEIGHT_NAMES)} detailer tensors "
+                         f"{DETAILER_WEIGHT_NAMES}, got {len(weights)}")
+    for name, w, shape in zip(DETAILER_WEIGHT_NAMES, weights, detailer_weight_shapes(tokens.shape[1])):
         checks.tensor(f"weights[{name}]", w)
         checks.same(f"weights[{name}]", w, "patches", patches)
         checks.shape(f"weights[{name}]", w, shape)
@@ -37,7 +37,7 @@ def check_patch_detailer(patches, tokens, weights):
             raise ValueError(f"weights[{name}] must be contiguous")
 
 
-def _patch_detailer(patches: Tensor, tokens: Tensor, weights: List[Tensor]) -> Tensor:
+def patch_detailer_signature(patches: Tensor, tokens: Tensor, weights: List[Tensor]) -> Tensor:
     ...
 
 
@@ -46,9 +46,9 @@ def _fake(patches, tokens, weights):
 
 
 define(OpSpec(
-    "patch_detailer", _patch_detailer, outputs=("out",), check=check_patch_detailer, fake=_fake, dispatch=3,
+    "patch_detailer", patch_detailer_signature, outputs=("out",), check=check_patch_detailer, fake=_fake, dispatch=3,
     backends={"cuda": "dip_kernels.cuda.patch_detailer", "triton": "dip_kernels.triton.patch_detailer",
-              "cpu": "dip_kernels.cpu.patch_detailer_onednn", "eager": "dip_kernels.reference.patch_detailer"},
+              "onednn": "dip_kernels.onednn.patch_detailer", "reference": "dip_kernels.reference.patch_detailer"},
     backward=Backward(saves=("patches", "tokens", "weights"), grads=("patches", "tokens", "weights"))))
 
 
@@ -61,7 +61,7 @@ def autocast_dtype(device: torch.device):
 
 def patch_detailer(patches: Tensor, tokens: Tensor, weights: List[Tensor]) -> Tensor:
     """The whole Patch Detailer Head on (M, 3, P, P) patches and (M, D) tokens. Under autocast every
-    input is cast to the autocast dtype (the head is all convolutions)."""
+    input is cast to the autocast dtype (the detailer is all convolutions)."""
     if opspec.plain():
         return _ref.patch_detailer(patches, tokens, list(weights))
     dtype = autocast_dtype(patches.device)

@@ -10,7 +10,7 @@ from ..opspec import OpSpec, define
 from ..reference import patchify as _ref
 from . import checks
 
-BACKENDS = {"triton": "dip_kernels.triton.patchify", "eager": "dip_kernels.reference.patchify"}
+BACKENDS = {"triton": "dip_kernels.triton.patchify", "reference": "dip_kernels.reference.patchify"}
 
 
 def check_patchify(images, patch_size, out_dtype=None):
@@ -34,11 +34,11 @@ def check_unpatchify(tokens, patch_size, height, width, out_dtype=None):
         raise ValueError(f"tokens last dim must be channels*{patch_size}*{patch_size}, got {tokens.shape[2]}")
 
 
-def _patchify(images: Tensor, patch_size: int, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+def patchify_signature(images: Tensor, patch_size: int, out_dtype: Optional[torch.dtype] = None) -> Tensor:
     ...
 
 
-def _unpatchify(tokens: Tensor, patch_size: int, height: int, width: int,
+def unpatchify_signature(tokens: Tensor, patch_size: int, height: int, width: int,
                 out_dtype: Optional[torch.dtype] = None) -> Tensor:
     ...
 
@@ -72,14 +72,14 @@ def _unpatchify_backward(ctx, grad):
     return torch.ops.dip.patchify(grad, ctx.patch_size, ctx.dtype), None, None, None, None
 
 
-define(OpSpec("patchify", _patchify, outputs=("tokens",), check=check_patchify, fake=_patchify_fake,
+define(OpSpec("patchify", patchify_signature, outputs=("tokens",), check=check_patchify, fake=_patchify_fake,
               backends=BACKENDS, autograd=(_patchify_setup, _patchify_backward)))
-define(OpSpec("unpatchify", _unpatchify, outputs=("images",), check=check_unpatchify, fake=_unpatchify_fake,
+define(OpSpec("unpatchify", unpatchify_signature, outputs=("images",), check=check_unpatchify, fake=_unpatchify_fake,
               backends=BACKENDS, family="patchify", autograd=(_unpatchify_setup, _unpatchify_backward)))
 
 
 def patchify(images: Tensor, patch_size: int, out_dtype: Optional[torch.dtype] = None) -> Tensor:
-    """(B, C, H, W) -> (B, N, C*P*P) tokens; ``.view(B*N, C, P, P)`` gives the head's patch layout."""
+    """(B, C, H, W) -> (B, N, C*P*P) tokens; ``.view(B*N, C, P, P)`` gives the detailer's patch layout."""
     if opspec.plain():
         return _ref.patchify(images, patch_size, out_dtype)
     return torch.ops.dip.patchify(images, patch_size, out_dtype)

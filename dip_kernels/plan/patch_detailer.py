@@ -1,5 +1,5 @@
 """The Patch Detailer Head as a plan: every layer of its forward and backward one GEMM step, derived
-once from HEAD_WEIGHT_NAMES and the channel tables (dip_kernels/reference/patch_detailer.py), and
+once from DETAILER_WEIGHT_NAMES and the channel tables (dip_kernels/reference/patch_detailer.py), and
 one interpreter that runs the plan on an executor (Triton, the CUDA dip_C kernels, torch).
 
 Activations are channels-last (M, S, S, C) between steps. A ``Conv`` step is an implicit GEMM over
@@ -26,12 +26,12 @@ Activation memory per patch, bf16, token dim 1152 (``activation_bytes_per_patch`
 * recomputing (what the plan does): 0 B kept from forward to backward; the backward holds the same
   289 / 1,156 KiB plus ~62 / 246 KiB of gradient buffers while it runs, freeing each activation
   after its last use;
-* the eager head under autograd keeps 422,656 B (413 KiB) at P=16 and 1,690,624 B (1,651 KiB)
+* the reference detailer under autograd keeps 422,656 B (413 KiB) at P=16 and 1,690,624 B (1,651 KiB)
   at P=32 from forward to backward (conv inputs incl. the materialised concats, SiLU inputs,
   pool inputs and int64 indices).
 
-So between forward and backward the head holds no activations, and the backward's transient peak
-stays below what eager keeps alive across the whole step, for one extra forward (a third of the
+So between forward and backward the detailer holds no activations, and the backward's transient peak
+stays below what the reference under autograd keeps alive across the whole step, for one extra forward (a third of the
 step's FLOPs).
 
 The weight cache keeps each re-laid weight for its source tensor: keyed on the tensor's identity,
@@ -50,9 +50,9 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .._alloc import output_buffer
 from ..backends import capturing
-from ..reference.patch_detailer import DECODER_CHANNELS, ENCODER_CHANNELS, HEAD_WEIGHT_NAMES
+from ..reference.patch_detailer import DECODER_CHANNELS, ENCODER_CHANNELS, DETAILER_WEIGHT_NAMES
 
-SLOT = {name: i for i, name in enumerate(HEAD_WEIGHT_NAMES)}
+SLOT = {name: i for i, name in enumerate(DETAILER_WEIGHT_NAMES)}
 IMAGES = ("x", "g_out", "out", "g_x")   # the op's (M, 3, P, P) inputs and outputs
 TOKENS = ("tokens", "g_tokens")          # the op's (M, D) token input and its gradient
 
@@ -60,8 +60,8 @@ TOKENS = ("tokens", "g_tokens")          # the op's (M, D) token input and its g
 # ---------------------------------------------------------------- weights as GEMM operands
 @dataclass(frozen=True)
 class Layout:
-    """A head weight re-laid as a GEMM operand [K, N] (K ordered (tap, channel)), or a bias."""
-    weight: str       # a HEAD_WEIGHT_NAMES entry
+    """A detailer weight re-laid as a GEMM operand [K, N] (K ordered (tap, channel)), or a bias."""
+    weight: str       # a DETAILER_WEIGHT_NAMES entry
     kind: str         # conv | conv_dgrad | up | up_dgrad | token_dgrad | bias | up_bias
     arg: int = 0      # conv_dgrad: the input channels kept; token_dgrad: the bottleneck's pixels
 
@@ -449,7 +449,7 @@ def weight_columns(step, weights):
 
 
 def forward(ex, patches, tokens, weights):
-    """The head's output (M, 3, P, P) on executor ``ex``."""
+    """The detailer's output (M, 3, P, P) on executor ``ex``."""
     patches, tokens, _ = ex.inputs(patches, tokens)
     run = _Run(ex, patches, tokens, weights)
     out = output_buffer(patches.shape, patches.dtype, patches.device)
@@ -466,18 +466,18 @@ def backward(ex, grad_out, patches, tokens, weights):
     bwd = backward_plan(p)
     needed = {n for step in bwd for n in _reads(step)}
     run.run(_needed_steps(forward_plan(p), needed), keep_z=True, outputs={}, keep=needed)
-    grads = {name: output_buffer(w.shape, w.dtype, w.device) for name, w in zip(HEAD_WEIGHT_NAMES, weights)}
+    grads = {name: output_buffer(w.shape, w.dtype, w.device) for name, w in zip(DETAILER_WEIGHT_NAMES, weights)}
     grads["g_x"] = output_buffer(patches.shape, patches.dtype, patches.device)
     grads["g_tokens"] = output_buffer(tokens.shape, tokens.dtype, tokens.device)
     run.env["g_out"] = ex.image(grad_out)
     run.run(bwd, keep_z=False, outputs=grads)
-    return grads["g_x"], grads["g_tokens"], [grads[name] for name in HEAD_WEIGHT_NAMES]
+    return grads["g_x"], grads["g_tokens"], [grads[name] for name in DETAILER_WEIGHT_NAMES]
 
 
 
 # ---------------------------------------------------------------- memory
 def activation_bytes_per_patch(patch_size, token_dim, dtype_bytes=2):
-    """(bytes the backward's recompute materialises per patch, bytes eager autograd saves per patch)."""
+    """(bytes the backward's recompute materialises per patch, bytes autograd of the reference saves per patch)."""
     sizes = [patch_size >> i for i in range(5)]
     ours = 0
     for level, c in enumerate(ENCODER_CHANNELS):

@@ -2,7 +2,7 @@
 B*N patches as one batch.
 
 patches (M, 3, P, P), P in {16, 32}; tokens (M, D), the global token of each patch;
-weights: the 28 tensors named by HEAD_WEIGHT_NAMES, in that order (nn.Conv2d / nn.ConvTranspose2d
+weights: the 28 tensors named by DETAILER_WEIGHT_NAMES, in that order (nn.Conv2d / nn.ConvTranspose2d
 layouts). Encoder: conv3x3+SiLU then 2x2 max-pool at 4 levels (3->64->128->256->512). Bottleneck:
 conv1x1 over concat(pooled, token) + SiLU (the token repeated over a 2x2 bottleneck when P=32).
 Decoder: ConvTranspose2d(2, stride 2), concat(upsampled, skip), conv3x3+SiLU at each level.
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 ENCODER_CHANNELS = (64, 128, 256, 512)
 DECODER_CHANNELS = (256, 128, 64, 64)  # dec4, dec3, dec2, dec1 outputs
-HEAD_WEIGHT_NAMES = (
+DETAILER_WEIGHT_NAMES = (
     "enc1.weight", "enc1.bias", "enc2.weight", "enc2.bias",
     "enc3.weight", "enc3.bias", "enc4.weight", "enc4.bias",
     "bottleneck.weight", "bottleneck.bias",
@@ -25,8 +25,8 @@ HEAD_WEIGHT_NAMES = (
 )
 
 
-def head_weight_shapes(token_dim, in_channels=3):
-    """Expected shape of each head weight, in HEAD_WEIGHT_NAMES order."""
+def detailer_weight_shapes(token_dim, in_channels=3):
+    """Expected shape of each detailer weight, in DETAILER_WEIGHT_NAMES order."""
     e1, e2, e3, e4 = ENCODER_CHANNELS
     d4, d3, d2, d1 = DECODER_CHANNELS
     conv = lambda co, ci, k: [(co, ci, k, k), (co,)]  # noqa: E731
@@ -46,8 +46,8 @@ def patch_detailer(patches, tokens, weights):
 
 
 def _forward(patches, tokens, weights, saved=None):
-    """The head's output; with ``saved`` (a dict), also what the backward needs."""
-    w = dict(zip(HEAD_WEIGHT_NAMES, weights))
+    """The detailer's output; with ``saved`` (a dict), also what the backward needs."""
+    w = dict(zip(DETAILER_WEIGHT_NAMES, weights))
     keep = saved is not None
     h = patches
     skips = []
@@ -96,7 +96,7 @@ def patch_detailer_backward(grad_out, patches, tokens, weights):
     """The forward's derivative, layer by layer with the backward ops autograd itself would run
     (aten.convolution_backward, silu_backward, max_pool2d_with_indices_backward): the same numbers
     as autograd of the forward, without re-entering autograd."""
-    w = dict(zip(HEAD_WEIGHT_NAMES, weights))
+    w = dict(zip(DETAILER_WEIGHT_NAMES, weights))
     saved = {}
     _, skips = _forward(patches, tokens, weights, saved)
     grads = {}
@@ -121,14 +121,14 @@ def patch_detailer_backward(grad_out, patches, tokens, weights):
                                                             False, saved[f"pool{level}"])
         g, grads[f"enc{level}.weight"], grads[f"enc{level}.bias"] = _conv_backward(
             torch.ops.aten.silu_backward(g_skips[level] + g, z), x, w[f"enc{level}.weight"], padding=1)
-    return g.contiguous(), g_tokens.contiguous(), [grads[name].contiguous() for name in HEAD_WEIGHT_NAMES]
+    return g.contiguous(), g_tokens.contiguous(), [grads[name].contiguous() for name in DETAILER_WEIGHT_NAMES]
 
 
 def flops_per_patch(patch_size, token_dim):
-    """Forward FLOPs (2 x multiply-accumulates) of one patch through the head."""
+    """Forward FLOPs (2 x multiply-accumulates) of one patch through the detailer."""
     macs = 0
     s = patch_size
-    shapes = head_weight_shapes(token_dim)
+    shapes = detailer_weight_shapes(token_dim)
     sizes = [s, s // 2, s // 4, s // 8]
     for i in range(4):  # encoder
         co, ci, k, _ = shapes[2 * i]

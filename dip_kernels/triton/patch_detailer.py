@@ -44,7 +44,7 @@ DOT_PREC (float32 only: tf32 or ieee, as torch.backends.cudnn.allow_tf32 says).
 
 Row counts are never specialised (do_not_specialize), so 1 patch and 1000 share a binary; strides
 are plain integer arguments, specialised by Triton only on divisibility by 16 (``python -m
-dip_kernels.precompile`` compiles every specialisation a workload launches, for a GPU not here:
+dip.precompile`` compiles every specialisation a workload launches, for a GPU not here:
 bench/results/precompile_*).
 """
 import torch

@@ -5,17 +5,17 @@ Each Conv step is literally its implicit GEMM: the im2col gather of its sources 
 ordered (tap, channel), windows zero-padded per patch) times the plan's re-laid weight, in float32
 (float64 for float64 tensors) as the kernels accumulate, then the same epilogue the kernels apply,
 stored in the tensors' dtype. So it runs the very schedule, re-layouts and views the Triton and
-CUDA executors run, and is tested against the eager reference (tests/test_patch_detailer.py,
-tests/test_backends.py); ``implicit_gemm`` also takes the CUDA kernels' tile-padded operands, which
+CUDA executors run, and is tested against the reference (tests/test_patch_detailer.py); ``implicit_gemm`` also takes the CUDA kernels' tile-padded operands, which
 lets tests run the CUDA executor's lowering on CPU (tests/test_patch_detailer_cuda.py).
 
-It is not a backend of its own yet: the eager reference is what auto runs on a CPU.
+It is not a backend: the reference is what auto runs on a CPU, and the onednn backend
+(dip_kernels/onednn) is the detailer's fast CPU schedule.
 """
 import torch
 import torch.nn.functional as F
 
-from ..plan import patch_detailer as plan
-from ..plan.patch_detailer import Executor
+from . import patch_detailer as plan
+from .patch_detailer import Executor
 
 
 def compute_dtype(t):

@@ -1,6 +1,6 @@
-"""CPU backend of the Patch Detailer Head: the reference's math as a schedule of GEMMs and oneDNN
-convolutions on channels-last activations, each layer in the form that measured fastest on CPU
-(bench/test_bench_patch_detailer.py::test_patch_detailer_cpu_side_by_side times it against the eager reference).
+"""The ``onednn`` backend of the Patch Detailer Head: the reference's math as a schedule of GEMMs and
+oneDNN convolutions on channels-last activations, each layer in the form that measured fastest on CPU
+(bench/test_bench_patch_detailer.py::test_patch_detailer_onednn_side_by_side times it against the reference).
 
 Activations are NHWC tensors (M, S, S, C) between layers; the same memory viewed as NCHW is a
 channels-last tensor, which is what oneDNN's fast convolutions take. Per layer:
@@ -25,21 +25,21 @@ because an optimizer may update weights in place without bumping their version c
 AdamW does not), so a cache keyed on versions could serve stale weights.
 
 Backward: the op saves only its inputs, so a backward would have to re-run the forward to get the
-activations (the eager and Triton heads do). Here the forward keeps what the backward needs (each
+activations (the reference and Triton detailers do). Here the forward keeps what the backward needs (each
 layer's input and pre-activation, the pools' argmax, the dense matrices) for the most recent call,
 and a backward on the very same inputs (the same tensor objects, data pointers, shapes, strides
 and version counters) takes it instead of recomputing; autograd always runs an op's backward after
 its forward and before anything updates the saved inputs, so a training step runs one forward, not
-two (a fifth of the head's time). One entry, forgotten when taken; calls where no input requires
+two (a fifth of the detailer's time). One entry, forgotten when taken; calls where no input requires
 grad (sampling) or of more than ``KEEP_MAX_PIXELS`` patch pixels (about 640 MiB of float32
 activations) keep no activations, and a backward that finds nothing (or another call's)
 recomputes. Then the schedule is walked back: SiLU derivative, input gradient and weight gradient
 of every layer.
 
 Any floating dtype runs (the GEMMs and oneDNN take them all); float32 is the one this exists for
-(no bf16 units on the CPUs it was measured on). The eager reference stays the ground truth: this
-backend runs only when chosen, ``set_backend("cpu", op="patch_detailer")``. (The head plan's torch
-executor, dip_kernels/cpu/patch_detailer.py, runs the GPU kernels' schedule to test it; this
+(no bf16 units on the CPUs it was measured on). The reference stays the ground truth: this
+backend runs only when chosen, ``set_backend("onednn", op="patch_detailer")``. (The detailer plan's torch
+executor, dip_kernels/plan/patch_detailer_torch.py, runs the GPU kernels' schedule to test it; this
 module is a schedule of its own, chosen for CPU speed.)
 """
 import functools
@@ -50,9 +50,9 @@ import torch.nn.functional as F
 
 from .._alloc import output_buffer
 from ..backends import Capability
-from ..reference.patch_detailer import ENCODER_CHANNELS, HEAD_WEIGHT_NAMES
+from ..reference.patch_detailer import ENCODER_CHANNELS, DETAILER_WEIGHT_NAMES
 
-_W = {name: i for i, name in enumerate(HEAD_WEIGHT_NAMES)}
+_W = {name: i for i, name in enumerate(DETAILER_WEIGHT_NAMES)}
 DENSE_MAX_SIZE = 2
 LEVELS = (1, 2, 3, 4)
 KEEP_MAX_PIXELS = 1 << 18  # M * P * P: 1024 patches of 16x16
@@ -196,7 +196,7 @@ def _upsample_backward(g_up, x, weights, level):
 
 # ---------------------------------------------------------------- the schedule
 def _forward(patches, tokens, weights, dense, keep):
-    """The head's output (M, P, P, 3) NHWC, and (when keep) what the backward needs."""
+    """The detailer's output (M, P, P, 3) NHWC, and (when keep) what the backward needs."""
     m, _, p, _ = patches.shape
     saved = {}
     x = _nhwc(patches.contiguous(memory_format=torch.channels_last))
@@ -275,7 +275,7 @@ def _backward(grad_out, patches, tokens, weights, dense, saved):
     g_patches = output_buffer(patches.shape, patches.dtype, patches.device).copy_(g_x.permute(0, 3, 1, 2))
     g_tokens = output_buffer(tokens.shape, tokens.dtype, tokens.device).copy_(g_tokens)
     g_weights = [output_buffer(w.shape, w.dtype, w.device).copy_(grads[name])
-                 for name, w in zip(HEAD_WEIGHT_NAMES, weights)]
+                 for name, w in zip(DETAILER_WEIGHT_NAMES, weights)]
     return g_patches, g_tokens, g_weights
 
 
