@@ -164,10 +164,10 @@ class PatchDetailerHead(nn.Module):
         self.up1 = nn.ConvTranspose2d(64, 64, 2, stride=2)
         self.dec1 = nn.Conv2d(64 + e1, 64, 3, padding=1)
         self.out = nn.Conv2d(64, in_channels, 1)
-        self._weight_names = [tuple(name.split(".")) for name in dip_kernels.HEAD_WEIGHT_NAMES]
+        self._weight_names = [tuple(name.split(".")) for name in dip_kernels.DETAILER_WEIGHT_NAMES]
 
     def weights(self) -> List[torch.Tensor]:
-        """The 28 tensors in dip_kernels.HEAD_WEIGHT_NAMES order."""
+        """The 28 tensors in dip_kernels.DETAILER_WEIGHT_NAMES order."""
         return [getattr(getattr(self, module), param) for module, param in self._weight_names]
 
     def forward(self, patches, s, h, c):

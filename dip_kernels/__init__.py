@@ -6,7 +6,6 @@ from .ops import (attention, gated_residual, patch_detailer, patchify, plain_ref
 from .reference.attention import rope_table
 from .reference.patch_detailer import DETAILER_WEIGHT_NAMES
 
-HEAD_WEIGHT_NAMES = DETAILER_WEIGHT_NAMES  # the old name (dip/models.py still reads it)
 
 __version__ = "0.1.0"
 OPS = backends.ops()  # the op families set_backend takes, now that every op is defined
@@ -15,7 +14,7 @@ backends.warn_once_if_extension_missing()
 
 __all__ = [
     "attention", "gated_residual", "patch_detailer", "patchify", "rmsnorm_modulate", "swiglu", "unpatchify",
-    "rope_table", "DETAILER_WEIGHT_NAMES", "HEAD_WEIGHT_NAMES", "plain_reference", "set_backend", "get_backend",
+    "rope_table", "DETAILER_WEIGHT_NAMES", "plain_reference", "set_backend", "get_backend",
     "available_backends", "explain",
     "BackendUnavailableError", "BACKENDS", "OPS",
 ]

@@ -150,7 +150,7 @@ def test_parameter_counts_match_the_paper_xl():
         plain = models.DiPXL16(head="none")
     assert sum(p.numel() for p in unet.parameters()) == 631_989_411
     assert sum(p.numel() for p in plain.parameters()) == 628_563_360
-    head_names = {"head." + n for n in dip_kernels.HEAD_WEIGHT_NAMES}
+    head_names = {"head." + n for n in dip_kernels.DETAILER_WEIGHT_NAMES}
     assert head_names == {k for k in unet.state_dict() if k.startswith("head.")}
 
 
