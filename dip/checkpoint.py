@@ -227,22 +227,45 @@ def resolve_checkpoint(path: str) -> str:
     return path
 
 
-def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
-    """A checkpoint dict, its checksum verified when it has one (dip-train writes one; other files,
-    and ours from before the checksum, are taken as they are). An unreadable, truncated, empty or
-    corrupt file raises CheckpointError."""
-    path = resolve_checkpoint(path)
+def _numpy_array_globals() -> list:
+    # checkpoints of dip-train before the numpy RNG state was stored as a tensor hold one numpy
+    # array; rebuilding an array from its bytes runs nothing of the file's
+    core = getattr(np, "_core", None) or np.core
+    reconstruct = core.multiarray._reconstruct
+    return [reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype,
+            type(np.dtype(np.uint32))]
+
+
+def _refused_global(err: Exception) -> Optional[str]:
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+    return found.group(1) if found else None
+
+
+def load_weights_only(path: str, map_location="cpu") -> Any:
+    """What ``torch.save`` wrote to ``path``, read with ``torch.load(weights_only=True)``: tensors and
+    plain values only, so a crafted file cannot run code while it loads. A file that holds any other
+    pickled object is refused (CheckpointError, one line naming it), as is an unreadable one."""
     try:
-        # our own files hold numpy RNG states and plain Python objects besides tensors
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except OSError:
         raise
     except Exception as err:  # whatever the bytes make torch.load / pickle raise, the file is at fault
+        refused = _refused_global(err)
+        if refused:
+            raise CheckpointError(f"{path} was refused: it holds a pickled {refused}, which is not plain data and "
+                                  "could run code when loaded; dip loads only tensors and plain values") from None
         detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated, empty or not a torch file?): "
-                              f"{detail}") from err
+                              f"{detail}") from None
+
+
+def verify_checkpoint(state: Any, path: str) -> Dict[str, Any]:
+    """``state`` (a loaded file) without its checksum entry, the checksum verified when it has one
+    (dip-train writes one; other files, and ours from before the checksum, are taken as they are)."""
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not a checkpoint: it holds a {type(state).__name__}, not a dict")
+    state = dict(state)
     expected = state.pop(CHECKSUM_KEY, None)
     if isinstance(expected, dict) and "sha256" in expected:
         try:
@@ -256,6 +279,14 @@ def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
         warnings.warn(f"{path} has no checksum (written before dip-train stored one); it is not verified",
                       RuntimeWarning)
     return state
+
+
+def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
+    """A checkpoint dict (a file, or a run folder meaning its latest.pt) read by
+    :func:`load_weights_only` and verified by :func:`verify_checkpoint`. An unreadable, truncated,
+    empty, corrupt or code-carrying file raises CheckpointError."""
+    path = resolve_checkpoint(path)
+    return verify_checkpoint(load_weights_only(path, map_location), path)
 
 
 def load_state_dict_checked(module: torch.nn.Module, state_dict: Dict[str, torch.Tensor], path: str):
@@ -297,9 +328,13 @@ def load_model_from_checkpoint(path: str, use_ema: bool = True, device="cpu"):
 
 
 def capture_rng_state() -> Dict[str, Any]:
+    """Every RNG state of this process as tensors and plain values (so a checkpoint loads with
+    ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
         "python": random.getstate(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -307,13 +342,25 @@ def capture_rng_state() -> Dict[str, Any]:
     return state
 
 
+def _numpy_rng_state(saved) -> tuple:
+    if isinstance(saved, dict):
+        return (saved["kind"], saved["keys"].numpy().astype(np.uint32), saved["pos"], saved["has_gauss"],
+                saved["cached_gaussian"])
+    return tuple(saved)  # np.random.get_state() itself, as checkpoints before the tensor form hold it
+
+
 def restore_rng_state(state: Optional[Dict[str, Any]]):
     if not state:
         return
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    np.random.set_state(_numpy_rng_state(state["numpy"]))
+    random.setstate(_as_tuples(state["python"]))
     if "cuda" in state and torch.cuda.is_available():
         cuda_states = state["cuda"]
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_states)
+
+
+def _as_tuples(value):
+    # random.setstate wants the tuples random.getstate() gave
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value

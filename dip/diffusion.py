@@ -233,27 +233,25 @@ class DDPM:
 
 
 def load_frozen_encoder(path: str, map_location="cpu") -> nn.Module:
-    """Loads a user-supplied feature network from a LOCAL file: a TorchScript archive
-    (``torch.jit.save``) or a pickled ``nn.Module`` (``torch.save(module)``; unpickling runs code, so
-    only load files you trust). Nothing is downloaded. Returns the module in eval mode with
-    requires_grad False on every parameter. Raises FileNotFoundError if ``path`` is not a file."""
+    """Loads a user-supplied feature network from a LOCAL TorchScript archive (``torch.jit.save``).
+    A pickled ``nn.Module`` (``torch.save(module)``) is refused without being unpickled: unpickling
+    runs code from the file; script or trace it where you trust it and save that. Nothing is
+    downloaded. Returns the module in eval mode with requires_grad False on every parameter. Raises
+    FileNotFoundError if ``path`` is not a file, ValueError if it is not a TorchScript archive."""
     if path is None or not os.path.isfile(os.fspath(path)):
         raise FileNotFoundError(
-            f"encoder file not found: {path!r}. Pass the local path of a TorchScript file or a pickled "
-            "nn.Module (e.g. torch.jit.save(torch.jit.trace(encoder, example), 'encoder.pt')); nothing is downloaded.")
+            f"encoder file not found: {path!r}. Pass the local path of a TorchScript file "
+            "(e.g. torch.jit.save(torch.jit.trace(encoder, example), 'encoder.pt')); nothing is downloaded.")
     path = os.fspath(path)
     try:
         with warnings.catch_warnings():  # recent torch marks TorchScript deprecated; it still loads
             warnings.simplefilter("ignore", FutureWarning)
             module = torch.jit.load(path, map_location=map_location)
-    except RuntimeError as jit_error:  # not a TorchScript archive: try a pickled module
-        try:
-            module = torch.load(path, map_location=map_location, weights_only=False)
-        except Exception as pickle_error:
-            raise ValueError(f"{path!r} is neither a TorchScript file ({jit_error}) nor a pickled "
-                             f"nn.Module ({pickle_error})") from pickle_error
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"{path!r} holds a {type(module).__name__}, not a TorchScript module or a pickled nn.Module")
+    except RuntimeError as jit_error:
+        detail = str(jit_error).strip().splitlines()[0] if str(jit_error).strip() else "unreadable"
+        raise ValueError(f"{path!r} is not a TorchScript file ({detail}); a pickled nn.Module is not loaded, since "
+                         "unpickling can run code: where you trust it, save it with "
+                         "torch.jit.save(torch.jit.trace(module, example), path)") from None
     module.eval()
     for p in module.parameters():
         p.requires_grad_(False)

@@ -18,7 +18,8 @@ The network (nothing is downloaded, ever):
   to float, resized to 299x299 with TF1's ``ResizeBilinear`` (no half-pixel centres; as the
   StyleGAN detector's ``grid_sample`` resize and fid-helper's ``nv_bilinear``) without
   re-quantising, then (x - 128) / 128. README "Evaluation" gives the measured agreement.
-* ``--extractor PATH``: any local TorchScript file (or pickled nn.Module) returning (B, D) or
+* ``--extractor PATH``: any local TorchScript file (a pickled nn.Module is refused: see
+  dip.diffusion.load_frozen_encoder) returning (B, D) or
   (B, D, ...) features (trailing dims averaged), fed float32 NCHW images in [0, 255] by default
   (``input_range``), resized only when ``resize`` is given; a forward() with a ``return_features``
   argument (the StyleGAN/ADM ``inception-2015-12-05.pt`` detector) gets return_features=True.

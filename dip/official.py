@@ -161,9 +161,13 @@ class Checkpoint:
         return (self.ema, "EMA") if self.ema is not None else (self.raw, "raw")
 
 
+def _is_dip_train(obj: Any) -> bool:
+    return isinstance(obj, dict) and "model_config" in obj and _is_tensor_dict(obj.get("model"))
+
+
 def classify(obj: Any, path: str) -> Checkpoint:
     """The :class:`Checkpoint` in ``obj``, a loaded file; one-line ValueError for anything else."""
-    if isinstance(obj, dict) and "model_config" in obj and _is_tensor_dict(obj.get("model")):
+    if _is_dip_train(obj):
         ema = obj.get("ema") if _is_tensor_dict(obj.get("ema")) else None
         # a converted EMA-only file stores its EMA weights as "model" too; they are not raw weights
         raw = obj["model"] if (obj.get("converted_from") or {}).get("raw", True) else None
@@ -195,7 +199,10 @@ def classify(obj: Any, path: str) -> Checkpoint:
 def read_checkpoint(path: str) -> Checkpoint:
     """The weights of a dip-train checkpoint, an official Lightning checkpoint or a state dict."""
     path = ckpt.resolve_checkpoint(path)
-    return classify(load_file(path), path)
+    obj = load_file(path)
+    if _is_dip_train(obj):  # our own format: tensors and plain values only, and its checksum verified
+        obj = ckpt.load_checkpoint(path)
+    return classify(obj, path)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -282,8 +289,8 @@ def load_model(path: str, model_name: Optional[str] = None, raw: bool = False, d
     config = model_config_for(checkpoint, model_name)
     state_dict, which = checkpoint.weights(raw)
     if checkpoint.kind == DIP_TRAIN:
-        model, state = ckpt.load_model_from_checkpoint(checkpoint.path, use_ema=not raw, device=device)
-        return model, state, checkpoint
+        state = checkpoint.state
+        return ckpt.model_from_state(state, checkpoint.path, use_ema=not raw, device=device), state, checkpoint
     check_fit(config, state_dict, checkpoint.path, f"--model {model_name}")
     check_finite(state_dict, checkpoint.path, which, "sample from them")
     model = DiP(config)
@@ -353,9 +360,6 @@ def read_init_weights(path: str) -> InitWeights:
     """The weights of a dip-train checkpoint or official file for --init-from: the model from the
     raw weights (the EMA ones when there are none), the EMA from the EMA weights when present."""
     checkpoint = read_checkpoint(path)
-    if checkpoint.kind == DIP_TRAIN:
-        state = ckpt.load_checkpoint(checkpoint.path)  # the dip-train path, with its own checks
-        checkpoint = classify(state, checkpoint.path)
     model = checkpoint.raw if checkpoint.raw is not None else checkpoint.ema
     if "y_embedder.weight" not in model:
         raise ValueError(f"{checkpoint.path}: the weights have no y_embedder.weight, so they are not DiP weights")

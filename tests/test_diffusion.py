@@ -188,19 +188,17 @@ def test_repa_gradients_reach_model_and_projector_only(tmp_path):
         assert all(p.grad is None and not p.requires_grad for p in enc.parameters())
 
 
-def test_load_frozen_encoder_pickled_module_and_missing(tmp_path):
+def test_load_frozen_encoder_refuses_a_pickled_module_and_a_missing_file(tmp_path):
+    # unpickling a module runs code from the file: only TorchScript archives are loaded
     module = conv_encoder()
     path = tmp_path / "enc_pickled.pt"
     torch.save(module, str(path))
-    loaded = load_frozen_encoder(str(path))
-    assert isinstance(loaded, nn.Module) and not loaded.training
-    assert all(not p.requires_grad for p in loaded.parameters())
-    x = torch.rand(1, 3, 8, 8)
-    torch.testing.assert_close(loaded(x), module(x))
+    with pytest.raises(ValueError, match="pickled nn.Module is not loaded"):
+        load_frozen_encoder(str(path))
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         load_frozen_encoder(str(tmp_path / "missing.pt"))
     torch.save({"not": "a module"}, str(tmp_path / "dict.pt"))
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match="not a TorchScript file"):
         load_frozen_encoder(str(tmp_path / "dict.pt"))
 
 

@@ -715,3 +715,97 @@ def test_readme_states_the_exit_statuses_the_command_line_uses():
     readme = open(os.path.join(REPO, "README.md")).read().replace("\n", " ")
     assert f"{cli.EXIT_USER_ERROR} a user error, reported on one line" in readme
     assert f"{cli.EXIT_DIVERGED} `dip-train` stopped on a non-finite loss" in readme
+
+
+# ----------------------------------------------------------------------------- issue 23, item 5: no file runs code
+class RunsACommand:
+    """What an attacker adds to a checkpoint: unpickling it runs a shell command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _crafted_checkpoint(run, tmp_path, marker):
+    """A real dip-train checkpoint plus one code-running object, its checksum recomputed."""
+    state = torch.load(os.path.join(run, "latest.pt"), weights_only=True)
+    state = ckpt.with_checksum({k: v for k, v in state.items() if k != ckpt.CHECKSUM_KEY})
+    state["notes"] = RunsACommand(marker)
+    path = str(tmp_path / "crafted.pt")
+    torch.save(state, path)
+    return path
+
+
+def _crafted_npz(tmp_path, marker):
+    path = str(tmp_path / "crafted.npz")
+    objects = np.empty(1, dtype=object)
+    objects[0] = RunsACommand(marker)
+    np.savez(path, mu=np.zeros(4), sigma=np.eye(4), network=objects)
+    return path
+
+
+def _crafted_encoder(tmp_path, marker):
+    path = str(tmp_path / "encoder.pt")
+    torch.save({"encoder": RunsACommand(marker)}, path)
+    return path
+
+
+CRAFTED = ["sample", "train-init-from", "train-resume", "convert", "eval-statistics", "train-fid-ref",
+           "eval-extractor", "train-repa-encoder"]
+
+
+@pytest.mark.parametrize("loader", CRAFTED)
+def test_a_crafted_file_runs_no_code_and_is_refused_in_one_line(loader, trained, tmp_path, capsys):
+    data, run = trained
+    marker = tmp_path / "code-ran"
+    out = str(tmp_path / "out")
+    if loader.startswith(("sample", "train-init", "train-resume", "convert")):
+        crafted = _crafted_checkpoint(run, tmp_path, marker)
+    elif loader.endswith(("statistics", "fid-ref")):
+        crafted = _crafted_npz(tmp_path, marker)
+    else:
+        crafted = _crafted_encoder(tmp_path, marker)
+    if loader == "sample":
+        main, argv = cli.sample_main, [crafted, "--grid", tmp_path / "g.png", *SAMPLE_ARGS]
+    elif loader == "train-init-from":
+        main, argv = cli.train_main, _train_cli(data, out, "--steps", "1", "--init-from", crafted)
+    elif loader == "train-resume":
+        main, argv = cli.train_main, _train_cli(data, out, "--steps", "3", "--resume", crafted)
+    elif loader == "convert":
+        main, argv = cli.convert_main, [crafted, tmp_path / "converted.pt", "--model", "DiP-Tiny"]
+    elif loader in ("eval-statistics", "eval-extractor"):
+        a = _npz(tmp_path / "a.npz", 0)
+        reference = crafted if loader == "eval-statistics" else _npz(tmp_path / "b.npz", 1)
+        extractor = crafted if loader == "eval-extractor" else _tiny_extractor(tmp_path / "x.pt")
+        main, argv = cli.eval_main, [a, reference, "--extractor", extractor, "--fid-only", "--device", "cpu",
+                                     "--no-progress"]
+    elif loader == "train-fid-ref":
+        main, argv = cli.train_main, _train_cli(data, out, "--steps", "1", "--set", "fid_interval=1",
+                                                "--set", f"fid_ref={crafted}", "--set", "fid_samples=2",
+                                                "--set", f"fid_extractor={_tiny_extractor(tmp_path / 'x.pt')}")
+    else:
+        main, argv = cli.train_main, _train_cli(data, out, "--steps", "1", "--set", "repa=true",
+                                                "--set", f"repa_encoder={crafted}", "--set", "repa_depth=1")
+    code, _, err = _call(main, argv, capsys)
+    assert not marker.exists(), f"{loader}: loading the file ran its command"
+    _assert_one_line(err, code)
+
+
+def test_checkpoints_hold_only_tensors_and_plain_values_and_old_ones_still_resume(trained, tmp_path, capsys):
+    data, run = trained
+    state = torch.load(os.path.join(run, "latest.pt"), weights_only=True)  # no numpy array, no class
+    assert isinstance(state["rng"][0]["numpy"]["keys"], torch.Tensor)
+    # the layout of checkpoints written before: numpy's RNG state as np.random.get_state() gave it
+    old = {k: v for k, v in state.items() if k != ckpt.CHECKSUM_KEY}
+    saved = state["rng"][0]["numpy"]
+    legacy_numpy = (saved["kind"], saved["keys"].numpy().astype(np.uint32), saved["pos"], saved["has_gauss"],
+                    saved["cached_gaussian"])
+    old["rng"] = [{**old["rng"][0], "numpy": legacy_numpy}]
+    os.makedirs(tmp_path / "old")
+    torch.save(ckpt.with_checksum(old), str(tmp_path / "old" / "latest.pt"))
+    ckpt.restore_rng_state(ckpt.load_checkpoint(str(tmp_path / "old"))["rng"][0])
+    assert np.random.get_state()[2] == saved["pos"]
+    code, _, err = _call(cli.train_main, _train_cli(data, str(tmp_path / "old"), "--steps", "3", "--resume"), capsys)
+    assert code == 0, err

@@ -32,7 +32,7 @@ class TrainConfig:
     repa: bool = False                      # REPA representation alignment
     repa_weight: float = 0.5
     repa_depth: int = 8                     # align the tokens after this block
-    repa_encoder: str = ""                  # local TorchScript / pickled encoder (dip.diffusion.load_frozen_encoder)
+    repa_encoder: str = ""                  # local TorchScript encoder (dip.diffusion.load_frozen_encoder)
     repa_input_size: int = 224              # encoder input resolution; 0 = the training resolution
     repa_proj_hidden: int = 2048
     random_flip: bool = True
