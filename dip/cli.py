@@ -30,6 +30,7 @@ from .errors import TrainingDiverged, UserError
 from .graph_sampler import GraphSampler
 from .models import CONFIGS
 from .train import load_config, train
+from .train.preemption import EXIT_STOPPED
 
 USER_ERRORS = (UserError, ValueError, OSError, KeyError)
 EXIT_USER_ERROR = 2
@@ -112,7 +113,8 @@ def train_parser() -> ArgumentParser:
         "Exit status: 0 done; 2 a user error, on one line (bad arguments, corrupt checkpoint, a run folder "
         "that holds another run, a resume with incompatible settings, a disk full while saving, ...); "
         "3 stopped because the loss or gradient norm was not finite (no non-finite weights are saved; the "
-        "last checkpoint is left as it was)."))
+        "last checkpoint is left as it was); 75 stopped by a signal of --stop-signals (SLURM, Kubernetes) after "
+        "saving the last completed step: run the same command with --resume to continue (docs/run-safety.md)."))
     p.add_argument("config", help=f"a model name ({', '.join(CONFIGS)}) or a YAML file of TrainConfig fields "
                                   "(configs/ holds the paper's recipes)")
     p.add_argument("--data", help="image folder: one subfolder per class, or images directly (unconditional)")
@@ -160,6 +162,9 @@ def train_parser() -> ArgumentParser:
                    help="start a new run (fresh optimizer, step 0) from these weights: a dip-train checkpoint or "
                         "official DiP weights (Lightning .ckpt or state dict) of the model CONFIG names; the EMA "
                         "starts from the file's EMA weights when it has them. Not used when --resume continues a run")
+    p.add_argument("--stop-signals", metavar="SIG,SIG",
+                   help="signals that save the last completed step and exit 75 (default TERM,USR1; e.g. "
+                        "TERM,USR1,INT; '' for none)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--set", type=_key_value, action="append", default=[], metavar="FIELD=VALUE",
                    help="any other TrainConfig field, e.g. --set ema=0.999 --set label_dropout=0")
@@ -174,7 +179,7 @@ def _train(argv):
                                                "image_size", "lr", "objective", "parallel", "precision", "device",
                                                "grad_clip", "grad_checkpointing", "compile", "num_workers", "log_interval",
                                                "ckpt_interval", "sample_interval", "fid_interval", "fid_samples",
-                                               "fid_ref", "seed", "overwrite", "skip_nonfinite")}
+                                               "fid_ref", "seed", "overwrite", "skip_nonfinite", "stop_signals")}
     overrides["init_from"] = args.init_from
     if args.no_progress:
         overrides["progress"] = False
@@ -188,6 +193,12 @@ def _train(argv):
     if cfg.model not in CONFIGS:
         raise ValueError(f"unknown model {cfg.model!r}; choose one of {sorted(CONFIGS)} or give a YAML file")
     result = train(cfg)
+    if result["stopped_by"]:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"dip-train: stopped by {result['stopped_by']} after step {result['step']}, which is saved in "
+                  f"{result['checkpoint']}; continue with --resume (exit status {EXIT_STOPPED})", file=sys.stderr,
+                  flush=True)
+        return EXIT_STOPPED
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"finished at step {result['step']}, loss {result['loss']:.4f}; checkpoint {result['checkpoint']}")
         if result["unreadable_images"]:

@@ -35,11 +35,17 @@ KILL_AT_ENV = "DIP_TEST_KILL_AT"
 
 
 def kill_point(point: str, step: int):
-    """SIGKILL this process if DIP_TEST_KILL_AT names ``point`` at ``step`` (fault-injection tests:
-    "step" after an optimizer step, "metrics" after its metrics line, "checkpoint" once the new
-    checkpoint's temporary file is written but not yet renamed over latest.pt)."""
-    if os.environ.get(KILL_AT_ENV) == f"{point}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
+    """Signal this process if DIP_TEST_KILL_AT is ``point:step[:SIGNAL[:RANK]]`` (fault-injection
+    tests; SIGKILL unless SIGNAL names another, every rank unless RANK names one): "step" after an
+    optimizer step, "accumulate" after a micro-batch's backward, "metrics" after its metrics line,
+    "checkpoint" once the new checkpoint's temporary file is written but not yet renamed over
+    latest.pt, "grid" / "fid" at the start of a sample grid / an FID measurement."""
+    wanted = os.environ.get(KILL_AT_ENV, "").split(":")
+    if wanted[:2] != [point, str(step)]:
+        return
+    if len(wanted) > 3 and wanted[3] != os.environ.get("RANK", "0"):
+        return
+    os.kill(os.getpid(), getattr(signal, "SIG" + wanted[2]) if len(wanted) > 2 else signal.SIGKILL)
 
 
 class RunFolder:
@@ -85,6 +91,11 @@ class RunFolder:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
+
+    @property
+    def lock_fd(self) -> Optional[int]:
+        """The descriptor that holds the lock (a forked data-loader worker closes its copy)."""
+        return self._lock_fd
 
     def release(self):
         if self._lock_fd is not None:
@@ -209,7 +220,7 @@ def _lines_up_to(path: str, step: int) -> Tuple[List[bytes], int]:
 INCOMPATIBLE = ("model", "objective", "image_size", "global_batch", "seed", "repa", "repa_depth", "repa_encoder",
                 "repa_input_size", "repa_proj_hidden")
 # where a run is kept and how it was started are no part of the run
-IGNORED = ("out", "resume", "overwrite", "progress", "model_overrides")  # model_overrides: see model_config
+IGNORED = ("out", "resume", "overwrite", "progress", "model_overrides", "stop_signals")  # model_overrides: see model_config
 
 
 def _short(value) -> str:

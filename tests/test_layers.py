@@ -31,7 +31,7 @@ DIP_LAYERS = [
     ["dip.distributed", "dip.run_folder"],
     ["dip.ema", "dip.sample"],
     ["dip.graph_sampler", "dip.evaluate", "dip.official"],
-    ["dip.train.config"],
+    ["dip.train.config", "dip.train.preemption"],
     ["dip.train.step"],
     ["dip.train.trainer"],
     ["dip.train.run"],

@@ -809,3 +809,145 @@ def test_checkpoints_hold_only_tensors_and_plain_values_and_old_ones_still_resum
     assert np.random.get_state()[2] == saved["pos"]
     code, _, err = _call(cli.train_main, _train_cli(data, str(tmp_path / "old"), "--steps", "3", "--resume"), capsys)
     assert code == 0, err
+
+
+# ----------------------------------------------------------------------------- issue 23, item 1: a signal saves and stops
+def _statistics_npz(path):
+    images = np.random.default_rng(5).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    np.savez(path, images)
+    return str(path)
+
+
+def _signal_run_args(data, out, tmp_path, steps):
+    # grad_accum 2, a sample grid and an FID every 2 steps: every moment a signal may meet
+    return _train_cli(data, out, "--steps", steps, "--ckpt-interval", "4", "--grad-accum", "2",
+                      "--sample-interval", "2", "--fid-interval", "2", "--fid-samples", "2",
+                      "--fid-ref", _statistics_npz(tmp_path / "ref.npz"), "--set", "sample_steps=1",
+                      "--set", f"fid_extractor={_tiny_extractor(tmp_path / 'x.pt')}")
+
+
+def _compare_runs(reference, resumed):
+    a, b = ckpt.load_checkpoint(reference), ckpt.load_checkpoint(resumed)
+    assert a["step"] == b["step"]
+    for part in ("model", "ema"):
+        for name in a[part]:
+            assert torch.equal(a[part][name], b[part][name]), (part, name)
+    for pid, moments in a["optimizer"]["state"].items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(moments[key], b["optimizer"]["state"][pid][key])
+    assert a["rng"][0]["torch"].equal(b["rng"][0]["torch"])
+    assert a["rng"][0]["numpy"]["keys"].equal(b["rng"][0]["numpy"]["keys"]) and a["rng"][0]["python"] == b["rng"][0]["python"]
+    rows = [(m["step"], m["loss"]) for m in _strict_metrics(os.path.join(resumed, "metrics.jsonl")) if "loss" in m]
+    assert len({s for s, _ in rows}) == len(rows), "a step logged twice"
+    assert rows == [(m["step"], m["loss"]) for m in _strict_metrics(os.path.join(reference, "metrics.jsonl"))
+                    if "loss" in m]
+
+
+# (where DIP_TEST_KILL_AT sends the signal, the step the run stops after)
+SIGNAL_MOMENTS = [("step:3:TERM", 3), ("accumulate:3:USR1", 3), ("grid:2:TERM", 3), ("fid:2:USR1", 3),
+                  ("checkpoint:4:TERM", 4)]
+
+
+@pytest.fixture(scope="module")
+def signal_reference(trained, tmp_path_factory):
+    data, _ = trained
+    root = tmp_path_factory.mktemp("signal-reference")
+    out = str(root / "run")
+    assert cli.train_main(_signal_run_args(data, out, root, "5")) == 0
+    return out
+
+
+@pytest.mark.parametrize("moment,stops_after", SIGNAL_MOMENTS)
+def test_a_stop_signal_saves_the_last_completed_step_and_resumes_bit_exact(
+        moment, stops_after, trained, signal_reference, tmp_path, monkeypatch, capsys):
+    from dip.run_folder import KILL_AT_ENV
+    from dip.train.preemption import EXIT_STOPPED
+    data, _ = trained
+    out = str(tmp_path / "run")
+    monkeypatch.setenv(KILL_AT_ENV, moment)
+    code, _, err = _call(cli.train_main, _signal_run_args(data, out, tmp_path, "5"), capsys)
+    assert code == EXIT_STOPPED, err
+    assert f"after step {stops_after}" in err and err.count("\n") == 1, err
+    assert ckpt.load_checkpoint(out)["step"] == stops_after  # 0 completed steps lost
+    assert _strict_metrics(os.path.join(out, "metrics.jsonl"))[-1]["step"] <= stops_after
+    assert _temporaries(out) == [] and _temporaries(os.path.join(out, "samples")) == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are given back
+    monkeypatch.delenv(KILL_AT_ENV)
+    code, _, err = _call(cli.train_main, _signal_run_args(data, out, tmp_path, "5") + ["--resume"], capsys)
+    assert code == 0, err
+    _compare_runs(signal_reference, out)
+
+
+def test_stop_signals_are_configurable_and_checked(trained, tmp_path, monkeypatch, capsys):
+    from dip.run_folder import KILL_AT_ENV
+    data, _ = trained
+    code, _, err = _call(cli.train_main, _train_cli(data, str(tmp_path / "a"), "--stop-signals", "TERM,NOPE"), capsys)
+    _assert_one_line(err, code, ("NOPE",), "dip-train")
+    monkeypatch.setenv(KILL_AT_ENV, "step:1:USR2")
+    code, _, err = _call(cli.train_main, _train_cli(data, str(tmp_path / "b"), "--steps", "2",
+                                                     "--stop-signals", "USR2,HUP"), capsys)
+    assert code == 75 and ckpt.load_checkpoint(str(tmp_path / "b"))["step"] == 1, err
+
+
+def _start_training(data, out, steps, *extra, torchrun=False, kill_at=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env.pop("DIP_TEST_KILL_AT", None)
+    if kill_at:
+        env["DIP_TEST_KILL_AT"] = kill_at
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(_free_port()), "-m", "dip.cli"] if torchrun else [sys.executable, "-m", "dip.cli"]
+    argv = launcher + ["train", *_train_cli(data, out, "--steps", str(steps), *extra)]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env,
+                            start_new_session=True)
+
+
+def _wait_for_step(out, step, proc, timeout=240):
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if os.path.exists(metrics) and any(m["step"] >= step for m in _strict_metrics(metrics) if "step" in m):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} logged: {proc.poll()} {proc.stderr.read() if proc.poll() is not None else ''}")
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_stops_cleanly(trained, tmp_path):
+    # as SLURM and Kubernetes do: every process of the job gets the signal, the data-loader workers too
+    data, _ = trained
+    out = str(tmp_path / "run")
+    proc = _start_training(data, out, 400, "--num-workers", "1", "--ckpt-interval", "1000")
+    _wait_for_step(out, 3, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err
+    saved = ckpt.load_checkpoint(out)["step"]
+    assert saved == _strict_metrics(os.path.join(out, "metrics.jsonl"))[-1]["step"] and saved < 400
+    assert _temporaries(out) == [] and "Traceback" not in err and "stopped by SIGTERM" in err, err
+
+
+def test_kill_9_with_loader_workers_leaves_no_lock_on_the_folder(trained, tmp_path, capsys):
+    data, _ = trained
+    out = str(tmp_path / "run")
+    proc = _start_training(data, out, 400, "--num-workers", "1", "--ckpt-interval", "2")
+    _wait_for_step(out, 3, proc)
+    os.kill(proc.pid, signal.SIGKILL)  # the trainer only: its worker is orphaned
+    proc.communicate(timeout=60)
+    code, _, err = _call(cli.train_main, _train_cli(data, out, "--steps", "4", "--resume"), capsys)
+    assert code == 0, err
+
+
+def test_torchrun_a_signal_to_one_rank_stops_both_after_the_same_step(trained, tmp_path):
+    data, _ = trained
+    out = str(tmp_path / "run")
+    proc = _start_training(data, out, 6, "--ckpt-interval", "100", torchrun=True, kill_at="step:3:TERM:1")
+    _, err = proc.communicate(timeout=300)
+    # the workers exit 75; torchrun ends the others at the first and reports any worker's non-zero status as its own 1 (docs/run-safety.md)
+    assert proc.returncode == 1 and "exitcode  : 75" in err, err
+    assert "stopped by a stop signal to another rank after step 3" in err, err
+    state = ckpt.load_checkpoint(out)
+    assert state["step"] == 3 and state["world_size"] == 2, err
+    assert _temporaries(out) == []
+    proc = _start_training(data, out, 6, "--ckpt-interval", "100", "--resume", torchrun=True)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert [m["step"] for m in _strict_metrics(os.path.join(out, "metrics.jsonl"))] == [1, 2, 3, 4, 5, 6]

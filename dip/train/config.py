@@ -55,6 +55,7 @@ class TrainConfig:
     skip_nonfinite: int = 0                 # steps with a non-finite loss / grad norm to skip before stopping
     init_from: Optional[str] = None         # a new run from these weights (dip-train or official; dip.official)
     device: str = "auto"                    # auto | cpu | cuda
+    stop_signals: str = "TERM,USR1"         # signals that save the run and exit 75 (dip.train.preemption); "" = none
     progress: bool = True
 
     def validate(self):

@@ -8,8 +8,10 @@ settings, and nothing non-finite is ever saved: see dip.run_folder and dip.check
 """
 import contextlib
 import dataclasses
+import functools
 import os
 import random
+import signal
 import time
 import warnings
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -26,9 +28,10 @@ from ..data import CountReadFailures, ImageFolderDataset, ResumableBatchSampler,
 from ..distributed import DistEnv, agree, broadcast, gather_objects, leave_process_group, setup_distributed
 from ..errors import CheckpointError, TrainingDiverged
 from ..evaluate import TrainingFID
-from ..models import build_model, canonical_model_config
+from ..models import DiPConfig, build_model, canonical_model_config
 from ..run_folder import METRICS_NAME, SAMPLES_DIR, MetricsLog, RunFolder, config_changes, kill_point
 from .config import TrainConfig
+from .preemption import StopRequest
 from .trainer import Trainer
 
 
@@ -43,6 +46,14 @@ def train(cfg: TrainConfig, dataset=None, on_step: Optional[Callable[[int, Dict[
     dip.run_folder). Raises TrainingDiverged when the loss or gradient norm is not finite (beyond
     ``cfg.skip_nonfinite`` skipped steps); the last checkpoint is then left as it was."""
     cfg.validate()
+    stop = StopRequest(cfg.stop_signals.split(",")).install()
+    try:
+        return _train_in_process_group(cfg, stop, dataset, on_step)
+    finally:
+        stop.uninstall()
+
+
+def _train_in_process_group(cfg: TrainConfig, stop: StopRequest, dataset, on_step) -> Dict[str, Any]:
     env = setup_distributed(cfg.device)
     finished = False
     try:
@@ -52,7 +63,7 @@ def train(cfg: TrainConfig, dataset=None, on_step: Optional[Callable[[int, Dict[
             if folder is not None:
                 cleanup.callback(folder.release)
             resume_path = broadcast(resume_path, env)
-            result = Run(cfg, env, folder, resume_path, dataset).train(cleanup, on_step)
+            result = Run(cfg, env, folder, resume_path, dataset, stop).train(cleanup, on_step)
             finished = True
             return result
     finally:
@@ -150,7 +161,10 @@ def build_run_model(cfg: TrainConfig, overrides, init, env: DistEnv) -> torch.nn
 
 
 def ema_model(model_config, ema_state, device) -> torch.nn.Module:
-    model = build_model(model_config).to(device)
+    # its random initialisation must not move the run's RNG, which a resumed run restores
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(DiPConfig(**model_config))
+    model = model.to(device)
     model.load_state_dict(ema_state)
     return model.eval()
 
@@ -159,8 +173,10 @@ class Run:
     """The state of a run around its Trainer: data position, checkpoints, metrics, progress."""
 
     def __init__(self, cfg: TrainConfig, env: DistEnv, folder: Optional[RunFolder], resume_path: Optional[str],
-                 dataset=None):
+                 dataset=None, stop: Optional[StopRequest] = None):
         self.cfg, self.env, self.folder, self.resume_path = cfg, env, folder, resume_path
+        self.stop = stop or StopRequest(())
+        self.saved_step = None  # the step of the last checkpoint this process wrote or took part in
         if env.is_main and folder.removed_temporaries:
             print(f"removed {len(folder.removed_temporaries)} temporary files a killed run left in {cfg.out}",
                   flush=True)
@@ -212,6 +228,8 @@ class Run:
         return DataLoader(CountReadFailures(self.dataset), batch_sampler=sampler, collate_fn=collate,
                           num_workers=cfg.num_workers, pin_memory=env.device.type == "cuda",
                           persistent_workers=cfg.num_workers > 0,
+                          worker_init_fn=functools.partial(_init_worker, self.stop.signals,
+                                                           _lock_identity(self.folder)),
                           prefetch_factor=2 if cfg.num_workers > 0 else None)
 
     # -- outputs
@@ -243,6 +261,7 @@ class Run:
                                         before_rename=lambda: kill_point("checkpoint", step))
 
         agree(env, write, main_only=True)
+        self.saved_step = step
         self.latest = os.path.join(cfg.out, ckpt.LATEST)
         trainer.kept = _kept(self.latest)
         return self.latest
@@ -252,6 +271,9 @@ class Run:
         ema_state = self.trainer.ema.full_state_dict(self.trainer.model, env.is_main)
 
         def draw():
+            if self.stop.requested:  # a stop signal came: the checkpoint matters, the grid does not
+                return None
+            kill_point("grid", step)
             model = ema_model(self.identity["model_config"], ema_state, env.device)
             n = min(16, max(4, self.num_classes))
             labels = torch.arange(n) % self.num_classes
@@ -270,20 +292,27 @@ class Run:
                            seed=cfg.seed, extractor=cfg.fid_extractor or None, device=self.env.device,
                            progress=cfg.progress)
 
-    def fid(self, meter: TrainingFID) -> Optional[float]:
+    def fid(self, meter: TrainingFID, step: int) -> Optional[float]:
         ema_state = self.trainer.ema.full_state_dict(self.trainer.model, self.env.is_main)
-        return agree(self.env, lambda: meter(ema_model(self.identity["model_config"], ema_state, self.env.device)),
-                     main_only=True)
+
+        def measure():
+            if self.stop.requested:  # a stop signal came: the checkpoint matters, the FID does not
+                return None
+            kill_point("fid", step)
+            return meter(ema_model(self.identity["model_config"], ema_state, self.env.device))
+        return agree(self.env, measure, main_only=True)
 
     # -- the loop
     def train(self, cleanup: contextlib.ExitStack, on_step=None) -> Dict[str, Any]:
         cfg, env = self.cfg, self.env
         # on the main rank, before any step, so a bad reference or missing network fails at once
-        fid_meter = agree(env, self.training_fid, main_only=True) if cfg.fid_interval else None
+        with torch.random.fork_rng(devices=[]):  # set up once per process: a resumed run must not draw more
+            fid_meter = agree(env, self.training_fid, main_only=True) if cfg.fid_interval else None
         log = RunLog(self, cleanup)
         self.trainer.train_model.train()
-        data_iter = iter(self.loader())
-        step = self.start_step
+        with torch.random.fork_rng(devices=[]):  # the loader's seed draw must not move the run's RNG either
+            data_iter = iter(self.loader())
+        step, stopped_by = self.start_step, None
         for step in range(self.start_step + 1, cfg.steps + 1):
             images, labels, failed_reads = next(data_iter)
             self.unreadable += failed_reads
@@ -296,17 +325,23 @@ class Run:
             log.advance()
             if step % cfg.ckpt_interval == 0 or step == cfg.steps:
                 self.save(step)
+            if self.stop.agreed(env):  # every rank stops after this same step, with it saved
+                if self.saved_step != step:
+                    self.save(step)
+                stopped_by = self.stop.received or "a stop signal to another rank"
+                break
             if cfg.sample_interval and step % cfg.sample_interval == 0:
                 self.sample_grid(step)
             if cfg.fid_interval and step % cfg.fid_interval == 0:
-                log.fid(step, info, lambda: self.fid(fid_meter))
+                log.fid(step, info, lambda: self.fid(fid_meter, step))
             if on_step is not None:
                 on_step(step, info)
         failures = sum(gather_objects(self.unreadable, env))
         if failures and env.is_main:
             warnings.warn(f"{failures} unreadable images were skipped during training", RuntimeWarning)
         return {"step": step, "loss": log.last_loss, "checkpoint": self.latest, "unreadable_images": failures,
-                "model": self.trainer.model if not env.distributed else None}
+                "model": self.trainer.model if not env.distributed else None,
+                "stopped_by": stopped_by}
 
 
 class RunLog:
@@ -372,6 +407,8 @@ class RunLog:
     def fid(self, step: int, info: Dict[str, Any], measure: Callable[[], Optional[float]]):
         t_fid = time.perf_counter()
         value = measure()
+        if value is None:  # skipped for a stop signal
+            return
         if self.metrics is not None:
             info["fid"] = value
             self.metrics.append({"step": step, "fid": value, "fid_samples": self.run.cfg.fid_samples,
@@ -380,6 +417,30 @@ class RunLog:
             self.postfix["fid"] = f"{value:.2f}"
             self.bar.set_postfix(self.postfix)
         self.t_last += time.perf_counter() - t_fid  # img_per_s counts training time only
+
+
+def _lock_identity(folder: Optional[RunFolder]) -> Optional[Tuple[int, int, int]]:
+    if folder is None or folder.lock_fd is None:
+        return None
+    info = os.fstat(folder.lock_fd)
+    return folder.lock_fd, info.st_dev, info.st_ino
+
+
+def _init_worker(stop_signals, lock: Optional[Tuple[int, int, int]], worker_id: int):
+    """A data-loader worker: the trainer stops it after its checkpoint, so it ignores the stop
+    signals; and it lets go of the run folder's lock, which a worker orphaned by a kill -9 of the
+    trainer would otherwise hold until it noticed (seconds), refusing the requeued run."""
+    for sig in stop_signals:
+        signal.signal(sig, signal.SIG_IGN)
+    if lock is None:
+        return
+    fd, device, inode = lock
+    try:
+        info = os.fstat(fd)
+    except OSError:  # not inherited (a spawned worker)
+        return
+    if (info.st_dev, info.st_ino) == (device, inode):
+        os.close(fd)
 
 
 def _kept(latest: Optional[str]) -> str:

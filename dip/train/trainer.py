@@ -19,6 +19,7 @@ from ..distributed import (DistEnv, any_rank_nonfinite, average_gradients, fully
                            no_sync, optimizer_full_state_dict)
 from ..ema import EMA
 from ..errors import TrainingDiverged
+from ..run_folder import kill_point
 from .config import TrainConfig
 from .step import (build_objective, build_repa, compile_fn, compile_for_sharding, draw_loss_inputs, lr_at,
                    make_loss_fn, step_generator)
@@ -128,6 +129,7 @@ class Trainer:
                     loss = self.loss_fn(self.train_model, x, y, draws).float()
                 (loss / cfg.grad_accum).backward()
             step_loss += loss.detach() / cfg.grad_accum
+            kill_point("accumulate", step)
         return step_loss
 
     def _skip_nonfinite(self, step: int, step_loss: torch.Tensor, grad_norm: torch.Tensor):
