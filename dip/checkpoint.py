@@ -116,6 +116,28 @@ def atomic_write(path: str, mode: str = "wb"):
     _fsync_dir(folder)
 
 
+def check_output(path: str, flag: str, overwrite: bool):
+    """Refuse, before any work, an output ``path`` that exists (unless ``overwrite``), is a folder, or
+    cannot be written (a probe file is made beside it and removed). One-line errors name ``flag``."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{flag} {path} is a folder; name the file to write")
+    if os.path.lexists(path) and not overwrite:
+        raise FileExistsError(f"{flag} {path} exists; pass --overwrite to replace it")
+    folder = os.path.dirname(os.path.abspath(path))
+    parent = folder
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise NotADirectoryError(f"{flag} {path} cannot be written: {parent} is a file, not a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe" + TEMP_MARKER, suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise OutputWriteError(f"{flag} {path} cannot be written: {err.strerror or err}") from None
+
+
 def atomic_save(obj: Any, path: str, before_rename: Optional[Callable[[], None]] = None):
     """``torch.save(obj, path)`` through :func:`atomic_write`; ``before_rename()`` runs once the
     temporary file holds the whole payload (the fault-injection tests kill the process there)."""

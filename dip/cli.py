@@ -24,7 +24,7 @@ import yaml
 
 from . import demo, evaluate, official
 from . import sample as sampling
-from .checkpoint import write_json
+from .checkpoint import check_output, write_json
 from .distributed import check_device, leave_process_group, setup_distributed
 from .errors import TrainingDiverged, UserError
 from .graph_sampler import GraphSampler
@@ -247,6 +247,7 @@ def sample_parser() -> ArgumentParser:
                    help="euler on CUDA: run the eager sampler instead of replaying CUDA graphs of whole steps "
                         "(dip.graph_sampler); the CPU always runs eagerly")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --grid or --npz file")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -258,6 +259,9 @@ def _sample(argv):
         raise ValueError(f"--npz must name a .npz file, got {args.npz!r}")
     if args.grid or not args.npz:
         sampling.grid_format(args.grid or "samples.png")  # refuse a --grid x.gif before sampling
+        check_output(args.grid or "samples.png", "--grid", args.overwrite)
+    if args.npz:
+        check_output(args.npz, "--npz", args.overwrite)
     env = setup_distributed(args.device)
     finished = False
     try:
@@ -396,6 +400,7 @@ def eval_parser() -> ArgumentParser:
                    help="write the reference's statistics and features here, to pass as REFERENCE next time")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json or --save-stats file")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -408,6 +413,9 @@ def _eval(argv):
             raise FileNotFoundError(f"{path!r} does not exist")
     if args.save_stats and not args.save_stats.endswith(".npz"):
         raise ValueError(f"--save-stats must name a .npz file, got {args.save_stats!r}")
+    for flag, path in (("--json", args.json), ("--save-stats", args.save_stats)):
+        if path:
+            check_output(path, flag, args.overwrite)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     metrics = evaluate.evaluate(args.samples, args.reference, extractor=args.extractor, batch_size=args.batch_size,
                                 k=args.k, device=device, progress=not args.no_progress, input_range=args.input_range,

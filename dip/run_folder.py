@@ -135,9 +135,11 @@ class RunFolder:
             latest = os.path.join(self.path, ckpt.LATEST)
             if os.path.isfile(latest):
                 return latest
-            if held:
+            if any(NUMBERED_CHECKPOINT.match(name) for name in held):
                 raise RunFolderError(f"--resume: {self.path} holds a run ({listing}) but no {ckpt.LATEST} to "
                                      "resume from; pass --resume CHECKPOINT, or --overwrite to start again")
+            # a run that ended before its first checkpoint (preemption, bad data) left only its log
+            # and grids: nothing to continue, so the requeued command starts it again
             return None
         path = ckpt.resolve_checkpoint(resume)
         if held and os.path.realpath(os.path.dirname(path)) != os.path.realpath(self.path):

@@ -172,10 +172,17 @@ def test_resume_without_a_checkpoint(trained, tmp_path, capsys):
     data, _ = trained
     # a new folder: --resume starts the run
     code, out, err = _call(cli.train_main, _train_cli(data, tmp_path / "new", "--steps", "1", "--resume"), capsys)
-    assert code == 0 and "starting a new one" in out, err
-    # a folder that holds a run but no checkpoint to continue (killed before its first one)
+    assert code == 0 and "starting a new run" in out, err
+    # a folder whose run ended before its first checkpoint (preempted, bad data) holds only its log:
+    # the same --resume command starts it again (issue 23: the requeue after an early end)
     os.remove(tmp_path / "new" / "latest.pt")
-    code, _, err = _call(cli.train_main, _train_cli(data, tmp_path / "new", "--steps", "2", "--resume"), capsys)
+    code, out, err = _call(cli.train_main, _train_cli(data, tmp_path / "new", "--steps", "2", "--resume"), capsys)
+    assert code == 0 and "starting a new run" in out, err
+    assert [m["step"] for m in _strict_metrics(tmp_path / "new" / "metrics.jsonl")] == [1, 2]
+    # numbered checkpoints but no latest.pt: which one to continue is the user's choice
+    shutil.copy(tmp_path / "new" / "latest.pt", tmp_path / "new" / "step_00000002.pt")
+    os.remove(tmp_path / "new" / "latest.pt")
+    code, _, err = _call(cli.train_main, _train_cli(data, tmp_path / "new", "--steps", "3", "--resume"), capsys)
     _assert_one_line(err, code, ("no latest.pt",), "dip-train")
 
 
@@ -951,3 +958,60 @@ def test_torchrun_a_signal_to_one_rank_stops_both_after_the_same_step(trained, t
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert [m["step"] for m in _strict_metrics(os.path.join(out, "metrics.jsonl"))] == [1, 2, 3, 4, 5, 6]
+
+
+# ----------------------------------------------------------------------------- issue 23, item 4: the last ways work is lost
+@pytest.mark.parametrize("flag", ["--grid", "--npz", "--json"])
+def test_an_existing_output_is_refused_without_overwrite(flag, trained, tmp_path, capsys):
+    _, run = trained
+    target = tmp_path / ("out.png" if flag == "--grid" else "out.npz" if flag == "--npz" else "m.json")
+    target.write_bytes(b"a user's file")
+    if flag == "--json":
+        a, b = _npz(tmp_path / "a.npz", 0), _npz(tmp_path / "b.npz", 1)
+        main, argv = cli.eval_main, [a, b, "--extractor", _tiny_extractor(tmp_path / "x.pt"), "--fid-only",
+                                     "--device", "cpu", "--no-progress", "--json", target]
+    else:
+        main, argv = cli.sample_main, [run, flag, target, *SAMPLE_ARGS]
+    code, _, err = _call(main, argv, capsys)
+    _assert_one_line(err, code, (flag, "--overwrite"))
+    assert target.read_bytes() == b"a user's file"
+    code, _, err = _call(main, argv + ["--overwrite"], capsys)
+    assert code == 0 and target.read_bytes() != b"a user's file", err
+
+
+def test_an_unwritable_sample_output_is_refused_before_sampling(trained, tmp_path, monkeypatch, capsys):
+    from dip import official
+    _, run = trained
+    (tmp_path / "a-file").write_text("x")
+    loaded = []
+    monkeypatch.setattr(official, "load_model", lambda *a, **k: loaded.append(1))
+    code, _, err = _call(cli.sample_main, [run, "--npz", tmp_path / "a-file" / "s.npz", *SAMPLE_ARGS], capsys)
+    _assert_one_line(err, code, ("--npz", "is a file, not a folder"), "dip-sample")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    os.chmod(locked, 0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who can write anywhere")
+        code, _, err = _call(cli.sample_main, [run, "--grid", locked / "g.png", *SAMPLE_ARGS], capsys)
+        _assert_one_line(err, code, ("--grid", "cannot be written"), "dip-sample")
+    finally:
+        os.chmod(locked, 0o700)
+    assert loaded == []
+
+
+def test_runs_that_would_do_nothing_are_refused_or_said(run_copy, tmp_path, capsys):
+    data, out = run_copy
+    config = tmp_path / "c.yaml"
+    config.write_text("model: DiP-Tiny\nsteps: 0\n")
+    code, _, err = _call(cli.train_main, [config, "--data", data, "--out", tmp_path / "o", *TRAIN_ARGS], capsys)
+    _assert_one_line(err, code, ("steps must be >= 1",), "dip-train")
+    code, _, err = _call(cli.train_main, _train_cli(data, out, "--steps", "1", "--resume"), capsys)
+    _assert_one_line(err, code, ("--steps 1 is below", "(2)"), "dip-train")
+
+
+def test_convert_checks_a_dip_train_checkpoint_before_calling_it_one(run_copy, tmp_path, capsys):
+    _, out = run_copy
+    _flip_a_weight_byte(os.path.join(out, "latest.pt"))
+    code, _, err = _call(cli.convert_main, [out, tmp_path / "c.pt", "--model", "DiP-Tiny"], capsys)
+    _assert_one_line(err, code, ("corrupt",), "dip-convert")

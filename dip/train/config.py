@@ -64,7 +64,7 @@ class TrainConfig:
             (self.image_size > 0, "image_size must be positive"),
             (self.global_batch > 0, "global_batch must be positive"),
             (self.grad_accum > 0, "grad_accum must be positive"),
-            (self.steps >= 0, "steps must be >= 0"),
+            (self.steps > 0, "steps must be >= 1"),
             (self.lr > 0, "lr must be positive"),
             (0.0 <= self.ema < 1.0, "ema must be in [0, 1)"),
             (0.0 <= self.label_dropout <= 1.0, "label_dropout must be in [0, 1]"),

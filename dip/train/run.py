@@ -194,7 +194,7 @@ class Run:
         if state is not None:
             self._restore(state)
         elif resume_path is None and cfg.resume and env.is_main:
-            print(f"--resume: {cfg.out} holds no run yet; starting a new one", flush=True)
+            print(f"--resume: {cfg.out} holds no checkpoint yet; starting a new run", flush=True)
         self.identity = run_identity(cfg, dataclasses.asdict(model.config), self.dataset)
 
     def _report_init(self, init):
@@ -208,6 +208,9 @@ class Run:
         env, dataset = self.env, self.dataset
         self.trainer.load_full_state(state, self.resume_path)
         self.start_step = int(state["step"])
+        if self.start_step > self.cfg.steps:
+            raise CheckpointError(f"--steps {self.cfg.steps} is below the step of {self.resume_path} "
+                                  f"({self.start_step}); pass a larger --steps to train further")
         self.epoch, self.index = int(state["data"]["epoch"]), int(state["data"]["index"])
         if env.is_main:
             self.unreadable = int(state.get("unreadable_images", 0))
