@@ -21,7 +21,7 @@ import random
 import re
 import tempfile
 import warnings
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -228,16 +228,73 @@ def write_checkpoint(state: Dict[str, Any], path: str, before_rename: Optional[C
     atomic_save(with_checksum(state), path, before_rename)
 
 
+NUMBERED = re.compile(r"^step_(\d{8})\.pt$")
+
+
+def numbered_checkpoints(folder: str) -> List[str]:
+    """The ``step_XXXXXXXX.pt`` files in ``folder``, newest step first."""
+    try:
+        names = [n for n in os.listdir(folder) if NUMBERED.match(n)]
+    except FileNotFoundError:
+        return []
+    return [os.path.join(folder, n) for n in sorted(names, reverse=True)]
+
+
+def _link_or_copy(src: str, dst: str):
+    """``dst`` becomes the same file as ``src`` (a hard link: no second write), atomically."""
+    tmp = os.path.join(os.path.dirname(dst), "." + os.path.basename(dst) + TEMP_MARKER + "link0000.tmp")
+    try:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        os.link(src, tmp)
+        os.replace(tmp, dst)
+    except OSError:  # a filesystem without hard links
+        with open(src, "rb") as f_in, atomic_write(dst, "wb") as f_out:
+            while chunk := f_in.read(1 << 24):
+                f_out.write(chunk)
+
+
+def _rotate(out_dir: str, keep_last: int, milestone_every: int):
+    """Remove the numbered checkpoints beyond the ``keep_last`` newest, milestones (steps that
+    ``milestone_every`` divides) excepted. The newest is the one just written, so the last good
+    checkpoint is never removed."""
+    rotating = [p for p in numbered_checkpoints(out_dir)
+                if not (milestone_every and int(NUMBERED.match(os.path.basename(p)).group(1)) % milestone_every == 0)]
+    for path in rotating[max(keep_last, 1):]:
+        os.unlink(path)
+
+
 def save_checkpoint(state: Dict[str, Any], out_dir: str, step: int, keep_numbered: bool = False,
-                    before_rename: Optional[Callable[[], None]] = None) -> str:
-    """Write ``state`` with its checksum as ``<out_dir>/latest.pt`` (and ``step_<step>.pt`` when
-    ``keep_numbered``). Returns the path of latest.pt. ``before_rename``: see atomic_save."""
-    state = with_checksum(state)
+                    before_rename: Optional[Callable[[], None]] = None, keep_last: int = 1,
+                    milestone_every: int = 0) -> str:
+    """Write ``state`` with its checksum as ``<out_dir>/latest.pt``; also as ``step_<step>.pt`` (a
+    hard link to it) when older checkpoints are kept: all of them (``keep_numbered``), the
+    ``keep_last`` newest (latest.pt's step included), and every ``milestone_every``-th step. The
+    numbered ones beyond that are removed once the new one is written. Returns latest.pt's path.
+    ``before_rename``: see atomic_save."""
     latest = os.path.join(out_dir, LATEST)
-    if keep_numbered:
-        atomic_save(state, os.path.join(out_dir, f"step_{step:08d}.pt"))
-    atomic_save(state, latest, before_rename)
+    atomic_save(with_checksum(state), latest, before_rename)
+    milestone = bool(milestone_every) and step % milestone_every == 0
+    if keep_numbered or keep_last > 1 or milestone:
+        _link_or_copy(latest, os.path.join(out_dir, f"step_{step:08d}.pt"))
+        if not keep_numbered:
+            _rotate(out_dir, keep_last, milestone_every)
     return latest
+
+
+def load_newest_good(folder: str, map_location="cpu") -> Tuple[Dict[str, Any], str, List[str]]:
+    """(state, path, the refusals of newer files) of the newest checkpoint in ``folder`` that loads
+    and verifies: latest.pt, else the numbered ones from the newest. CheckpointError when none does
+    (the message is latest.pt's)."""
+    refusals: List[str] = []
+    for path in [os.path.join(folder, LATEST)] + numbered_checkpoints(folder):
+        if not os.path.isfile(path):
+            continue
+        try:
+            return load_checkpoint(path, map_location), path, refusals
+        except CheckpointError as err:
+            refusals.append(str(err))
+    raise CheckpointError(refusals[0] if refusals else f"{folder} holds no checkpoint")
 
 
 def resolve_checkpoint(path: str) -> str:

@@ -150,6 +150,11 @@ def train_parser() -> ArgumentParser:
     p.add_argument("--num-workers", type=int)
     p.add_argument("--log-interval", type=_positive_int)
     p.add_argument("--ckpt-interval", type=_positive_int)
+    p.add_argument("--ckpt-minutes", type=float, help="also save a checkpoint when this many minutes passed since "
+                                                      "the last one (default 0: by --ckpt-interval steps only)")
+    p.add_argument("--keep-last", type=_positive_int, help="checkpoints to keep, the newest included (default 2: "
+                                                           "latest.pt and the one before, as step_XXXXXXXX.pt)")
+    p.add_argument("--milestone-every", type=int, metavar="N", help="also keep every checkpoint of a step N divides")
     p.add_argument("--sample-interval", type=int)
     p.add_argument("--fid-interval", type=int, help="every N steps, FID of --fid-samples EMA samples (fixed classes and "
                                                      "noises) against --fid-ref, to metrics.jsonl; default 0 = off")
@@ -179,7 +184,8 @@ def _train(argv):
                                                "image_size", "lr", "objective", "parallel", "precision", "device",
                                                "grad_clip", "grad_checkpointing", "compile", "num_workers", "log_interval",
                                                "ckpt_interval", "sample_interval", "fid_interval", "fid_samples",
-                                               "fid_ref", "seed", "overwrite", "skip_nonfinite", "stop_signals")}
+                                               "fid_ref", "seed", "overwrite", "skip_nonfinite", "stop_signals",
+                                               "ckpt_minutes", "keep_last", "milestone_every")}
     overrides["init_from"] = args.init_from
     if args.no_progress:
         overrides["progress"] = False
@@ -193,7 +199,7 @@ def _train(argv):
     if cfg.model not in CONFIGS:
         raise ValueError(f"unknown model {cfg.model!r}; choose one of {sorted(CONFIGS)} or give a YAML file")
     result = train(cfg)
-    if result["stopped_by"]:
+    if result.get("stopped_by"):
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"dip-train: stopped by {result['stopped_by']} after step {result['step']}, which is saved in "
                   f"{result['checkpoint']}; continue with --resume (exit status {EXIT_STOPPED})", file=sys.stderr,

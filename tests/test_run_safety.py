@@ -1015,3 +1015,40 @@ def test_convert_checks_a_dip_train_checkpoint_before_calling_it_one(run_copy, t
     _flip_a_weight_byte(os.path.join(out, "latest.pt"))
     code, _, err = _call(cli.convert_main, [out, tmp_path / "c.pt", "--model", "DiP-Tiny"], capsys)
     _assert_one_line(err, code, ("corrupt",), "dip-convert")
+
+
+# ----------------------------------------------------------------------------- issue 23, item 2: rotation, time, fallback
+def _numbered(out):
+    return sorted(n for n in os.listdir(out) if n.startswith("step_"))
+
+
+def test_checkpoints_rotate_keep_milestones_and_a_corrupt_newest_falls_back(trained, tmp_path, capsys):
+    data, _ = trained
+    out = str(tmp_path / "run")
+    code, _, err = _call(cli.train_main, _train_cli(data, out, "--steps", "6", "--ckpt-interval", "1", "--keep-last",
+                                                     "2", "--milestone-every", "4"), capsys)
+    assert code == 0, err
+    assert _numbered(out) == ["step_00000004.pt", "step_00000005.pt", "step_00000006.pt"]
+    assert ckpt.load_checkpoint(out)["step"] == 6 and _temporaries(out) == []
+    _flip_a_weight_byte(os.path.join(out, "latest.pt"))  # step 6's file too: they are one file
+    code, printed, err = _call(cli.train_main, _train_cli(data, out, "--steps", "7", "--ckpt-interval", "1",
+                                                           "--resume"), capsys)
+    assert code == 0, err
+    assert "corrupt" in printed and "step_00000005.pt, the newest that verifies" in printed, printed
+    assert "resumed from" in printed and "step_00000005.pt at step 5" in printed, printed
+    assert ckpt.load_checkpoint(out)["step"] == 7
+    assert [m["step"] for m in _strict_metrics(os.path.join(out, "metrics.jsonl"))] == list(range(1, 8))
+
+
+def test_ckpt_minutes_saves_by_wall_clock(trained, tmp_path, monkeypatch, capsys):
+    import types
+    from dip.train import run as run_module
+    data, _ = trained
+    clock = iter(range(0, 10 ** 6, 61))  # every reading a minute and a second after the one before
+    monkeypatch.setattr(run_module, "time", types.SimpleNamespace(monotonic=lambda: next(clock),
+                                                                  perf_counter=time.perf_counter))
+    out = str(tmp_path / "run")
+    code, _, err = _call(cli.train_main, _train_cli(data, out, "--steps", "3", "--ckpt-interval", "1000",
+                                                     "--ckpt-minutes", "1", "--keep-last", "5"), capsys)
+    assert code == 0, err
+    assert _numbered(out) == ["step_00000001.pt", "step_00000002.pt", "step_00000003.pt"]

@@ -40,6 +40,9 @@ class TrainConfig:
     log_interval: int = 100
     ckpt_interval: int = 10_000
     keep_numbered_ckpts: bool = False       # also keep step_XXXXXXXX.pt at every checkpoint
+    keep_last: int = 2                      # checkpoints kept (latest.pt's step included; older as step_*.pt)
+    milestone_every: int = 0                # also keep every checkpoint whose step this divides; 0 = none
+    ckpt_minutes: float = 0.0               # also save when this many minutes passed since the last save; 0 = off
     sample_interval: int = 0                # 0 = never sample during training
     sample_steps: int = 50
     sample_cfg_scale: float = 1.0
@@ -76,6 +79,8 @@ class TrainConfig:
             (self.log_interval > 0 and self.ckpt_interval > 0, "log_interval and ckpt_interval must be positive"),
             (self.sample_interval >= 0, "sample_interval must be >= 0"),
             (self.skip_nonfinite >= 0, "skip_nonfinite must be >= 0"),
+            (self.keep_last >= 1, "keep_last must be >= 1"),
+            (self.milestone_every >= 0 and self.ckpt_minutes >= 0, "milestone_every and ckpt_minutes must be >= 0"),
             (self.fid_interval >= 0, "fid_interval must be >= 0"),
             (not self.fid_interval or bool(self.fid_ref), "fid_interval needs fid_ref (reference images or statistics)"),
             (self.fid_samples >= 2, "fid_samples must be >= 2"),

@@ -12,7 +12,7 @@ a signal sent to the whole process group does not kill them under the trainer.
 """
 import signal
 import threading
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -69,10 +69,13 @@ class StopRequest:
         """This process received a stop signal (no collective: for phases one rank runs)."""
         return self.received is not None
 
-    def agreed(self, env: DistEnv) -> bool:
-        """Whether any rank received a stop signal; every rank must call it at the same point."""
+    def agreed(self, env: DistEnv, save_due: bool = False) -> Tuple[bool, bool]:
+        """(whether any rank received a stop signal, whether any rank found a save due): one small
+        all-reduce that every rank must call at the same point (the main rank alone keeps the
+        time of --ckpt-minutes, so that ranks with different clocks still agree)."""
         if not env.distributed:
-            return self.requested
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=env.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+            return self.requested, save_due
+        flags = torch.tensor([float(self.requested), float(save_due)], device=env.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        stop, due = flags.tolist()
+        return stop > 0, due > 0

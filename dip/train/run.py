@@ -102,7 +102,13 @@ def run_identity(cfg: TrainConfig, model_config, dataset) -> Dict[str, Any]:
 def load_resume_state(path, cfg, model_config, dataset, is_main) -> Dict[str, Any]:
     """The checkpoint at ``path``, refused (CheckpointError, one line) when the run it was written
     under cannot be continued with ``cfg``; the allowed changes are printed on the main rank."""
-    state = ckpt.load_checkpoint(path)
+    if os.path.basename(path) == ckpt.LATEST:  # a run folder's: an older one if it does not verify
+        state, used, refusals = ckpt.load_newest_good(os.path.dirname(path))
+        if refusals and is_main:
+            print(f"resume: {'; '.join(refusals)}; resuming from {used}, the newest that verifies", flush=True)
+        path = used
+    else:
+        state = ckpt.load_checkpoint(path)
     for key in ("model", "ema", "optimizer", "step", "data"):
         if key not in state:
             raise CheckpointError(f"{path} is not a checkpoint dip-train can resume (it has no {key!r}); "
@@ -115,7 +121,7 @@ def load_resume_state(path, cfg, model_config, dataset, is_main) -> Dict[str, An
                               "(start a new run: another --out, or --overwrite)")
     if allowed and is_main:
         print(f"resume: changed settings: {'; '.join(allowed)}", flush=True)
-    return state
+    return {**state, "loaded_from": path}
 
 
 def init_weights(cfg: TrainConfig, resume_path: Optional[str]):
@@ -177,6 +183,7 @@ class Run:
         self.cfg, self.env, self.folder, self.resume_path = cfg, env, folder, resume_path
         self.stop = stop or StopRequest(())
         self.saved_step = None  # the step of the last checkpoint this process wrote or took part in
+        self.saved_at = time.monotonic()  # when it was written (or the run started), for ckpt_minutes
         if env.is_main and folder.removed_temporaries:
             print(f"removed {len(folder.removed_temporaries)} temporary files a killed run left in {cfg.out}",
                   flush=True)
@@ -206,6 +213,7 @@ class Run:
 
     def _restore(self, state: Dict[str, Any]):
         env, dataset = self.env, self.dataset
+        self.resume_path = state["loaded_from"]
         self.trainer.load_full_state(state, self.resume_path)
         self.start_step = int(state["step"])
         if self.start_step > self.cfg.steps:
@@ -261,13 +269,17 @@ class Run:
                 "nonfinite_skipped": trainer.nonfinite_skipped,
             })
             return ckpt.save_checkpoint(state, cfg.out, step, keep_numbered=cfg.keep_numbered_ckpts,
+                                        keep_last=cfg.keep_last, milestone_every=cfg.milestone_every,
                                         before_rename=lambda: kill_point("checkpoint", step))
 
         agree(env, write, main_only=True)
-        self.saved_step = step
+        self.saved_step, self.saved_at = step, time.monotonic()
         self.latest = os.path.join(cfg.out, ckpt.LATEST)
         trainer.kept = _kept(self.latest)
         return self.latest
+
+    def _save_time_due(self) -> bool:
+        return bool(self.cfg.ckpt_minutes) and time.monotonic() - self.saved_at >= 60 * self.cfg.ckpt_minutes
 
     def sample_grid(self, step: int) -> Optional[str]:
         cfg, env = self.cfg, self.env
@@ -326,11 +338,11 @@ class Run:
             kill_point("step", step)
             info = log.log(step, result) if step % cfg.log_interval == 0 or step == cfg.steps else {}
             log.advance()
-            if step % cfg.ckpt_interval == 0 or step == cfg.steps:
+            # every rank stops after this same step, with it saved
+            stop, time_due = self.stop.agreed(env, env.is_main and self._save_time_due())
+            if step % cfg.ckpt_interval == 0 or step == cfg.steps or time_due or stop:
                 self.save(step)
-            if self.stop.agreed(env):  # every rank stops after this same step, with it saved
-                if self.saved_step != step:
-                    self.save(step)
+            if stop:
                 stopped_by = self.stop.received or "a stop signal to another rank"
                 break
             if cfg.sample_interval and step % cfg.sample_interval == 0:
