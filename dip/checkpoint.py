@@ -20,6 +20,7 @@ import os
 import random
 import re
 import tempfile
+import threading
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -295,6 +296,46 @@ def load_newest_good(folder: str, map_location="cpu") -> Tuple[Dict[str, Any], s
         except CheckpointError as err:
             refusals.append(str(err))
     raise CheckpointError(refusals[0] if refusals else f"{folder} holds no checkpoint")
+
+
+def cpu_snapshot(obj: Any) -> Any:
+    """A copy of ``obj`` with every tensor copied to new CPU memory: what a background write may
+    read while training goes on updating the live tensors."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_snapshot(v) for v in obj)
+    return obj
+
+
+class BackgroundWriter:
+    """Runs one checkpoint write at a time on a thread. :meth:`submit` first waits for the write in
+    flight (at most one), :meth:`wait` waits for it; both raise the error it ended with."""
+
+    def __init__(self):
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+
+    def _run(self, write: Callable[[], Any]):
+        try:
+            write()
+        except BaseException as err:  # raised again in the training thread by wait()
+            self._error = err
+
+    def submit(self, write: Callable[[], Any]):
+        self.wait()
+        self._thread = threading.Thread(target=self._run, args=(write,), name="dip-checkpoint-writer", daemon=False)
+        self._thread.start()
+
+    def wait(self):
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
 
 
 def resolve_checkpoint(path: str) -> str:

@@ -154,6 +154,9 @@ def train_parser() -> ArgumentParser:
                                                       "the last one (default 0: by --ckpt-interval steps only)")
     p.add_argument("--keep-last", type=_positive_int, help="checkpoints to keep, the newest included (default 2: "
                                                            "latest.pt and the one before, as step_XXXXXXXX.pt)")
+    p.add_argument("--async-save", action="store_true", default=None,
+                   help="write checkpoints in the background from a copy in host memory (as much again as the "
+                        "model, EMA and optimizer state), so training does not wait for the disk")
     p.add_argument("--milestone-every", type=int, metavar="N", help="also keep every checkpoint of a step N divides")
     p.add_argument("--sample-interval", type=int)
     p.add_argument("--fid-interval", type=int, help="every N steps, FID of --fid-samples EMA samples (fixed classes and "
@@ -185,7 +188,7 @@ def _train(argv):
                                                "grad_clip", "grad_checkpointing", "compile", "num_workers", "log_interval",
                                                "ckpt_interval", "sample_interval", "fid_interval", "fid_samples",
                                                "fid_ref", "seed", "overwrite", "skip_nonfinite", "stop_signals",
-                                               "ckpt_minutes", "keep_last", "milestone_every")}
+                                               "ckpt_minutes", "keep_last", "milestone_every", "async_save")}
     overrides["init_from"] = args.init_from
     if args.no_progress:
         overrides["progress"] = False

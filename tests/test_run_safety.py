@@ -1052,3 +1052,25 @@ def test_ckpt_minutes_saves_by_wall_clock(trained, tmp_path, monkeypatch, capsys
                                                      "--ckpt-minutes", "1", "--keep-last", "5"), capsys)
     assert code == 0, err
     assert _numbered(out) == ["step_00000001.pt", "step_00000002.pt", "step_00000003.pt"]
+
+
+# ----------------------------------------------------------------------------- issue 23, item 3: saving behind the training
+def test_async_save_writes_the_same_state_as_sync_and_is_waited_for(trained, tmp_path, monkeypatch, capsys):
+    from dip.run_folder import KILL_AT_ENV
+    data, _ = trained
+    sync, background = str(tmp_path / "sync"), str(tmp_path / "async")
+    args = ("--steps", "5", "--ckpt-interval", "2", "--keep-last", "3")
+    assert _call(cli.train_main, _train_cli(data, sync, *args), capsys)[0] == 0
+    assert _call(cli.train_main, _train_cli(data, background, *args, "--async-save"), capsys)[0] == 0
+    _compare_runs(sync, background)
+    for name in ("step_00000002.pt", "step_00000004.pt"):
+        a, b = ckpt.load_checkpoint(os.path.join(sync, name)), ckpt.load_checkpoint(os.path.join(background, name))
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    # a stop signal while the background write is in flight (training goes on meanwhile): the
+    # trainer stops at the next step boundary, saves that step and waits for both writes
+    monkeypatch.setenv(KILL_AT_ENV, "checkpoint:2:TERM")
+    stopped = str(tmp_path / "stopped")
+    code, _, err = _call(cli.train_main, _train_cli(data, stopped, *args, "--async-save"), capsys)
+    saved = ckpt.load_checkpoint(stopped)["step"]
+    assert code == 75 and saved == _strict_metrics(os.path.join(stopped, "metrics.jsonl"))[-1]["step"], err
+    assert saved >= 2 and _temporaries(stopped) == [] and "step_00000002.pt" in os.listdir(stopped)

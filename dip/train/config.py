@@ -42,6 +42,7 @@ class TrainConfig:
     keep_numbered_ckpts: bool = False       # also keep step_XXXXXXXX.pt at every checkpoint
     keep_last: int = 2                      # checkpoints kept (latest.pt's step included; older as step_*.pt)
     milestone_every: int = 0                # also keep every checkpoint whose step this divides; 0 = none
+    async_save: bool = False                # write checkpoints on a thread from a CPU copy (dip.checkpoint)
     ckpt_minutes: float = 0.0               # also save when this many minutes passed since the last save; 0 = off
     sample_interval: int = 0                # 0 = never sample during training
     sample_steps: int = 50

@@ -184,6 +184,7 @@ class Run:
         self.stop = stop or StopRequest(())
         self.saved_step = None  # the step of the last checkpoint this process wrote or took part in
         self.saved_at = time.monotonic()  # when it was written (or the run started), for ckpt_minutes
+        self.writer = ckpt.BackgroundWriter()  # at most one write in flight; async_save: behind the training
         if env.is_main and folder.removed_temporaries:
             print(f"removed {len(folder.removed_temporaries)} temporary files a killed run left in {cfg.out}",
                   flush=True)
@@ -268,15 +269,22 @@ class Run:
                 "world_size": env.world_size,
                 "nonfinite_skipped": trainer.nonfinite_skipped,
             })
-            return ckpt.save_checkpoint(state, cfg.out, step, keep_numbered=cfg.keep_numbered_ckpts,
-                                        keep_last=cfg.keep_last, milestone_every=cfg.milestone_every,
-                                        before_rename=lambda: kill_point("checkpoint", step))
+            snapshot = ckpt.cpu_snapshot(state) if cfg.async_save else state
+            self.writer.submit(lambda: ckpt.save_checkpoint(
+                snapshot, cfg.out, step, keep_numbered=cfg.keep_numbered_ckpts, keep_last=cfg.keep_last,
+                milestone_every=cfg.milestone_every, before_rename=lambda: kill_point("checkpoint", step)))
+            if not cfg.async_save:
+                self.writer.wait()
 
         agree(env, write, main_only=True)
         self.saved_step, self.saved_at = step, time.monotonic()
         self.latest = os.path.join(cfg.out, ckpt.LATEST)
         trainer.kept = _kept(self.latest)
         return self.latest
+
+    def finish_saves(self):
+        """Wait for the checkpoint write in flight (async_save), its error on every rank."""
+        agree(self.env, self.writer.wait, main_only=True)
 
     def _save_time_due(self) -> bool:
         return bool(self.cfg.ckpt_minutes) and time.monotonic() - self.saved_at >= 60 * self.cfg.ckpt_minutes
@@ -342,6 +350,7 @@ class Run:
             stop, time_due = self.stop.agreed(env, env.is_main and self._save_time_due())
             if step % cfg.ckpt_interval == 0 or step == cfg.steps or time_due or stop:
                 self.save(step)
+                stop = stop or self.stop.agreed(env)[0]  # a signal during the save: it is this step's
             if stop:
                 stopped_by = self.stop.received or "a stop signal to another rank"
                 break
@@ -351,6 +360,7 @@ class Run:
                 log.fid(step, info, lambda: self.fid(fid_meter, step))
             if on_step is not None:
                 on_step(step, info)
+        self.finish_saves()
         failures = sum(gather_objects(self.unreadable, env))
         if failures and env.is_main:
             warnings.warn(f"{failures} unreadable images were skipped during training", RuntimeWarning)
