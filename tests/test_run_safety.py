@@ -1074,3 +1074,14 @@ def test_async_save_writes_the_same_state_as_sync_and_is_waited_for(trained, tmp
     saved = ckpt.load_checkpoint(stopped)["step"]
     assert code == 75 and saved == _strict_metrics(os.path.join(stopped, "metrics.jsonl"))[-1]["step"], err
     assert saved >= 2 and _temporaries(stopped) == [] and "step_00000002.pt" in os.listdir(stopped)
+
+
+def test_resume_keeps_the_run_settings_the_user_did_not_pass(trained, tmp_path, capsys):
+    data, _ = trained
+    out = str(tmp_path / "run")
+    assert _call(cli.train_main, _train_cli(data, out, "--steps", "2", "--ckpt-interval", "2",
+                                            "--set", "ema=0.5"), capsys)[0] == 0
+    code, printed, err = _call(cli.train_main, _train_cli(data, out, "--steps", "4", "--resume"), capsys)
+    assert code == 0 and "ckpt_interval 2 ->" not in printed and "kept the run's own ckpt_interval, ema" in printed, printed + err
+    config = ckpt.load_checkpoint(out)["config"]
+    assert config["ckpt_interval"] == 2 and config["ema"] == 0.5 and config["steps"] == 4

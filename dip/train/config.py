@@ -176,4 +176,6 @@ def load_config(name_or_yaml: str, **overrides) -> TrainConfig:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"unknown config fields {unknown}")
-    return TrainConfig(**values).validate()
+    cfg = TrainConfig(**values).validate()
+    cfg.given = frozenset(values)  # what the user set; a resumed run keeps its own values of the rest
+    return cfg

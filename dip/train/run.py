@@ -113,6 +113,7 @@ def load_resume_state(path, cfg, model_config, dataset, is_main) -> Dict[str, An
         if key not in state:
             raise CheckpointError(f"{path} is not a checkpoint dip-train can resume (it has no {key!r}); "
                                   "to start a new run from its weights, use --init-from")
+    adopt_run_settings(cfg, state.get("config") or {}, is_main)
     # a run saved with an earlier name of its head
     state = {**state, "model_config": canonical_model_config(state.get("model_config"))}
     refused, allowed = config_changes(state, run_identity(cfg, model_config, dataset))
@@ -122,6 +123,29 @@ def load_resume_state(path, cfg, model_config, dataset, is_main) -> Dict[str, An
     if allowed and is_main:
         print(f"resume: changed settings: {'; '.join(allowed)}", flush=True)
     return {**state, "loaded_from": path}
+
+
+# read before the checkpoint is (where the run is, its data, device and launch), or what a checkpoint
+# cannot change: never taken from the checkpoint
+NOT_ADOPTED = ("out", "resume", "overwrite", "progress", "data", "device", "init_from", "stop_signals", "model",
+               "model_overrides")
+
+
+def adopt_run_settings(cfg: TrainConfig, saved: Dict[str, Any], is_main: bool):
+    """Give ``cfg`` the resumed run's own values of the settings the user did not set (cfg.given,
+    from load_config; a TrainConfig built in code counts as all set), so that a requeued command
+    line without --ckpt-interval or --steps does not replace the run's with the defaults."""
+    given = getattr(cfg, "given", None)
+    if given is None:
+        return
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    adopted = []
+    for name, value in saved.items():
+        if name in fields and name not in given and name not in NOT_ADOPTED and value != getattr(cfg, name):
+            setattr(cfg, name, tuple(value) if isinstance(getattr(cfg, name), tuple) else value)
+            adopted.append(name)
+    if adopted and is_main:
+        print(f"resume: kept the run's own {', '.join(sorted(adopted))} (not given on the command line)", flush=True)
 
 
 def init_weights(cfg: TrainConfig, resume_path: Optional[str]):
