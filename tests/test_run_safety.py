@@ -1010,6 +1010,14 @@ def test_runs_that_would_do_nothing_are_refused_or_said(run_copy, tmp_path, caps
     _assert_one_line(err, code, ("--steps 1 is below", "(2)"), "dip-train")
 
 
+def test_an_image_size_the_model_cannot_take_names_the_flag_before_any_work(trained, tmp_path, capsys):
+    data, _ = trained
+    out = tmp_path / "run"
+    code, _, err = _call(cli.train_main, _train_cli(data, out, "--steps", "2") + ["--image-size", "33"], capsys)
+    _assert_one_line(err, code, ("--image-size 33", "patch size 16"), "dip-train")
+    assert not (out / "metrics.jsonl").exists()
+
+
 def test_convert_checks_a_dip_train_checkpoint_before_calling_it_one(run_copy, tmp_path, capsys):
     _, out = run_copy
     _flip_a_weight_byte(os.path.join(out, "latest.pt"))

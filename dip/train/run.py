@@ -172,6 +172,9 @@ def prepare(cfg: TrainConfig, resume_path: Optional[str], dataset, is_main: bool
     if overrides["num_classes"] < n_classes:
         raise ValueError(f"the data has {n_classes} classes but the model num_classes={overrides['num_classes']}")
     model_config = model_config_of(cfg, overrides)
+    if cfg.image_size % model_config["patch_size"]:
+        raise ValueError(f"--image-size {cfg.image_size} must be a multiple of {cfg.model}'s patch size "
+                         f"{model_config['patch_size']}")
     state = load_resume_state(resume_path, cfg, model_config, data, is_main) if resume_path else None
     return data, n_classes, overrides, state, init
 
