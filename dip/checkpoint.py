@@ -149,17 +149,20 @@ def atomic_save(obj: Any, path: str, before_rename: Optional[Callable[[], None]]
             before_rename()
 
 
-def remove_stale_temporaries(folder: str) -> list:
+def remove_stale_temporaries(folder: str, outputs: Optional[List[str]] = None) -> list:
     """Remove the temporary files a killed atomic_write left in ``folder`` (ours only: they match
-    TEMP_PATTERN or LEGACY_TEMP_PATTERN). The caller must make sure no live process of ours writes
-    there (the run lock). Returns the names removed."""
+    TEMP_PATTERN or LEGACY_TEMP_PATTERN; with ``outputs``, only those of these file names). The
+    caller must make sure no live process of ours writes there (the run lock, or the same output
+    about to be written). Returns the names removed."""
+    prefixes = tuple("." + name + TEMP_MARKER for name in outputs) if outputs is not None else ("",)
     removed = []
     try:
         names = os.listdir(folder)
     except FileNotFoundError:
         return removed
     for name in names:
-        if TEMP_PATTERN.match(name) or LEGACY_TEMP_PATTERN.match(name):
+        ours = TEMP_PATTERN.match(name) or (outputs is None and LEGACY_TEMP_PATTERN.match(name))
+        if ours and name.startswith(prefixes):
             try:
                 os.unlink(os.path.join(folder, name))
                 removed.append(name)

@@ -24,7 +24,7 @@ import yaml
 
 from . import demo, evaluate, official
 from . import sample as sampling
-from .checkpoint import check_output, write_json
+from .checkpoint import check_output, remove_stale_temporaries, write_json
 from .distributed import check_device, leave_process_group, setup_distributed
 from .errors import TrainingDiverged, UserError
 from .graph_sampler import GraphSampler
@@ -271,6 +271,10 @@ def _sample(argv):
         check_output(args.grid or "samples.png", "--grid", args.overwrite)
     if args.npz:
         check_output(args.npz, "--npz", args.overwrite)
+        # what a killed dip-sample of this same file left (its rank parts' included)
+        stem = os.path.basename(args.npz)[:-4]
+        remove_stale_temporaries(os.path.dirname(os.path.abspath(args.npz)),
+                                 [stem + ".npz"] + [f"{stem}.rank{r}.npz" for r in range(int(os.environ.get("WORLD_SIZE", "1")))])
     env = setup_distributed(args.device)
     finished = False
     try:

@@ -1093,3 +1093,11 @@ def test_resume_keeps_the_run_settings_the_user_did_not_pass(trained, tmp_path, 
     assert code == 0 and "ckpt_interval 2 ->" not in printed and "kept the run's own ckpt_interval, ema" in printed, printed + err
     config = ckpt.load_checkpoint(out)["config"]
     assert config["ckpt_interval"] == 2 and config["ema"] == 0.5 and config["steps"] == 4
+
+
+def test_dip_sample_removes_what_a_killed_sample_of_the_same_file_left(trained, tmp_path, capsys):
+    _, run = trained
+    _touch(str(tmp_path), [".out.npz.dip-abcd1234.tmp", ".out.rank0.npz.dip-abcd1234.tmp", ".other.npz.dip-abcd1234.tmp"])
+    code, _, err = _call(cli.sample_main, [run, "--npz", tmp_path / "out.npz", "--per-class", "1", *SAMPLE_ARGS], capsys)
+    assert code == 0, err
+    assert _temporaries(tmp_path) == [".other.npz.dip-abcd1234.tmp"]
