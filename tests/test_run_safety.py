@@ -1101,3 +1101,11 @@ def test_dip_sample_removes_what_a_killed_sample_of_the_same_file_left(trained, 
     code, _, err = _call(cli.sample_main, [run, "--npz", tmp_path / "out.npz", "--per-class", "1", *SAMPLE_ARGS], capsys)
     assert code == 0, err
     assert _temporaries(tmp_path) == [".other.npz.dip-abcd1234.tmp"]
+
+
+def test_the_run_safety_page_and_the_help_state_the_exit_status_of_a_stop():
+    from dip.train.preemption import DEFAULT_STOP_SIGNALS, EXIT_STOPPED
+    page = open(os.path.join(REPO, "docs", "run-safety.md")).read()
+    assert f"status **{EXIT_STOPPED}**" in page and f"| {EXIT_STOPPED} | stopped by a stop signal" in page
+    assert f"default `{','.join(DEFAULT_STOP_SIGNALS)}`" in page and "--signal=USR1@120" in page
+    assert f"{EXIT_STOPPED} stopped by a signal of --stop-signals" in cli.train_parser().epilog
