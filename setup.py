@@ -72,10 +72,14 @@ def extensions():
     nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
     if os.environ.get("DIP_KERNELS_PTXAS_VERBOSE") == "1":
         nvcc.append("-Xptxas=-v")
-    return [CUDAExtension("dip_kernels._C", cpp_sources + cuda_sources,
+    extension = CUDAExtension("dip_kernels._C", cpp_sources + cuda_sources,
                           # USE_CUDA: the C shim declares its CUDA stream calls only then
                           define_macros=stable_abi_macros() + [("DIP_KERNELS_WITH_CUDA", None), ("USE_CUDA", None)],
-                          extra_compile_args={"cxx": cxx, "nvcc": nvcc}, py_limited_api=True)]
+                          extra_compile_args={"cxx": cxx, "nvcc": nvcc}, py_limited_api=True)
+    # The CUDA runtime linked statically: no libcudart.so.<major> to find at load, so the module
+    # loads beside a torch built for another CUDA major version (it needs a driver for this toolkit).
+    extension.libraries = [("cudart_static" if lib == "cudart" else lib) for lib in extension.libraries] + ["rt"]
+    return [extension]
 
 
 if __name__ == "__main__":
