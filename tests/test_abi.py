@@ -5,8 +5,8 @@ kernels too, when a toolkit is found), installed into a venv with torch B, impor
 to register every op that csrc/ defines, and run through the extension's CPU tests from a copy of
 tests/ (so that the installed wheel, not this source tree, is what gets imported).
 
-Slow (a wheel build per build version, a venv per torch version on first use), so it runs only with
-DIP_KERNELS_TEST_ABI=1, which `make test-abi` sets. Knobs:
+Slow (a wheel build per build version, a venv per torch version on first use), so the cross-version
+test runs only with DIP_KERNELS_TEST_ABI=1, which `make test-abi` sets. Knobs:
   DIP_ABI_PAIRS   comma-separated A:B pairs (default below: both directions between 2.11.0 and
                   2.14.1, and the oldest supported torch)
   DIP_ABI_VENVS   where the venvs and wheels are cached between runs (default
@@ -33,13 +33,14 @@ CPU_TESTS = ["tests/test_build.py", "tests/test_patch_detailer_cuda.py", "tests/
 CPU_TEST_FILTER = "not triton"
 VENV_PACKAGES = ["numpy", "tqdm", "pyyaml", "pillow", "pytest", "pytest-benchmark", "ninja", "setuptools", "wheel"]
 
-pytestmark = pytest.mark.skipif(os.environ.get("DIP_KERNELS_TEST_ABI") != "1",
-                                reason="cross-version build test: run `make test-abi` (DIP_KERNELS_TEST_ABI=1)")
+
+
+def _pairs_of(spec):
+    return [tuple(p.strip().split(":")) for p in spec.split(",") if p.strip()]
 
 
 def _pairs():
-    spec = os.environ.get("DIP_ABI_PAIRS", DEFAULT_PAIRS)
-    return [tuple(p.split(":")) for p in spec.split(",") if p.strip()]
+    return _pairs_of(os.environ.get("DIP_ABI_PAIRS", DEFAULT_PAIRS))
 
 
 def _cache_dir():
@@ -120,10 +121,18 @@ def test_defined_ops_parses_csrc():
     assert "patch_detailer_conv_gemm_" in defined_ops()
 
 
+def test_install_page_names_the_tested_range():
+    page = open(os.path.join(ROOT, "docs", "install.md")).read()
+    assert DEFAULT_PAIRS in page
+    for build_torch, run_torch in _pairs_of(DEFAULT_PAIRS):
+        assert build_torch in page and run_torch in page
+
+
+@pytest.mark.skipif(os.environ.get("DIP_KERNELS_TEST_ABI") != "1",
+                    reason="cross-version build test: run `make test-abi` (DIP_KERNELS_TEST_ABI=1)")
 @pytest.mark.parametrize("build_torch,run_torch", _pairs())
 def test_wheel_runs_under_another_torch(build_torch, run_torch, tmp_path):
     wheel = build_wheel(build_torch)
-    assert re.search(r"-cp\d+-abi3-", os.path.basename(wheel)), f"{wheel} is not an abi3 wheel"
     python = venv_python(run_torch)
     log = str(tmp_path / "run.log")
     _run([python, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", wheel], log)
@@ -139,6 +148,7 @@ def test_wheel_runs_under_another_torch(build_torch, run_torch, tmp_path):
     version, _, registered = out.stdout.strip().split(" ", 2)
     assert version.startswith(run_torch), out.stdout
     assert registered.split() == defined_ops(), f"registered {registered}, csrc defines {defined_ops()}"
+    assert re.search(r"-cp\d+-abi3-", os.path.basename(wheel)), f"{wheel} is not an abi3 wheel"
 
     # the extension's CPU tests, from a copy of tests/ so that the installed package is imported
     shutil.copytree(os.path.join(ROOT, "tests"), tmp_path / "tests")
