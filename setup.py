@@ -83,5 +83,8 @@ def extensions():
 
 
 if __name__ == "__main__":
+    # A build from before the stable ABI (_C.cpython-*.so) would be imported ahead of the abi3 one.
+    for stale in glob.glob(os.path.join(ROOT, "dip_kernels", "_C.cpython-*.so")):
+        os.remove(stale)
     setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExtension},
           options={"bdist_wheel": {"py_limited_api": "cp310"}})
