@@ -1,7 +1,8 @@
 """Builds dip_kernels._C from csrc/: CUDA sources when nvcc and a CUDA build of torch are present,
-a CPU-only module otherwise. Environment:
+a CPU-only module otherwise. The module uses only the LibTorch stable ABI and Python's limited API,
+so one build (an abi3 wheel) loads in every torch from TORCH_TARGET_VERSION on. Environment:
   DIP_KERNELS_BUILD_CUDA=0   skip the CUDA sources
-  TORCH_CUDA_ARCH_LIST       architectures (default "8.0;9.0a": A100 and H100/H200)
+  TORCH_CUDA_ARCH_LIST       architectures (default "8.0;9.0a;10.0a": A100, H100/H200, B200)
   MAX_JOBS                   parallel compile jobs (ninja)
   CUDA_HOME                  the CUDA toolkit; derived from nvcc's real location when unset
 """
@@ -37,6 +38,17 @@ import torch  # noqa: E402
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# The oldest torch the binary loads in: the stable-ABI headers hide every API newer than this.
+TORCH_TARGET_VERSION = (2, 10)
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0a;10.0a"
+
+
+def stable_abi_macros():
+    """The defines every translation unit is compiled with (CMakeLists.txt reads them from here):
+    TORCH_STABLE_ONLY makes an ATen, c10 or torch/library.h include a compile error. Py_LIMITED_API
+    comes from torch's BuildExtension (py_limited_api=True)."""
+    major, minor = TORCH_TARGET_VERSION
+    return [("TORCH_STABLE_ONLY", None), ("TORCH_TARGET_VERSION", f"0x{major:02x}{minor:02x}000000000000")]
 
 
 def _relative(paths):
@@ -53,16 +65,26 @@ def extensions():
         reason = ("DIP_KERNELS_BUILD_CUDA=0" if os.environ.get("DIP_KERNELS_BUILD_CUDA") == "0"
                   else "torch is a CPU build" if torch.version.cuda is None else "no CUDA toolkit (nvcc/CUDA_HOME)")
         print(f"dip-kernels: building dip_kernels._C without CUDA ({reason})")
-        return [CppExtension("dip_kernels._C", cpp_sources, extra_compile_args={"cxx": cxx})]
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+        return [CppExtension("dip_kernels._C", cpp_sources, define_macros=stable_abi_macros(),
+                             extra_compile_args={"cxx": cxx}, py_limited_api=True)]
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
     print(f"dip-kernels: building CUDA kernels with {CUDA_HOME} for {os.environ['TORCH_CUDA_ARCH_LIST']}")
-    nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
-            "-DDIP_KERNELS_WITH_CUDA"]
+    nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
     if os.environ.get("DIP_KERNELS_PTXAS_VERBOSE") == "1":
         nvcc.append("-Xptxas=-v")
-    return [CUDAExtension("dip_kernels._C", cpp_sources + cuda_sources,
-                          define_macros=[("DIP_KERNELS_WITH_CUDA", None)],
-                          extra_compile_args={"cxx": cxx, "nvcc": nvcc})]
+    extension = CUDAExtension("dip_kernels._C", cpp_sources + cuda_sources,
+                          # USE_CUDA: the C shim declares its CUDA stream calls only then
+                          define_macros=stable_abi_macros() + [("DIP_KERNELS_WITH_CUDA", None), ("USE_CUDA", None)],
+                          extra_compile_args={"cxx": cxx, "nvcc": nvcc}, py_limited_api=True)
+    # The CUDA runtime linked statically: no libcudart.so.<major> to find at load, so the module
+    # loads beside a torch built for another CUDA major version (it needs a driver for this toolkit).
+    extension.libraries = [("cudart_static" if lib == "cudart" else lib) for lib in extension.libraries] + ["rt"]
+    return [extension]
 
 
-setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExtension})
+if __name__ == "__main__":
+    # A build from before the stable ABI (_C.cpython-*.so) would be imported ahead of the abi3 one.
+    for stale in glob.glob(os.path.join(ROOT, "dip_kernels", "_C.cpython-*.so")):
+        os.remove(stale)
+    setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExtension},
+          options={"bdist_wheel": {"py_limited_api": "cp310"}})

@@ -7,9 +7,9 @@
 // strides from the views, so callers pass slices of a concat gradient or a stride-0 expand of the
 // token instead of copies. Outputs are allocated by the caller (so tests can poison them) and
 // marked mutated.
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
 
-TORCH_LIBRARY_FRAGMENT(dip_C, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(dip_C, m) {
   // out[n, oy, ox, :] (or, with upsample, out[n, 2oy+dy, 2ox+dx, :]) = epilogue(implicit-GEMM of
   // the ks x ks / stride / pad gather of concat(src1, src2) along C with wgemm [Kpad, Npad]).
   // act: 0 none, 1 SiLU (z stored to aux when given), 2 multiply by silu'(aux). pool_order: rows

@@ -23,6 +23,7 @@ what would run and why.
 import contextlib
 import functools
 import importlib
+import importlib.util
 import os
 import warnings
 from dataclasses import dataclass
@@ -185,6 +186,9 @@ def _extension_status():
     try:
         from . import _C  # noqa: F401
     except ImportError as e:
+        if importlib.util.find_spec(f"{__package__}._C") is not None:  # built, but not loadable in this torch
+            return False, False, (f"the compiled extension dip_kernels._C does not load in torch {torch.__version__} "
+                                  f"({e}); install a torch that dip-kernels supports or rebuild it against this one")
         return False, False, (f"the compiled extension dip_kernels._C is not built ({e}); reinstall with "
                               "`pip install --no-build-isolation -e .` on a machine with nvcc and CUDA_HOME set")
     has_cuda = bool(torch.ops.dip_C.built_with_cuda())
@@ -195,7 +199,7 @@ def _extension_status():
 
 def warn_once_if_extension_missing():
     loaded, _, reason = _extension_status()
-    if not loaded and torch.cuda.is_available():
+    if not loaded and (torch.cuda.is_available() or importlib.util.find_spec(f"{__package__}._C") is not None):
         warnings.warn(f"dip_kernels: {reason}. The eager and triton backends still work.", stacklevel=2)
 
 

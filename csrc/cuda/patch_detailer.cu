@@ -52,17 +52,23 @@
 // Not done (documented in the report): keeping a whole 16x16 level on chip, folding the
 // transposed conv into the following conv, wgmma on sm_90a, and the 3-channel output conv uses a
 // full 64-wide column tile (1.5% of the head's MACs become 22x padded).
-#include <ATen/ATen.h>
-// c10's stream header rather than ATen/cuda/CUDAContext.h: the latter pulls in cuSPARSE/cuBLAS
-// headers, which a bare CUDA toolkit (nvcc + cudart) may not have.
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+// Only the LibTorch stable ABI (torch/csrc/stable, torch/headeronly and the C shim): the build
+// defines TORCH_STABLE_ONLY and TORCH_TARGET_VERSION, so one binary loads in every torch from the
+// target version on, and an ATen or c10 include fails to compile.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <torch/library.h>
+#include <cuda_runtime.h>
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/c/shim.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/Exception.h>
 
 #include <cstdint>
+#include <optional>
+#include <sstream>
+#include <string>
 
 namespace patch_detailer {
 namespace {
@@ -566,30 +572,60 @@ __global__ void pool_silu_backward_kernel(T* __restrict__ dz, View4 dz_v, const 
 // ------------------------------------------------------------------ host side: checks and launch
 // The Python op layer validates the op's inputs; these checks are the second line, guarding the
 // internal schedule: every address a kernel can form must lie inside the tensor it reads or writes.
-long long reachable_elements(const at::Tensor& t) {
-  return static_cast<long long>(t.storage().nbytes() / t.element_size()) - t.storage_offset();
+using torch::headeronly::ScalarType;
+using torch::stable::Tensor;
+using DeviceIndex = torch::stable::accelerator::DeviceIndex;
+
+std::string shape(const Tensor& t) {
+  std::ostringstream s;
+  s << "(";
+  for (int64_t d = 0; d < t.dim(); ++d) s << (d ? ", " : "") << t.size(d);
+  s << ")";
+  return s.str();
 }
 
-void check_view4(const at::Tensor& t, const char* name, at::ScalarType dtype, const at::Device& dev, bool vec16) {
-  TORCH_CHECK(t.dim() == 4, name, " must be a 4-D channels-last view, got ", t.dim(), " dims");
-  TORCH_CHECK(t.device() == dev, name, " is on ", t.device(), ", expected ", dev);
-  TORCH_CHECK(t.scalar_type() == dtype, name, " has dtype ", t.scalar_type(), ", expected ", dtype);
-  for (int d = 0; d < 4; ++d) TORCH_CHECK(t.stride(d) >= 0, name, " must not have negative strides");
+bool on(const Tensor& t, DeviceIndex dev) { return t.is_cuda() && t.get_device_index() == dev; }
+
+// The stream PyTorch has made current on the device (so CUDA graphs capture the launches).
+cudaStream_t current_stream(DeviceIndex dev) {
+  void* stream = nullptr;
+  TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(dev, &stream));
+  return static_cast<cudaStream_t>(stream);
+}
+
+void check_launch() {
+  const cudaError_t err = cudaGetLastError();
+  STD_TORCH_CHECK(err == cudaSuccess, "CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
+float* f32(const Tensor& t) { return static_cast<float*>(t.data_ptr()); }
+
+long long reachable_elements(const Tensor& t) {
+  int64_t nbytes = 0;
+  TORCH_ERROR_CODE_CHECK(aoti_torch_get_storage_size(t.get(), &nbytes));
+  return static_cast<long long>(nbytes / static_cast<int64_t>(t.element_size())) - t.storage_offset();
+}
+
+void check_view4(const Tensor& t, const char* name, ScalarType dtype, DeviceIndex dev, bool vec16) {
+  STD_TORCH_CHECK(t.dim() == 4, name, " must be a 4-D channels-last view, got ", t.dim(), " dims");
+  STD_TORCH_CHECK(on(t, dev), name, " must be on cuda:", dev, " (the device of the op's first tensor)");
+  STD_TORCH_CHECK(t.scalar_type() == dtype, name, " has dtype ", t.scalar_type(), ", expected ", dtype);
+  for (int d = 0; d < 4; ++d) STD_TORCH_CHECK(t.stride(d) >= 0, name, " must not have negative strides");
   long long last = 0;
   for (int d = 0; d < 4; ++d) last += (t.size(d) - 1) * t.stride(d);
-  TORCH_CHECK(t.numel() == 0 || last < reachable_elements(t), name, " view reaches past its storage");
+  STD_TORCH_CHECK(t.numel() == 0 || last < reachable_elements(t), name, " view reaches past its storage");
   if (vec16) {
-    TORCH_CHECK(t.stride(3) == 1, name, " must have channel stride 1");
-    TORCH_CHECK(t.size(3) % 8 == 0, name, " must have a multiple of 8 channels, got ", t.size(3));
+    STD_TORCH_CHECK(t.stride(3) == 1, name, " must have channel stride 1");
+    STD_TORCH_CHECK(t.size(3) % 8 == 0, name, " must have a multiple of 8 channels, got ", t.size(3));
     for (int d = 0; d < 3; ++d)
-      TORCH_CHECK(t.stride(d) % 8 == 0, name, " strides must be multiples of 8 elements (16-byte loads)");
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, name, " must be 16-byte aligned");
+      STD_TORCH_CHECK(t.stride(d) % 8 == 0, name, " strides must be multiples of 8 elements (16-byte loads)");
+    STD_TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, name, " must be 16-byte aligned");
   }
 }
 
-Gather make_gather(const at::Tensor& src1, const std::optional<at::Tensor>& src2, int64_t ks, int64_t stride,
+Gather make_gather(const Tensor& src1, const std::optional<Tensor>& src2, int64_t ks, int64_t stride,
                    int64_t pad, bool pool_order) {
-  TORCH_CHECK(ks >= 1 && stride >= 1 && pad >= 0, "bad ks/stride/pad");
+  STD_TORCH_CHECK(ks >= 1 && stride >= 1 && pad >= 0, "bad ks/stride/pad");
   Gather g{};
   g.hi = static_cast<int>(src1.size(1));
   g.wi = static_cast<int>(src1.size(2));
@@ -598,9 +634,9 @@ Gather make_gather(const at::Tensor& src1, const std::optional<at::Tensor>& src2
   g.pad = static_cast<int>(pad);
   g.ho = static_cast<int>((g.hi + 2 * pad - ks) / stride + 1);
   g.wo = static_cast<int>((g.wi + 2 * pad - ks) / stride + 1);
-  TORCH_CHECK(g.ho >= 1 && g.wo >= 1, "empty output grid");
+  STD_TORCH_CHECK(g.ho >= 1 && g.wo >= 1, "empty output grid");
   const long long rows = src1.size(0) * static_cast<long long>(g.ho) * g.wo;
-  TORCH_CHECK(rows < (1LL << 31) - kConvBM, "too many pixels for 32-bit row indices");
+  STD_TORCH_CHECK(rows < (1LL << 31) - kConvBM, "too many pixels for 32-bit row indices");
   g.rows = static_cast<int>(rows);
   g.c1 = static_cast<int>(src1.size(3));
   g.s1n = src1.stride(0);
@@ -608,9 +644,9 @@ Gather make_gather(const at::Tensor& src1, const std::optional<at::Tensor>& src2
   g.s1x = src1.stride(2);
   g.ctot = g.c1;
   if (src2) {
-    const at::Tensor& s2 = *src2;
-    TORCH_CHECK(s2.size(0) == src1.size(0) && s2.size(1) == src1.size(1) && s2.size(2) == src1.size(2),
-                "src2 must share src1's (N, H, W), got ", s2.sizes(), " vs ", src1.sizes());
+    const Tensor& s2 = *src2;
+    STD_TORCH_CHECK(s2.size(0) == src1.size(0) && s2.size(1) == src1.size(1) && s2.size(2) == src1.size(2),
+                "src2 must share src1's (N, H, W), got ", shape(s2), " vs ", shape(src1));
     g.ctot += static_cast<int>(s2.size(3));
     g.s2n = s2.stride(0);
     g.s2y = s2.stride(1);
@@ -618,14 +654,14 @@ Gather make_gather(const at::Tensor& src1, const std::optional<at::Tensor>& src2
   }
   g.k = g.ks * g.ks * g.ctot;
   g.pool_order = pool_order ? 1 : 0;
-  if (pool_order) TORCH_CHECK(g.ho % 2 == 0 && g.wo % 2 == 0, "pool order needs an even output grid");
+  if (pool_order) STD_TORCH_CHECK(g.ho % 2 == 0 && g.wo % 2 == 0, "pool order needs an even output grid");
   return g;
 }
 
 template <typename T>
-void launch_conv(const at::Tensor& out, const at::Tensor& src1, const std::optional<at::Tensor>& src2,
-                 const at::Tensor& wgemm, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& aux,
-                 const std::optional<at::Tensor>& pooled, const Gather& g, int64_t act, bool upsample) {
+void launch_conv(const Tensor& out, const Tensor& src1, const std::optional<Tensor>& src2,
+                 const Tensor& wgemm, const std::optional<Tensor>& bias, const std::optional<Tensor>& aux,
+                 const std::optional<Tensor>& pooled, const Gather& g, int64_t act, bool upsample) {
   ConvParams<T> p{};
   p.g = g;
   p.src1 = reinterpret_cast<const T*>(src1.data_ptr());
@@ -635,7 +671,7 @@ void launch_conv(const at::Tensor& out, const at::Tensor& src1, const std::optio
   p.ktiles = static_cast<int>(wgemm.size(0) / kBK);
   p.ntiles_n = p.ldb / kConvBN;
   p.n_valid = static_cast<int>(upsample ? 4 * out.size(3) : out.size(3));
-  p.bias = bias ? bias->data_ptr<float>() : nullptr;
+  p.bias = bias ? f32(*bias) : nullptr;
   p.act = static_cast<int>(act);
   p.out = reinterpret_cast<T*>(out.data_ptr());
   p.osn = out.stride(0);
@@ -652,98 +688,98 @@ void launch_conv(const at::Tensor& out, const at::Tensor& src1, const std::optio
   p.up_cout = upsample ? static_cast<int>(out.size(3)) : 0;
   const long long tiles_m = (static_cast<long long>(g.rows) + kConvBM - 1) / kConvBM;
   const long long blocks = tiles_m * p.ntiles_n;
-  TORCH_CHECK(blocks < (1LL << 31), "grid too large");
+  STD_TORCH_CHECK(blocks < (1LL << 31), "grid too large");
   if (blocks == 0) return;
-  conv_gemm_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  conv_gemm_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, current_stream(src1.get_device_index())>>>(p);
+  check_launch();
 }
 
-void conv_gemm_cuda(const at::Tensor& out, const at::Tensor& src1, const std::optional<at::Tensor>& src2,
-                    const at::Tensor& wgemm, const std::optional<at::Tensor>& bias,
-                    const std::optional<at::Tensor>& aux, const std::optional<at::Tensor>& pooled, int64_t ks,
+void conv_gemm_cuda(const Tensor& out, const Tensor& src1, const std::optional<Tensor>& src2,
+                    const Tensor& wgemm, const std::optional<Tensor>& bias,
+                    const std::optional<Tensor>& aux, const std::optional<Tensor>& pooled, int64_t ks,
                     int64_t stride, int64_t pad, bool pool_order, int64_t act, bool upsample) {
-  const at::Device dev = src1.device();
-  TORCH_CHECK(dev.is_cuda(), "patch_detailer_conv_gemm_: src1 must be a CUDA tensor");
+  STD_TORCH_CHECK(src1.is_cuda(), "patch_detailer_conv_gemm_: src1 must be a CUDA tensor");
+  const DeviceIndex dev = src1.get_device_index();
   const auto dtype = src1.scalar_type();
-  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "patch_detailer_conv_gemm_: dtype must be bfloat16 or float16, got ", dtype);
-  c10::cuda::CUDAGuard guard(dev);
+  STD_TORCH_CHECK(dtype == ScalarType::BFloat16 || dtype == ScalarType::Half, "patch_detailer_conv_gemm_: dtype must be bfloat16 or float16, got ", dtype);
+  torch::stable::accelerator::DeviceGuard guard(dev);
   check_view4(src1, "src1", dtype, dev, true);
   if (src2) check_view4(*src2, "src2", dtype, dev, true);
   const Gather g = make_gather(src1, src2, ks, stride, pad, pool_order);
   check_view4(out, "out", dtype, dev, false);
   const long long up = upsample ? 2 : 1;
-  TORCH_CHECK(out.size(0) == src1.size(0) && out.size(1) == up * g.ho && out.size(2) == up * g.wo,
-              "out must be (N, ", up * g.ho, ", ", up * g.wo, ", C), got ", out.sizes());
+  STD_TORCH_CHECK(out.size(0) == src1.size(0) && out.size(1) == up * g.ho && out.size(2) == up * g.wo,
+              "out must be (N, ", up * g.ho, ", ", up * g.wo, ", C), got ", shape(out));
   const long long n_valid = upsample ? 4 * out.size(3) : out.size(3);
-  TORCH_CHECK(n_valid >= 1, "out has no channels");
-  if (upsample) TORCH_CHECK(out.size(3) % 2 == 0, "upsample needs an even channel count");
-  TORCH_CHECK(!upsample || (!pool_order && !pooled), "upsample cannot be combined with pooling");
-  TORCH_CHECK(out.stride(3) == 1 || (!upsample && !pooled), "out must have channel stride 1 here");
-  if (out.stride(3) == 1) TORCH_CHECK(out.size(3) % 2 == 0 || !pooled, "pooled output needs an even channel count");
+  STD_TORCH_CHECK(n_valid >= 1, "out has no channels");
+  if (upsample) STD_TORCH_CHECK(out.size(3) % 2 == 0, "upsample needs an even channel count");
+  STD_TORCH_CHECK(!upsample || (!pool_order && !pooled), "upsample cannot be combined with pooling");
+  STD_TORCH_CHECK(out.stride(3) == 1 || (!upsample && !pooled), "out must have channel stride 1 here");
+  if (out.stride(3) == 1) STD_TORCH_CHECK(out.size(3) % 2 == 0 || !pooled, "pooled output needs an even channel count");
   if (out.stride(3) == 1) {  // paired 4-byte stores of adjacent channels
-    for (int d = 0; d < 3; ++d) TORCH_CHECK(out.stride(d) % 2 == 0, "out strides must be even (paired stores)");
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(out.data_ptr()) % 4 == 0, "out must be 4-byte aligned");
+    for (int d = 0; d < 3; ++d) STD_TORCH_CHECK(out.stride(d) % 2 == 0, "out strides must be even (paired stores)");
+    STD_TORCH_CHECK(reinterpret_cast<uintptr_t>(out.data_ptr()) % 4 == 0, "out must be 4-byte aligned");
   }
-  TORCH_CHECK(wgemm.dim() == 2 && wgemm.is_contiguous() && wgemm.scalar_type() == dtype && wgemm.device() == dev,
-              "wgemm must be a contiguous 2-D ", dtype, " tensor on ", dev);
-  TORCH_CHECK(wgemm.size(0) % kBK == 0 && wgemm.size(0) >= g.k, "wgemm must have a multiple of ", kBK,
-              " rows and at least K=", g.k, ", got ", wgemm.sizes());
-  TORCH_CHECK(wgemm.size(1) % kConvBN == 0 && wgemm.size(1) >= n_valid, "wgemm must have a multiple of ", kConvBN,
-              " columns and at least ", n_valid, ", got ", wgemm.sizes());
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(wgemm.data_ptr()) % 16 == 0, "wgemm must be 16-byte aligned");
+  STD_TORCH_CHECK(wgemm.dim() == 2 && wgemm.is_contiguous() && wgemm.scalar_type() == dtype && on(wgemm, dev),
+              "wgemm must be a contiguous 2-D ", dtype, " tensor on cuda:", dev);
+  STD_TORCH_CHECK(wgemm.size(0) % kBK == 0 && wgemm.size(0) >= g.k, "wgemm must have a multiple of ", kBK,
+              " rows and at least K=", g.k, ", got ", shape(wgemm));
+  STD_TORCH_CHECK(wgemm.size(1) % kConvBN == 0 && wgemm.size(1) >= n_valid, "wgemm must have a multiple of ", kConvBN,
+              " columns and at least ", n_valid, ", got ", shape(wgemm));
+  STD_TORCH_CHECK(reinterpret_cast<uintptr_t>(wgemm.data_ptr()) % 16 == 0, "wgemm must be 16-byte aligned");
   if (bias) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->device() == dev &&
+    STD_TORCH_CHECK(bias->scalar_type() == ScalarType::Float && bias->is_contiguous() && on(*bias, dev) &&
                     bias->numel() == wgemm.size(1),
-                "bias must be a contiguous float32 vector of ", wgemm.size(1), " on ", dev);
+                "bias must be a contiguous float32 vector of ", wgemm.size(1), " on cuda:", dev);
   }
-  TORCH_CHECK(act == kActNone || act == kActSilu || act == kActSiluBackward, "act must be 0, 1 or 2");
-  TORCH_CHECK(act != kActSiluBackward || aux, "the SiLU backward reads z from aux");
-  TORCH_CHECK(!aux || act != kActNone, "aux is only used with act 1 or 2");
+  STD_TORCH_CHECK(act == kActNone || act == kActSilu || act == kActSiluBackward, "act must be 0, 1 or 2");
+  STD_TORCH_CHECK(act != kActSiluBackward || aux, "the SiLU backward reads z from aux");
+  STD_TORCH_CHECK(!aux || act != kActNone, "aux is only used with act 1 or 2");
   if (aux) {
     check_view4(*aux, "aux", dtype, dev, false);
-    TORCH_CHECK(aux->sizes() == out.sizes() && aux->strides() == out.strides(), "aux must have out's sizes and strides");
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(aux->data_ptr()) % 4 == 0, "aux must be 4-byte aligned");
+    STD_TORCH_CHECK(aux->sizes().equals(out.sizes()) && aux->strides().equals(out.strides()), "aux must have out's sizes and strides");
+    STD_TORCH_CHECK(reinterpret_cast<uintptr_t>(aux->data_ptr()) % 4 == 0, "aux must be 4-byte aligned");
   }
-  TORCH_CHECK(pool_order == pooled.has_value(), "pooled is written exactly when pool_order is set");
+  STD_TORCH_CHECK(pool_order == pooled.has_value(), "pooled is written exactly when pool_order is set");
   if (pooled) {
     check_view4(*pooled, "pooled", dtype, dev, false);
-    TORCH_CHECK(pooled->size(0) == out.size(0) && pooled->size(1) == g.ho / 2 && pooled->size(2) == g.wo / 2 &&
+    STD_TORCH_CHECK(pooled->size(0) == out.size(0) && pooled->size(1) == g.ho / 2 && pooled->size(2) == g.wo / 2 &&
                     pooled->size(3) == out.size(3) && pooled->stride(3) == 1,
                 "pooled must be (N, ", g.ho / 2, ", ", g.wo / 2, ", ", out.size(3), ") channels-last, got ",
-                pooled->sizes());
-    for (int d = 0; d < 3; ++d) TORCH_CHECK(pooled->stride(d) % 2 == 0, "pooled strides must be even");
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(pooled->data_ptr()) % 4 == 0, "pooled must be 4-byte aligned");
+                shape(*pooled));
+    for (int d = 0; d < 3; ++d) STD_TORCH_CHECK(pooled->stride(d) % 2 == 0, "pooled strides must be even");
+    STD_TORCH_CHECK(reinterpret_cast<uintptr_t>(pooled->data_ptr()) % 4 == 0, "pooled must be 4-byte aligned");
   }
-  if (dtype == at::kBFloat16)
+  if (dtype == ScalarType::BFloat16)
     launch_conv<__nv_bfloat16>(out, src1, src2, wgemm, bias, aux, pooled, g, act, upsample);
   else
     launch_conv<__half>(out, src1, src2, wgemm, bias, aux, pooled, g, act, upsample);
 }
 
-void wgrad_partial_cuda(const at::Tensor& partial, const at::Tensor& a, const at::Tensor& src1,
-                        const std::optional<at::Tensor>& src2, int64_t ks, int64_t stride, int64_t pad) {
-  const at::Device dev = src1.device();
-  TORCH_CHECK(dev.is_cuda(), "patch_detailer_wgrad_partial_: src1 must be a CUDA tensor");
+void wgrad_partial_cuda(const Tensor& partial, const Tensor& a, const Tensor& src1,
+                        const std::optional<Tensor>& src2, int64_t ks, int64_t stride, int64_t pad) {
+  STD_TORCH_CHECK(src1.is_cuda(), "patch_detailer_wgrad_partial_: src1 must be a CUDA tensor");
+  const DeviceIndex dev = src1.get_device_index();
   const auto dtype = src1.scalar_type();
-  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "patch_detailer_wgrad_partial_: dtype must be bfloat16 or float16");
-  c10::cuda::CUDAGuard guard(dev);
+  STD_TORCH_CHECK(dtype == ScalarType::BFloat16 || dtype == ScalarType::Half, "patch_detailer_wgrad_partial_: dtype must be bfloat16 or float16");
+  torch::stable::accelerator::DeviceGuard guard(dev);
   check_view4(src1, "src1", dtype, dev, true);
   if (src2) check_view4(*src2, "src2", dtype, dev, true);
   const Gather g = make_gather(src1, src2, ks, stride, pad, false);
   check_view4(a, "a", dtype, dev, true);
-  TORCH_CHECK(a.size(0) == src1.size(0) && a.size(1) == g.ho && a.size(2) == g.wo,
-              "a must be (N, ", g.ho, ", ", g.wo, ", M), got ", a.sizes());
-  TORCH_CHECK(partial.dim() == 3 && partial.is_contiguous() && partial.scalar_type() == at::kFloat &&
-                  partial.device() == dev,
-              "partial must be a contiguous float32 (splits, mpad, npad) tensor on ", dev);
+  STD_TORCH_CHECK(a.size(0) == src1.size(0) && a.size(1) == g.ho && a.size(2) == g.wo,
+              "a must be (N, ", g.ho, ", ", g.wo, ", M), got ", shape(a));
+  STD_TORCH_CHECK(partial.dim() == 3 && partial.is_contiguous() && partial.scalar_type() == ScalarType::Float &&
+                  on(partial, dev),
+              "partial must be a contiguous float32 (splits, mpad, npad) tensor on cuda:", dev);
   const long long splits = partial.size(0), mpad = partial.size(1), npad = partial.size(2);
-  TORCH_CHECK(splits >= 1 && splits <= 65535, "splits must be in [1, 65535]");
-  TORCH_CHECK(mpad % kWgBM == 0 && mpad >= a.size(3), "partial dim 1 must be a multiple of ", kWgBM, " >= M");
-  TORCH_CHECK(npad % kWgBN == 0 && npad >= g.k, "partial dim 2 must be a multiple of ", kWgBN, " >= K=", g.k);
+  STD_TORCH_CHECK(splits >= 1 && splits <= 65535, "splits must be in [1, 65535]");
+  STD_TORCH_CHECK(mpad % kWgBM == 0 && mpad >= a.size(3), "partial dim 1 must be a multiple of ", kWgBM, " >= M");
+  STD_TORCH_CHECK(npad % kWgBN == 0 && npad >= g.k, "partial dim 2 must be a multiple of ", kWgBN, " >= K=", g.k);
   const long long per_split_raw = (g.rows + splits - 1) / splits;
   const long long rows_per_split = (per_split_raw + kBK - 1) / kBK * kBK;
   const long long blocks_x = (mpad / kWgBM) * (npad / kWgBN);
-  TORCH_CHECK(blocks_x < (1LL << 31), "grid too large");
+  STD_TORCH_CHECK(blocks_x < (1LL << 31), "grid too large");
   const dim3 grid(static_cast<unsigned>(blocks_x), static_cast<unsigned>(splits));
   auto fill = [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -756,105 +792,105 @@ void wgrad_partial_cuda(const at::Tensor& partial, const at::Tensor& a, const at
     p.asy = a.stride(1);
     p.asx = a.stride(2);
     p.mw = static_cast<int>(a.size(3));
-    p.partial = partial.data_ptr<float>();
+    p.partial = f32(partial);
     p.mpad = static_cast<int>(mpad);
     p.npad = static_cast<int>(npad);
     p.ntiles_n = static_cast<int>(npad / kWgBN);
     p.rows_per_split = static_cast<int>(rows_per_split);
     if (partial.numel() == 0) return;
-    wgrad_kernel<T><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    wgrad_kernel<T><<<grid, kThreads, 0, current_stream(dev)>>>(p);
+    check_launch();
   };
-  if (dtype == at::kBFloat16)
+  if (dtype == ScalarType::BFloat16)
     fill(static_cast<__nv_bfloat16*>(nullptr));
   else
     fill(static_cast<__half*>(nullptr));
 }
 
-void colsum_partial_cuda(const at::Tensor& partial, const at::Tensor& x) {
-  const at::Device dev = x.device();
-  TORCH_CHECK(dev.is_cuda(), "patch_detailer_colsum_partial_: x must be a CUDA tensor");
+void colsum_partial_cuda(const Tensor& partial, const Tensor& x) {
+  STD_TORCH_CHECK(x.is_cuda(), "patch_detailer_colsum_partial_: x must be a CUDA tensor");
+  const DeviceIndex dev = x.get_device_index();
   const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "patch_detailer_colsum_partial_: dtype must be bfloat16 or float16");
-  c10::cuda::CUDAGuard guard(dev);
+  STD_TORCH_CHECK(dtype == ScalarType::BFloat16 || dtype == ScalarType::Half, "patch_detailer_colsum_partial_: dtype must be bfloat16 or float16");
+  torch::stable::accelerator::DeviceGuard guard(dev);
   check_view4(x, "x", dtype, dev, false);
-  TORCH_CHECK(x.stride(3) == 1, "x must have channel stride 1");
-  TORCH_CHECK(partial.dim() == 2 && partial.is_contiguous() && partial.scalar_type() == at::kFloat &&
-                  partial.device() == dev && partial.size(1) == x.size(3),
-              "partial must be a contiguous float32 (chunks, ", x.size(3), ") tensor on ", dev);
+  STD_TORCH_CHECK(x.stride(3) == 1, "x must have channel stride 1");
+  STD_TORCH_CHECK(partial.dim() == 2 && partial.is_contiguous() && partial.scalar_type() == ScalarType::Float &&
+                  on(partial, dev) && partial.size(1) == x.size(3),
+              "partial must be a contiguous float32 (chunks, ", x.size(3), ") tensor on cuda:", dev);
   const long long rows = x.size(0) * x.size(1) * x.size(2);
-  TORCH_CHECK(rows < (1LL << 31), "too many pixels");
+  STD_TORCH_CHECK(rows < (1LL << 31), "too many pixels");
   const long long chunks = partial.size(0);
-  TORCH_CHECK(chunks >= 1 && chunks <= 65535, "chunks must be in [1, 65535]");
+  STD_TORCH_CHECK(chunks >= 1 && chunks <= 65535, "chunks must be in [1, 65535]");
   const int rows_per_chunk = static_cast<int>((rows + chunks - 1) / chunks);
   const dim3 grid(static_cast<unsigned>((x.size(3) + 63) / 64), static_cast<unsigned>(chunks));
   if (partial.numel() == 0) return;
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  auto stream = current_stream(dev);
   const int h = static_cast<int>(x.size(1)), w = static_cast<int>(x.size(2)), c = static_cast<int>(x.size(3));
-  if (dtype == at::kBFloat16)
+  if (dtype == ScalarType::BFloat16)
     colsum_kernel<__nv_bfloat16><<<grid, 256, 0, stream>>>(reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()),
-        x.stride(0), x.stride(1), x.stride(2), h, w, static_cast<int>(rows), c, rows_per_chunk, partial.data_ptr<float>());
+        x.stride(0), x.stride(1), x.stride(2), h, w, static_cast<int>(rows), c, rows_per_chunk, f32(partial));
   else
     colsum_kernel<__half><<<grid, 256, 0, stream>>>(reinterpret_cast<const __half*>(x.data_ptr()), x.stride(0),
-        x.stride(1), x.stride(2), h, w, static_cast<int>(rows), c, rows_per_chunk, partial.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+        x.stride(1), x.stride(2), h, w, static_cast<int>(rows), c, rows_per_chunk, f32(partial));
+  check_launch();
 }
 
-void grad_finalize_cuda(const at::Tensor& out, const at::Tensor& partial, int64_t ctot) {
-  const at::Device dev = out.device();
-  TORCH_CHECK(dev.is_cuda(), "patch_detailer_grad_finalize_: out must be a CUDA tensor");
+void grad_finalize_cuda(const Tensor& out, const Tensor& partial, int64_t ctot) {
+  STD_TORCH_CHECK(out.is_cuda(), "patch_detailer_grad_finalize_: out must be a CUDA tensor");
+  const DeviceIndex dev = out.get_device_index();
   const auto dtype = out.scalar_type();
-  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "patch_detailer_grad_finalize_: dtype must be bfloat16 or float16");
-  c10::cuda::CUDAGuard guard(dev);
-  TORCH_CHECK(out.dim() == 3 && out.is_contiguous(), "out must be a contiguous (M, C, taps) tensor");
-  TORCH_CHECK(partial.dim() == 3 && partial.is_contiguous() && partial.scalar_type() == at::kFloat &&
-                  partial.device() == dev,
-              "partial must be a contiguous float32 (splits, mpad, npad) tensor on ", dev);
+  STD_TORCH_CHECK(dtype == ScalarType::BFloat16 || dtype == ScalarType::Half, "patch_detailer_grad_finalize_: dtype must be bfloat16 or float16");
+  torch::stable::accelerator::DeviceGuard guard(dev);
+  STD_TORCH_CHECK(out.dim() == 3 && out.is_contiguous(), "out must be a contiguous (M, C, taps) tensor");
+  STD_TORCH_CHECK(partial.dim() == 3 && partial.is_contiguous() && partial.scalar_type() == ScalarType::Float &&
+                  on(partial, dev),
+              "partial must be a contiguous float32 (splits, mpad, npad) tensor on cuda:", dev);
   const long long mreal = out.size(0), creal = out.size(1), taps = out.size(2);
-  TORCH_CHECK(mreal <= partial.size(1), "partial has fewer rows than out");
-  TORCH_CHECK(creal <= ctot && taps * ctot <= partial.size(2), "partial has fewer columns than taps * ctot");
+  STD_TORCH_CHECK(mreal <= partial.size(1), "partial has fewer rows than out");
+  STD_TORCH_CHECK(creal <= ctot && taps * ctot <= partial.size(2), "partial has fewer columns than taps * ctot");
   const long long total = out.numel();
   if (total == 0) return;
   const int threads = 256;
   const unsigned blocks = static_cast<unsigned>((total + threads - 1) / threads);
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  auto stream = current_stream(dev);
   const int s = static_cast<int>(partial.size(0)), mp = static_cast<int>(partial.size(1)), np = static_cast<int>(partial.size(2));
-  if (dtype == at::kBFloat16)
-    finalize_kernel<__nv_bfloat16><<<blocks, threads, 0, stream>>>(partial.data_ptr<float>(), s, mp, np,
+  if (dtype == ScalarType::BFloat16)
+    finalize_kernel<__nv_bfloat16><<<blocks, threads, 0, stream>>>(f32(partial), s, mp, np,
         reinterpret_cast<__nv_bfloat16*>(out.data_ptr()), static_cast<int>(mreal), static_cast<int>(creal),
         static_cast<int>(taps), static_cast<int>(ctot));
   else
-    finalize_kernel<__half><<<blocks, threads, 0, stream>>>(partial.data_ptr<float>(), s, mp, np,
+    finalize_kernel<__half><<<blocks, threads, 0, stream>>>(f32(partial), s, mp, np,
         reinterpret_cast<__half*>(out.data_ptr()), static_cast<int>(mreal), static_cast<int>(creal),
         static_cast<int>(taps), static_cast<int>(ctot));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check_launch();
 }
 
-void pool_silu_backward_cuda(const at::Tensor& dz, const at::Tensor& h, const at::Tensor& z, const at::Tensor& dskip,
-                             const at::Tensor& dpooled) {
-  const at::Device dev = dz.device();
-  TORCH_CHECK(dev.is_cuda(), "patch_detailer_pool_silu_backward_: dz must be a CUDA tensor");
+void pool_silu_backward_cuda(const Tensor& dz, const Tensor& h, const Tensor& z, const Tensor& dskip,
+                             const Tensor& dpooled) {
+  STD_TORCH_CHECK(dz.is_cuda(), "patch_detailer_pool_silu_backward_: dz must be a CUDA tensor");
+  const DeviceIndex dev = dz.get_device_index();
   const auto dtype = dz.scalar_type();
-  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "patch_detailer_pool_silu_backward_: dtype must be bfloat16 or float16");
-  c10::cuda::CUDAGuard guard(dev);
+  STD_TORCH_CHECK(dtype == ScalarType::BFloat16 || dtype == ScalarType::Half, "patch_detailer_pool_silu_backward_: dtype must be bfloat16 or float16");
+  torch::stable::accelerator::DeviceGuard guard(dev);
   check_view4(dz, "dz", dtype, dev, true);
   check_view4(h, "h", dtype, dev, true);
   check_view4(z, "z", dtype, dev, true);
   check_view4(dskip, "dskip", dtype, dev, true);
   check_view4(dpooled, "dpooled", dtype, dev, true);
-  TORCH_CHECK(h.sizes() == dz.sizes() && z.sizes() == dz.sizes() && dskip.sizes() == dz.sizes(),
+  STD_TORCH_CHECK(h.sizes().equals(dz.sizes()) && z.sizes().equals(dz.sizes()) && dskip.sizes().equals(dz.sizes()),
               "dz, h, z and dskip must share one shape");
-  TORCH_CHECK(dz.size(1) % 2 == 0 && dz.size(2) % 2 == 0, "the grid must be even");
-  TORCH_CHECK(dpooled.size(0) == dz.size(0) && dpooled.size(1) == dz.size(1) / 2 && dpooled.size(2) == dz.size(2) / 2 &&
+  STD_TORCH_CHECK(dz.size(1) % 2 == 0 && dz.size(2) % 2 == 0, "the grid must be even");
+  STD_TORCH_CHECK(dpooled.size(0) == dz.size(0) && dpooled.size(1) == dz.size(1) / 2 && dpooled.size(2) == dz.size(2) / 2 &&
                   dpooled.size(3) == dz.size(3),
-              "dpooled must be (N, H/2, W/2, C), got ", dpooled.sizes());
+              "dpooled must be (N, H/2, W/2, C), got ", shape(dpooled));
   const long long total = dz.size(0) * (dz.size(1) / 2) * (dz.size(2) / 2) * (dz.size(3) / 8);
   if (total == 0) return;
   const int threads = 128;
   const long long blocks = (total + threads - 1) / threads;
-  TORCH_CHECK(blocks < (1LL << 31), "grid too large");
-  auto v = [](const at::Tensor& t) { return View4{t.stride(0), t.stride(1), t.stride(2)}; };
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  STD_TORCH_CHECK(blocks < (1LL << 31), "grid too large");
+  auto v = [](const Tensor& t) { return View4{t.stride(0), t.stride(1), t.stride(2)}; };
+  auto stream = current_stream(dev);
   const int n = static_cast<int>(dz.size(0)), hh = static_cast<int>(dz.size(1) / 2), hw = static_cast<int>(dz.size(2) / 2),
             c = static_cast<int>(dz.size(3));
   auto run = [&](auto* tag) {
@@ -863,9 +899,9 @@ void pool_silu_backward_cuda(const at::Tensor& dz, const at::Tensor& h, const at
         reinterpret_cast<T*>(dz.data_ptr()), v(dz), reinterpret_cast<const T*>(h.data_ptr()), v(h),
         reinterpret_cast<const T*>(z.data_ptr()), v(z), reinterpret_cast<const T*>(dskip.data_ptr()), v(dskip),
         reinterpret_cast<const T*>(dpooled.data_ptr()), v(dpooled), n, hh, hw, c);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    check_launch();
   };
-  if (dtype == at::kBFloat16)
+  if (dtype == ScalarType::BFloat16)
     run(static_cast<__nv_bfloat16*>(nullptr));
   else
     run(static_cast<__half*>(nullptr));
@@ -874,10 +910,10 @@ void pool_silu_backward_cuda(const at::Tensor& dz, const at::Tensor& h, const at
 }  // namespace
 }  // namespace patch_detailer
 
-TORCH_LIBRARY_IMPL(dip_C, CUDA, m) {
-  m.impl("patch_detailer_conv_gemm_", &patch_detailer::conv_gemm_cuda);
-  m.impl("patch_detailer_wgrad_partial_", &patch_detailer::wgrad_partial_cuda);
-  m.impl("patch_detailer_colsum_partial_", &patch_detailer::colsum_partial_cuda);
-  m.impl("patch_detailer_grad_finalize_", &patch_detailer::grad_finalize_cuda);
-  m.impl("patch_detailer_pool_silu_backward_", &patch_detailer::pool_silu_backward_cuda);
+STABLE_TORCH_LIBRARY_IMPL(dip_C, CUDA, m) {
+  m.impl("patch_detailer_conv_gemm_", TORCH_BOX(&patch_detailer::conv_gemm_cuda));
+  m.impl("patch_detailer_wgrad_partial_", TORCH_BOX(&patch_detailer::wgrad_partial_cuda));
+  m.impl("patch_detailer_colsum_partial_", TORCH_BOX(&patch_detailer::colsum_partial_cuda));
+  m.impl("patch_detailer_grad_finalize_", TORCH_BOX(&patch_detailer::grad_finalize_cuda));
+  m.impl("patch_detailer_pool_silu_backward_", TORCH_BOX(&patch_detailer::pool_silu_backward_cuda));
 }
