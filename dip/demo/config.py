@@ -40,16 +40,16 @@ class DemoConfig:
     hidden_size: int = 768         # >= 3*16*16, so the DiT final layer can emit any patch (see dip.demo)
     depth: int = 2
     num_heads: int = 12
-    steps: int = 250
-    batch_size: int = 2
-    lr: float = 1e-3
+    steps: int = 300
+    batch_size: int = 4
+    lr: float = 2e-3
     warmup_steps: int = 20
     lr_schedule: str = "cosine"    # after warm-up: "cosine" decay to 0 at the last step, or "constant"
     ema: float = 0.99              # EMA decay of the sampled weights (0 = the raw weights), see ema_decay
     head_init: str = "he"          # DiP's head convolutions: "he" (see he_init_) or PyTorch's "default"
     absolute_positions: bool = True  # both backbones get fixed absolute positions (see AbsolutePositions)
     t_mean: Optional[float] = None  # logit-normal mean of the training times; None: see training_t_mean
-    checkpoints: Sequence[int] = (100, 175, 250)
+    checkpoints: Sequence[int] = (100, 200, 300)
     sample_steps: int = 20
     noises: int = 8                # samples per checkpoint, one per starting noise: the verdict is on their median
     seeds: Sequence[int] = (0, 1)
