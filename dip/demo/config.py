@@ -45,7 +45,7 @@ class DemoConfig:
     lr: float = 2e-3
     warmup_steps: int = 20
     lr_schedule: str = "cosine"    # after warm-up: "cosine" decay to 0 at the last step, or "constant"
-    ema: float = 0.99              # EMA decay of the sampled weights (0 = the raw weights), see ema_decay
+    ema: float = 0.95              # EMA decay of the sampled weights (0 = the raw weights), see ema_decay
     head_init: str = "he"          # DiP's head convolutions: "he" (see he_init_) or PyTorch's "default"
     absolute_positions: bool = True  # both backbones get fixed absolute positions (see AbsolutePositions)
     t_mean: Optional[float] = None  # logit-normal mean of the training times; None: see training_t_mean
