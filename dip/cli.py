@@ -552,7 +552,7 @@ def _demo(argv):
         return 0 if result["holds"] else 1
     report = demo.run_demo(cfg)
     print(demo.report_markdown(report))
-    print(f"wrote {report['figure']}, {report['curves']} and {os.path.join(cfg.out, 'demo.json')}")
+    print(f"wrote {', '.join(os.path.join(cfg.out, n) for n in (report['figure'], report['curves'], 'demo.json'))}")
     return 0
 
 

@@ -4,11 +4,11 @@ spread the demo reports over its samples."""
 import os
 import time
 from dataclasses import replace
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from ..checkpoint import write_json
 from .config import DemoConfig
-from .report import final_metrics
+from .report import final_metrics, load_report
 from .runner import config_dict, cpu_model, run_demo
 
 # name: (what it changes, DemoConfig overrides). "reference" is the configuration as given.
@@ -49,15 +49,29 @@ def check(rows: List[dict]) -> List[dict]:
     return rows
 
 
+def _finished(cfg: DemoConfig, folder: str) -> Optional[dict]:
+    """The demo.json already in folder when it is this configuration's run (the perturbations can run
+    side by side as separate dip-demo commands; --robustness then only collects them)."""
+    path = os.path.join(folder, "demo.json")
+    if not os.path.exists(path):
+        return None
+    report = load_report(path)
+    timing = report["timing"]
+    same_processes = all(getattr(cfg, k) in (0, timing[k]) for k in ("jobs", "threads"))
+    return report if report["config"] == config_dict(cfg) and same_processes else None
+
+
 def run_robustness(cfg: DemoConfig, perturbations: Dict[str, tuple] = PERTURBATIONS) -> dict:
-    """The demo of ``cfg`` once per perturbation (each in cfg.out/<name>/), and robustness.json in cfg.out."""
+    """The demo of ``cfg`` once per perturbation (each in cfg.out/<name>/, reused when it is there),
+    and robustness.json in cfg.out."""
     wall0, rows, cpu, demos = time.perf_counter(), [], {}, {}
     for name, (_, overrides) in perturbations.items():
         folder = os.path.join(cfg.out, name.replace(" ", "-"))
-        report = run_demo(replace(cfg, **overrides, out=folder))
+        perturbed = replace(cfg, **overrides, out=folder).validate()
+        report = _finished(perturbed, folder) or run_demo(perturbed)
         rows += _rows(name, report)
         cpu[name] = report["timing"]["cpu_seconds"]
-        demos[name] = os.path.join(folder, "demo.json")
+        demos[name] = os.path.join(os.path.basename(folder), "demo.json")
     rows = check(rows)
     perturbed = [r for r in rows if r["perturbation"] != "reference"]
     result = {"config": config_dict(cfg), "perturbations": {k: v[0] for k, v in perturbations.items()},

@@ -173,8 +173,9 @@ def run_demo(cfg: DemoConfig) -> dict:
         run["verdict"] = judge(run)
     report = {"config": config_dict(cfg), "metrics_doc": METRICS_DOC, "head_backend": head_implementation(cfg),
               "torch": torch.__version__, "runs": _saved_runs(runs), "summary": summarize(runs),
-              "figure": make_figure(runs, os.path.join(cfg.out, "demo.png")),
-              "curves": make_curves(runs, os.path.join(cfg.out, "curves.png"))}
+              # the pictures' names, next to demo.json
+              "figure": os.path.basename(make_figure(runs, os.path.join(cfg.out, "demo.png"))),
+              "curves": os.path.basename(make_curves(runs, os.path.join(cfg.out, "curves.png")))}
     report["timing"] = {"wall_seconds": time.perf_counter() - wall0,
                         "cpu_seconds": time.process_time() - cpu0 + (sum(r["cpu_seconds"] for r in runs)
                                                                      if jobs > 1 else 0.0),
