@@ -139,7 +139,7 @@ class DemoConfig:
 
 PRESETS = {
     "default": {},
-    "thorough": dict(image_size=128, steps=600, batch_size=2, checkpoints=(150, 300, 600), sample_steps=50,
+    "thorough": dict(image_size=128, steps=600, batch_size=2, lr=1e-3, checkpoints=(150, 300, 600), sample_steps=50,
                      photos=("astronaut", "coffee", "chelsea"), out="demo_out_thorough"),
     "full": dict(image_size=256, hidden_size=768, depth=12, num_heads=12, steps=3000, batch_size=16, lr=2e-4,
                  warmup_steps=100, ema=0.999, checkpoints=(500, 1500, 3000), sample_steps=100, seeds=(0,),
