@@ -87,10 +87,19 @@ def _margin(row: dict, name: str, digits: int) -> str:
     return f"{row[name]:+.{digits}f} ({s['min']:+.{digits}f} to {s['max']:+.{digits}f})"
 
 
+def _configuration(config: dict) -> str:
+    default = config == config_dict(DemoConfig().validate())
+    seeds = sorted({s for s in config["seeds"]})
+    return (f"{'The default configuration' if default else 'A reduced configuration, not the default'}: "
+            f"{', '.join(config['photos'])} at {config['image_size']}x{config['image_size']}, a "
+            f"{config['hidden_size']}-wide {config['depth']}-block backbone, {config['steps']} steps at batch "
+            f"{config['batch_size']}, {config['noises']} samples per checkpoint, seeds {', '.join(map(str, seeds))}.")
+
+
 def robustness_table(result: dict) -> str:
-    """Markdown: per perturbation and run, the medians, the margins (median (lowest to highest sample)),
-    the verdict and whether it and the margins agree with the reference; then one sentence."""
-    lines = ["| numerics | photo | seed | PSNR DiT-only | PSNR DiP | PSNR margin | HF margin | misplaced DiT-only / DiP | "
+    """Markdown: the configuration; per perturbation and run, the medians, the margins (median (lowest to
+    highest sample)), the verdict and whether it and the margins agree with the reference; one sentence."""
+    lines = [_configuration(result["config"]), "", "| numerics | photo | seed | PSNR DiT-only | PSNR DiP | PSNR margin | HF margin | misplaced DiT-only / DiP | "
              "shows the effect | same verdict, margins in the reference's spread |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
