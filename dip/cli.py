@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import yaml
 
-from . import demo, evaluate, official
+from . import demo, docs, evaluate, official
 from . import sample as sampling
 from .checkpoint import check_output, remove_stale_temporaries, write_json
 from .distributed import check_device, leave_process_group, setup_distributed
@@ -482,8 +482,8 @@ def demo_parser() -> ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--report", metavar="DEMO_JSON", help="print the tables of a finished run's demo.json and exit")
     p.add_argument("--update-docs", "--update-readme", dest="update_docs", action="store_true",
-                   help="regenerate docs/demo.md's tables (and README.md's demo summary, where it has the markers) "
-                        "from the committed results in docs/demo/ and exit")
+                   help="regenerate docs/demo.md's tables and README.md's demo summary from the committed results "
+                        "in docs/demo/ and exit (python -m dip.docs regenerates every generated section)")
     return p
 
 
@@ -541,8 +541,8 @@ def _demo(argv):
         print(demo.report_markdown(demo.load_report(args.report)))
         return 0
     if args.update_docs:
-        changed = demo.write_docs()
-        print(f"updated {', '.join(os.path.relpath(p, demo.REPO) for p in changed) or 'nothing (already current)'}")
+        changed = docs.write([s for s in docs.SECTIONS if s.name.startswith("demo ")])
+        print(f"updated {', '.join(changed) or 'nothing (already current)'}")
         return 0
     cfg = demo_config_from_args(args)
     if args.robustness:

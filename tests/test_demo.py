@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dip import cli, demo
+from dip import cli, demo, docs
 
 
 
@@ -235,49 +235,24 @@ def test_cli_arguments_map_to_config(tmp_path):
         _cfg("--noises", "0")
 
 
-def test_report_and_update_docs_blocks(tmp_path, capsys):
+def test_report_command_and_readme_summary(tmp_path, capsys):
     report = demo.run_demo(_tiny(tmp_path))
     assert cli.demo_main(["--report", str(tmp_path / "demo.json")]) == 0
     assert capsys.readouterr().out.strip() == demo.report_markdown(report)
-    begin, end = demo.docs_markers("default")
-    page = f"# title\n\n{begin}\nstale\n{end}\n\nafter\n"
-    updated = demo.update_docs(page, {"default": report})
-    assert "stale" not in updated and updated.endswith("after\n")
-    assert demo.report_markdown(report) in updated
-    with pytest.raises(ValueError, match="has no"):
-        demo.update_docs("no markers here", {"default": report})
-    # the README's summary block: regenerated where it is, nothing done where it is not
-    begin, end = demo.README_SUMMARY_MARKERS
     robustness = {"perturbations": {"reference": "", "x": ""}, "rows": []}
-    readme = demo.update_readme_summary(f"{begin}\nold\n{end}\n", report, robustness)
-    assert demo.readme_summary(report, robustness) in readme and "old" not in readme
-    assert demo.update_readme_summary("no block\n", report, robustness) == "no block\n"
-    assert 3 <= len(demo.readme_summary(report, robustness).splitlines()) <= 6
+    summary = demo.readme_summary(report, robustness)
+    assert 3 <= len(summary.splitlines()) <= 6 and "docs/demo.md" in summary
+    assert report["summary"]["sentence"] not in summary  # a summary, not the page
 
 
-@pytest.mark.parametrize("section", demo.docs.SECTIONS)
-def test_demo_page_tables_are_the_committed_results(section):
-    """docs/demo.md's tables are generated from docs/demo/ (`dip-demo --update-docs`); edit neither by hand."""
-    results = demo.docs.committed_results()
-    with open(demo.config.DEMO_PAGE) as f:
-        page = f.read()
-    begin, end = demo.docs_markers(section)
-    assert begin in page and end in page, f"docs/demo.md lacks the {section} block"
-    block = page.split(begin, 1)[1].split(end, 1)[0].strip()
-    assert block == demo.docs.section_text(section, results[section]).strip(), (
-        f"docs/demo.md's {section} block differs from the committed results: run `dip-demo --update-docs`")
-
-
-def test_readme_summary_is_the_committed_results():
-    """README.md's demo summary (where the front page has its markers) comes from docs/demo/."""
-    with open(demo.docs.README) as f:
-        readme = f.read()
-    begin, end = demo.README_SUMMARY_MARKERS
-    if begin not in readme:
-        pytest.skip("README.md has no dip-demo summary block")
-    results = demo.docs.committed_results()
-    block = readme.split(begin, 1)[1].split(end, 1)[0].strip()
-    assert block == demo.readme_summary(results["default"], results["robustness"]).strip()
+def test_the_demo_sections_are_generated_by_dip_docs():
+    """docs/demo.md's tables and the README's summary are dip.docs sections (tests/test_docs.py checks
+    that every generated block agrees with the committed results)."""
+    names = {s.name: s.doc for s in docs.SECTIONS}
+    assert names["demo default"] == names["demo robustness"] == names["demo thorough"] == "docs/demo.md"
+    assert names["demo summary"] == "README.md"
+    section = next(s for s in docs.SECTIONS if s.name == "demo default")
+    assert section.render() == demo.report_markdown(demo.load_report(demo.RESULTS["default"]))
 
 
 def test_committed_default_run_shows_the_effect_on_two_seeds():

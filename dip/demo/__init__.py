@@ -24,12 +24,13 @@ patches drawn in the wrong place are counted and named on their own (:func:`misp
 
 The parts: ``config`` (DemoConfig, presets), ``metrics``, ``experiment`` (the models and one run),
 ``runner`` (worker processes, the results file), ``report`` (verdict, tables), ``figure`` (demo.png,
-curves.png), ``robustness`` and ``docs`` (docs/demo.md, generated from the committed results).
+curves.png), ``robustness`` and ``docs`` (docs/demo.md's tables and the README's summary, rendered
+from the committed results and written by dip.docs).
 The command line is ``dip-demo`` (dip.cli).
 """
 from .config import (DOCS, HEAD_BACKENDS, HEAD_INITS, LAYOUT_POOL, LAYOUT_PSNR_MIN, LR_SCHEDULES, MODELS, ONEDNN, PHOTOS, PRESETS,
                      REPO, RESULTS, ROBUSTNESS_RESULTS, DemoConfig)
-from .docs import README_SUMMARY_MARKERS, docs_markers, update_docs, update_readme_summary, write_docs
+from . import docs
 from .experiment import (AbsolutePositions, build_demo_model, he_init_, head_sensitivity, perturb_ulps_, run_one,
                          train_and_sample)
 from .figure import detail_window, make_curves, make_figure
