@@ -207,16 +207,17 @@ def readme_summary(report: dict, robustness: Optional[dict] = None) -> str:
         f"{max(dit):.1f} dB; DiP ahead by a median of {m['psnr_margin']['worst']:.1f} dB or more per seed "
         f"(single samples: {m['psnr_margin']['lowest_sample']:+.1f} dB at worst).",
         f"Verdict: {'shows' if s['shows_effect'] else 'does not show'} the paper's effect on "
-        f"{s['runs_showing_effect']} of {s['runs']} runs.{_robustness_sentence(robustness)} The digits differ "
+        f"{s['runs_showing_effect']} of {s['runs']} runs.{_robustness_sentence(robustness, c)} The digits differ "
         "between machines; see [docs/demo.md](docs/demo.md).",
     ])
 
 
-def _robustness_sentence(robustness: Optional[dict]) -> str:
+def _robustness_sentence(robustness: Optional[dict], config: dict) -> str:
     if robustness is None:
         return ""
     perturbed = [r for r in robustness["rows"] if r["perturbation"] != "reference"]
     kept = sum(r["same_verdict"] and r["in_spread"] for r in perturbed)
     names = ", ".join(k for k in robustness["perturbations"] if k != "reference")
-    return (f" Under other numerics ({names}) {kept} of {len(perturbed)} runs keep that verdict with their margins "
-            "inside its spread.")
+    which = "this configuration" if robustness.get("config") == config else "a reduced configuration"
+    return (f" Under other numerics ({names}), {kept} of {len(perturbed)} runs of {which} keep their verdict with "
+            "their margins inside the reference's spread.")
