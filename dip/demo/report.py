@@ -201,11 +201,12 @@ def readme_summary(report: dict, robustness: Optional[dict] = None) -> str:
     dit = [final_metrics(r, "dit")["psnr"] for r in report["runs"]]
     return "\n".join([
         f"`make demo` overfits one {c['image_size']}x{c['image_size']} photo with DiT-only and with DiP (same "
-        f"backbone, {c['steps']} steps, {len(report['runs'])} seeds, {c.get('noises', 1)} samples per checkpoint; "
+        f"backbone, {c['steps']} steps, {len(report['runs'])} seeds, {c.get('noises', 1)} "
+        f"sample{'s' * (c.get('noises', 1) > 1)} per checkpoint; "
         f"about {t['cpu_seconds']:.0f} CPU-seconds).",
         f"Median PSNR at the last step: DiP {min(dip):.1f} to {max(dip):.1f} dB, DiT-only {min(dit):.1f} to "
         f"{max(dit):.1f} dB; DiP ahead by a median of {m['psnr_margin']['worst']:.1f} dB or more per seed "
-        f"(single samples: {m['psnr_margin']['lowest_sample']:+.1f} dB at worst).",
+        f"(single samples: {m['psnr_margin'].get('lowest_sample', m['psnr_margin']['worst']):+.1f} dB at worst).",
         f"Verdict: {'shows' if s['shows_effect'] else 'does not show'} the paper's effect on "
         f"{s['runs_showing_effect']} of {s['runs']} runs.{_robustness_sentence(robustness, c)} The digits differ "
         "between machines; see [docs/demo.md](docs/demo.md).",
