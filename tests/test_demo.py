@@ -123,7 +123,7 @@ def test_misplaced_patches_are_named_in_the_summary():
 
 
 def test_lr_schedule_and_ema_ramp():
-    cfg = demo.DemoConfig(steps=100, warmup_steps=10, lr=1e-3, checkpoints=(100,)).validate()
+    cfg = demo.DemoConfig(steps=100, warmup_steps=10, lr=1e-3, lr_schedule="cosine", checkpoints=(100,)).validate()
     rates = [cfg.lr_at(s) for s in range(1, 101)]
     assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(rates[9:], rates[10:])) and rates[-1] == pytest.approx(0, abs=1e-12)

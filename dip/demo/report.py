@@ -48,8 +48,9 @@ def judge(run: dict) -> dict:
         verdict[name] = spread(values)["median"]
         verdict[f"{name}_spread"] = spread(values)
         verdict[f"{name}_per_noise"] = [float(v) for v in values]
-    verdict["misplaced_patches"] = {key: int(sum(per_noise(final_metrics(run, key), "misplaced_patches")))
-                                    for key in ("dit", "dip")}
+    if "misplaced_patches" in dip:  # results files from before the patch count have none
+        verdict["misplaced_patches"] = {key: int(sum(per_noise(final_metrics(run, key), "misplaced_patches")))
+                                        for key in ("dit", "dip")}
     verdict["shows_effect"] = bool(layout and verdict["psnr_margin"] > 0 and verdict["hf_margin"] > 0)
     return verdict
 
