@@ -6,8 +6,8 @@ from dip import demo
 
 
 def test_small_demo_holds_under_numerics_perturbations(tmp_path):
-    cfg = demo.DemoConfig(image_size=32, hidden_size=96, depth=1, num_heads=4, steps=30, batch_size=2, warmup_steps=5,
-                          checkpoints=(30,), sample_steps=8, noises=4, seeds=(0,), jobs=1, threads=1, device="cpu",
+    cfg = demo.DemoConfig(image_size=32, hidden_size=64, depth=1, num_heads=4, steps=20, batch_size=2, warmup_steps=5,
+                          checkpoints=(20,), sample_steps=6, noises=4, seeds=(0,), jobs=1, threads=1, device="cpu",
                           out=str(tmp_path), progress=False)
     result = demo.run_robustness(cfg)
     rows = result["rows"]
