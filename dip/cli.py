@@ -474,8 +474,8 @@ def demo_parser() -> ArgumentParser:
     p.add_argument("--out", help="output folder (default demo_out, demo_out_thorough or demo_out_full)")
     _demo_model_arguments(p)
     p.add_argument("--head-backend", choices=demo.HEAD_BACKENDS,
-                   help="backend of the Patch Detailer Head op (default: onednn on a CPU, auto on a GPU; eager is the "
-                        "reference; cpu is onednn's former name)")
+                   help="backend of the Patch Detailer Head op (default: onednn on a CPU, auto on a GPU; reference is the "
+                        "reference implementation; cpu and eager are onednn's and reference's former names)")
     p.add_argument("--jobs", type=int, help="worker processes (default one per core, at most one per run)")
     p.add_argument("--threads", type=int, help="torch threads per worker (default: the cores shared out among them)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))

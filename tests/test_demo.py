@@ -214,7 +214,7 @@ def test_cli_arguments_map_to_config(tmp_path):
     assert cfg.lr_schedule == "constant" and cfg.init_ulps == 1
     # the head's oneDNN backend under its name and its former one
     assert _cfg("--head-backend", "cpu").resolved_head_backend() == _cfg("--head-backend", "onednn").resolved_head_backend()
-    assert _cfg("--head-backend", "eager").resolved_head_backend() == "eager"
+    assert _cfg("--head-backend", "eager").resolved_head_backend() == _cfg("--head-backend", "reference").resolved_head_backend() == demo.REFERENCE
     thorough = _cfg("--thorough")
     assert thorough.image_size >= 128 and len(thorough.photos) >= 3 and len(thorough.seeds) >= 2
     # training times shift with the resolution: none at 64x64, the log-SNR by ln 4 at 128x128
@@ -261,7 +261,7 @@ def test_committed_default_run_shows_the_effect_on_two_seeds():
     report = demo.load_report(demo.RESULTS["default"])
     assert len(report["runs"]) >= 2 and len({r["seed"] for r in report["runs"]}) >= 2
     assert report["summary"]["shows_effect"]
-    assert report["config"]["head_backend"] is None and report["head_backend"] in ("cpu", "onednn")
+    assert report["config"]["head_backend"] is None and report["head_backend"] in ("cpu", "onednn")  # the oneDNN backend, by either name
     defaults = demo.runner.config_dict(demo.DemoConfig().validate())
     recorded = {k: v for k, v in report["config"].items() if k != "noises"}
     assert recorded == {k: v for k, v in defaults.items() if k in recorded}

@@ -28,7 +28,7 @@ curves.png), ``robustness`` and ``docs`` (docs/demo.md's tables and the README's
 from the committed results and written by dip.docs).
 The command line is ``dip-demo`` (dip.cli).
 """
-from .config import (DOCS, HEAD_BACKENDS, HEAD_INITS, LAYOUT_POOL, LAYOUT_PSNR_MIN, LR_SCHEDULES, MODELS, ONEDNN, PHOTOS, PRESETS,
+from .config import (DOCS, HEAD_BACKENDS, HEAD_INITS, LAYOUT_POOL, LAYOUT_PSNR_MIN, LR_SCHEDULES, MODELS, ONEDNN, PHOTOS, PRESETS, REFERENCE,
                      REPO, RESULTS, ROBUSTNESS_RESULTS, DemoConfig)
 from . import docs
 from .experiment import (AbsolutePositions, build_demo_model, he_init_, head_sensitivity, perturb_ulps_, run_one,

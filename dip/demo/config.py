@@ -18,7 +18,8 @@ HEAD_INITS = ("he", "default")
 # The head's oneDNN/MKL backend is called "onednn" where dip_kernels knows that name and "cpu" before;
 # the demo accepts both and passes on the one the installed dip_kernels has.
 ONEDNN = "onednn" if "onednn" in BACKENDS else "cpu"
-HEAD_BACKENDS = ("onednn", "cpu", "eager", "auto")
+REFERENCE = "reference" if "reference" in BACKENDS else "eager"  # likewise the reference, formerly "eager"
+HEAD_BACKENDS = ("onednn", "cpu", "reference", "eager", "auto")
 LR_SCHEDULES = ("cosine", "constant")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DOCS = os.path.join(REPO, "docs", "demo")
@@ -96,7 +97,7 @@ class DemoConfig:
             raise ValueError(f"head_backend must be one of {HEAD_BACKENDS}, got {self.head_backend!r}")
         if self.head_backend in ("onednn", "cpu") and device_of(self.device).type != "cpu":
             raise ValueError(f"head_backend {self.head_backend} runs on CPU tensors; with device {self.device} "
-                             "use auto or eager")
+                             "use auto or reference")
         if self.jobs < 0 or self.threads < 0 or self.init_ulps < 0:
             raise ValueError(f"jobs, threads and init_ulps must be >= 0, got {self.jobs}, {self.threads}, "
                              f"{self.init_ulps}")
@@ -115,7 +116,9 @@ class DemoConfig:
         """The backend name passed to dip_kernels ("cpu" and "onednn" are one backend)."""
         if self.head_backend is None:
             return ONEDNN if device_of(self.device).type == "cpu" else "auto"
-        return ONEDNN if self.head_backend in ("onednn", "cpu") else self.head_backend
+        if self.head_backend in ("onednn", "cpu"):
+            return ONEDNN
+        return REFERENCE if self.head_backend in ("reference", "eager") else self.head_backend
 
     def lr_at(self, step: int) -> float:
         """The learning rate of step (1-based): linear warm-up, then constant or a cosine decay that
