@@ -16,13 +16,14 @@ and shows its traceback.
 import argparse
 import os
 import sys
+from dataclasses import replace
 from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
 import yaml
 
-from . import demo, evaluate, official
+from . import demo, docs, evaluate, official
 from . import sample as sampling
 from .checkpoint import check_output, remove_stale_temporaries, write_json
 from .distributed import check_device, leave_process_group, setup_distributed
@@ -456,25 +457,43 @@ def eval_main(argv=None):
 def demo_parser() -> ArgumentParser:
     p = ArgumentParser(prog="dip-demo", description=(
         "Fig. 3 of the DiP paper: overfit one photo with a DiT-only model and with DiP (Patch Detailer "
-        "Head), same backbone, steps and seeds; writes a comparison PNG and PSNR / high-frequency metrics, "
-        "and says whether the run shows the paper's effect."))
+        "Head), same backbone, steps and seeds; samples several noises per checkpoint, writes a comparison PNG, "
+        "training curves and PSNR / high-frequency metrics, and says whether the run shows the paper's effect."))
     preset = p.add_mutually_exclusive_group()
     preset.add_argument("--thorough", action="store_true",
-                        help=f"128x128, photos {','.join(demo.PRESETS['thorough']['photos'])}, seeds 0,1 (tens of minutes on 2 cores)")
+                        help=f"128x128, photos {','.join(demo.PRESETS['thorough']['photos'])}, seeds 0,1 (about an "
+                             "hour on 2 cores)")
     preset.add_argument("--full", action="store_true", help="full-scale GPU version: 256x256, DiP-B/16 backbone")
+    p.add_argument("--robustness", action="store_true",
+                   help="run the configuration once per numerics perturbation (2 threads, eager head, 1-ulp initial "
+                        "weights) and check that verdict and margins hold; writes robustness.json")
     p.add_argument("--photos", type=lambda s: tuple(v.strip() for v in s.split(",") if v.strip()),
                    help=f"comma-separated bundled photos: {','.join(demo.PHOTOS)}")
     p.add_argument("--image", help="your own photo (any size and format PIL reads; centre-cropped to --image-size)")
     p.add_argument("--seeds", type=_int_list("--seeds"), help="comma-separated seeds, one run per photo and seed")
     p.add_argument("--out", help="output folder (default demo_out, demo_out_thorough or demo_out_full)")
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--hidden-size", type=int)
-    p.add_argument("--depth", type=int)
-    p.add_argument("--num-heads", type=int)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch-size", type=int)
+    _demo_model_arguments(p)
+    p.add_argument("--head-backend", choices=demo.HEAD_BACKENDS,
+                   help="backend of the Patch Detailer Head op (default: onednn on a CPU, auto on a GPU; reference is the "
+                        "reference implementation; cpu and eager are onednn's and reference's former names)")
+    p.add_argument("--jobs", type=int, help="worker processes (default one per core, at most one per run)")
+    p.add_argument("--threads", type=int, help="torch threads per worker (default: the cores shared out among them)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--report", metavar="DEMO_JSON", help="print the tables of a finished run's demo.json and exit")
+    p.add_argument("--update-docs", "--update-readme", dest="update_docs", action="store_true",
+                   help="regenerate docs/demo.md's tables and README.md's demo summary from the committed results "
+                        "in docs/demo/ and exit (python -m dip.docs regenerates every generated section)")
+    return p
+
+
+def _demo_model_arguments(p: ArgumentParser):
+    for flag in ("--image-size", "--hidden-size", "--depth", "--num-heads", "--steps", "--batch-size"):
+        p.add_argument(flag, type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--warmup-steps", type=int, help="steps of linear learning-rate warm-up")
+    p.add_argument("--lr-schedule", choices=demo.LR_SCHEDULES,
+                   help="after warm-up: cosine decay to 0 (default) or constant")
     p.add_argument("--ema", type=float, help="EMA decay of the sampled weights (0 = raw weights)")
     p.add_argument("--head-init", choices=demo.HEAD_INITS, help="DiP head's convolutions: he (default) or PyTorch's default")
     p.add_argument("--rope-only", dest="absolute_positions", action="store_false", default=None,
@@ -484,17 +503,8 @@ def demo_parser() -> ArgumentParser:
     p.add_argument("--checkpoints", type=_int_list("--checkpoints"),
                    help="comma-separated steps at which to sample, e.g. 75,150,300")
     p.add_argument("--sample-steps", type=int, help="Euler steps per sample")
-    p.add_argument("--head-backend", choices=demo.HEAD_BACKENDS,
-                   help="backend of the Patch Detailer Head op (default: cpu on a CPU, auto on a GPU; eager is the "
-                        "reference)")
-    p.add_argument("--jobs", type=int, help="worker processes (default one per core, at most one per run)")
-    p.add_argument("--threads", type=int, help="torch threads per worker (default: the cores shared out among them)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--report", metavar="DEMO_JSON", help="print the tables of a finished run's demo.json and exit")
-    p.add_argument("--update-readme", nargs="?", const=os.path.join(demo.REPO, "README.md"), metavar="README",
-                   help="regenerate README.md's demo tables from the committed results in docs/demo/ and exit")
-    return p
+    p.add_argument("--noises", type=int, help="samples per checkpoint, one per starting noise (default 8)")
+    p.add_argument("--init-ulps", type=int, help="move every initial weight this many float32 ulps (numerics check)")
 
 
 def _int_list(flag: str):
@@ -506,23 +516,43 @@ def _int_list(flag: str):
     return parse
 
 
+DEMO_CONFIG_FLAGS = ("out", "image_size", "hidden_size", "depth", "num_heads", "steps", "batch_size", "lr",
+                     "warmup_steps", "lr_schedule", "ema", "head_init", "absolute_positions", "t_mean", "checkpoints",
+                     "sample_steps", "noises", "init_ulps", "seeds", "photos", "image", "head_backend", "jobs",
+                     "threads", "device")
+
+
+def demo_config_from_args(args) -> "demo.DemoConfig":
+    preset = "full" if args.full else "thorough" if args.thorough else "default"
+    cfg = demo.DemoConfig(**demo.PRESETS[preset])
+    overrides = {k: getattr(args, k) for k in DEMO_CONFIG_FLAGS if getattr(args, k) is not None}
+    if "steps" in overrides and "checkpoints" not in overrides:
+        n = overrides["steps"]
+        overrides["checkpoints"] = tuple(sorted({max(1, n * 2 // 5), max(1, n * 7 // 10), n}))
+    if args.robustness and "out" not in overrides:
+        overrides["out"] = "demo_out_robustness"
+    cfg = replace(cfg, **overrides, progress=not args.no_progress)
+    return cfg.validate()
+
+
 def _demo(argv):
     args = demo_parser().parse_args(argv)
     if args.report:
         print(demo.report_markdown(demo.load_report(args.report)))
         return 0
-    if args.update_readme:
-        with open(args.update_readme) as f:
-            text = f.read()
-        text = demo.update_readme(text, {section: demo.load_report(path) for section, path in demo.RESULTS.items()})
-        with demo.atomic_write(args.update_readme, "w") as f:
-            f.write(text)
-        print(f"updated {args.update_readme} from {', '.join(os.path.relpath(p, demo.REPO) for p in demo.RESULTS.values())}")
+    if args.update_docs:
+        changed = docs.write([s for s in docs.SECTIONS if s.name.startswith("demo ")])
+        print(f"updated {', '.join(changed) or 'nothing (already current)'}")
         return 0
-    cfg = demo.config_from_args(args)
+    cfg = demo_config_from_args(args)
+    if args.robustness:
+        result = demo.run_robustness(cfg)
+        print(demo.robustness_table(result))
+        print(f"wrote {os.path.join(cfg.out, 'robustness.json')}")
+        return 0 if result["holds"] else 1
     report = demo.run_demo(cfg)
     print(demo.report_markdown(report))
-    print(f"wrote {report['figure']} and {os.path.join(cfg.out, 'demo.json')}")
+    print(f"wrote {', '.join(os.path.join(cfg.out, n) for n in (report['figure'], report['curves'], 'demo.json'))}")
     return 0
 
 

@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional
 
 from dip_kernels import precompile as kernel_precompile
 
-from . import official, recipes
+from . import demo, official, recipes
 from .checkpoint import atomic_write
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,7 +94,7 @@ SECTIONS = [
             lambda: official.estimate_markdown()),
     Section("sampling presets", "docs/sampling.md", ["dip/official.py", "bench/anchors.json"],
             lambda: official.presets_markdown()),
-]
+] + [Section(name, doc, sources, render) for name, doc, sources, render in demo.docs.SECTIONS]
 
 
 # ----------------------------------------------------------------------------- reading and writing
