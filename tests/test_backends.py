@@ -68,7 +68,9 @@ def test_backend_matches_reference(backend, op, name, device, dtype, sample):
     conformance.check_against_reference(op, name, sample.make(dtype, device))
 
 
-def _opcheck_params():
+def _per_backend_params(interpreted_detailer_mark):
+    """(op, backend, device) for every backend of every op; the Triton detailer on CPU (minutes under
+    the interpreter) gets ``interpreted_detailer_mark``."""
     out = []
     for op in SPECS:
         for name, devices in BACKEND_DEVICES.items():
@@ -79,9 +81,13 @@ def _opcheck_params():
                 if device == "cpu" and name not in _backends_here(op, "cpu"):
                     marks.append(pytest.mark.skip(reason=f"{name} does not run cpu tensors here"))
                 if op == "patch_detailer" and name == "triton" and device == "cpu":
-                    marks.append(pytest.mark.slow)
+                    marks.append(interpreted_detailer_mark)
                 out.append(pytest.param(op, name, device, marks=marks, id=f"{op}-{name}-{device}"))
     return out
+
+
+def _opcheck_params():
+    return _per_backend_params(pytest.mark.slow)
 
 
 # opcheck's AOT-dispatch checks run the op again under AOTAutograd and compare with eager mode: for the
@@ -132,22 +138,10 @@ def test_catalogue_covers_batch_one_tails_and_strided_inputs():
 
 
 def _compile_params():
-    out = []
-    for op in SPECS:
-        for name, devices in BACKEND_DEVICES.items():
-            if not backends.has_backend(op, name):
-                continue
-            for device in devices:
-                marks = [pytest.mark.gpu] if device == "cuda" else []
-                if device == "cpu" and name not in _backends_here(op, "cpu"):
-                    marks.append(pytest.mark.skip(reason=f"{name} does not run cpu tensors here"))
-                if device == "cpu" and op == "patch_detailer" and name == "triton":
-                    # minutes of interpreted detailer kernels, run twice; what torch.compile checks (the
-                    # op's registration, fake and autograd formula) is the same for every backend, and
-                    # the GPU run compiles the Triton detailer
-                    marks.append(pytest.mark.skip(reason="the interpreted Triton detailer: see the cuda case"))
-                out.append(pytest.param(op, name, device, marks=marks, id=f"{op}-{name}-{device}"))
-    return out
+    # minutes of interpreted detailer kernels, run twice; what torch.compile checks (the op's
+    # registration, fake and autograd formula) is the same for every backend, and the GPU run compiles
+    # the Triton detailer
+    return _per_backend_params(pytest.mark.skip(reason="the interpreted Triton detailer: see the cuda case"))
 
 
 @pytest.mark.parametrize("op,name,device", _compile_params())
