@@ -878,13 +878,14 @@ def test_a_stop_signal_saves_the_last_completed_step_and_resumes_bit_exact(
     data, _ = trained
     out = str(tmp_path / "run")
     monkeypatch.setenv(KILL_AT_ENV, moment)
+    handler_before = signal.getsignal(signal.SIGTERM)  # pytest plugins may have installed one
     code, _, err = _call(cli.train_main, _signal_run_args(data, out, tmp_path, "5"), capsys)
     assert code == EXIT_STOPPED, err
     assert f"after step {stops_after}" in err and err.count("\n") == 1, err
     assert ckpt.load_checkpoint(out)["step"] == stops_after  # 0 completed steps lost
     assert _strict_metrics(os.path.join(out, "metrics.jsonl"))[-1]["step"] <= stops_after
     assert _temporaries(out) == [] and _temporaries(os.path.join(out, "samples")) == []
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are given back
+    assert signal.getsignal(signal.SIGTERM) is handler_before  # the handlers are given back
     monkeypatch.delenv(KILL_AT_ENV)
     code, _, err = _call(cli.train_main, _signal_run_args(data, out, tmp_path, "5") + ["--resume"], capsys)
     assert code == 0, err
