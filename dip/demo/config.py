@@ -6,7 +6,6 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from dip_kernels.backends import BACKENDS
 
 MODELS = (("dit", "none", "DiT-only"), ("dip", "patch_detailer", "DiP"))
 HF_CUTOFF = 0.25  # of the Nyquist frequency
@@ -15,10 +14,8 @@ LAYOUT_PSNR_MIN = 20.0  # dB: a sample at least this close to the target's layou
 PATCH = 16  # pixels per patch side, the backbone's token
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina")
 HEAD_INITS = ("he", "default")
-# The head's oneDNN/MKL backend is called "onednn" where dip_kernels knows that name and "cpu" before;
-# the demo accepts both and passes on the one the installed dip_kernels has.
-ONEDNN = "onednn" if "onednn" in BACKENDS else "cpu"
-REFERENCE = "reference" if "reference" in BACKENDS else "eager"  # likewise the reference, formerly "eager"
+# the detailer's backends by name; "cpu" and "eager", their former names, are still accepted
+ONEDNN, REFERENCE = "onednn", "reference"
 HEAD_BACKENDS = ("onednn", "cpu", "reference", "eager", "auto")
 LR_SCHEDULES = ("cosine", "constant")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
