@@ -19,7 +19,6 @@ import torch
 
 import dip_kernels
 from dip_kernels.reference import patch_detailer as ref
-from dip_kernels.testing import assert_close_to_fp64, rms_error
 
 from bench import cases, providers, timing
 
@@ -109,15 +108,10 @@ def test_patch_detailer_onednn_side_by_side(benchmark, mode, m):
                 times[name].append(time.perf_counter() - t)
                 cpu_times[name].append(time.process_time() - c)
 
-    # they compute the same thing (tests/test_patch_detailer_onednn.py and the conformance suite check it
-    # in depth): judged against fp64 as the conformance suite judges the detailer, by the RMS error (the
-    # largest error of a weight gradient summed over 64 x 256 pixels is a noisy statistic of rounding)
+    # they compute the same thing (tests/test_patch_detailer_onednn.py checks how closely)
     with providers.op_backend("patch_detailer", "onednn"):
-        got_all = _flat(calls["onednn"](*args))
-    want_all = _flat(calls["reference"](*args))
-    fp64_all = _flat(calls["reference"](*_to_double(args)))
-    for i, (got, want, fp64) in enumerate(zip(got_all, want_all, fp64_all)):
-        assert_close_to_fp64(got, want, fp64, name=f"output {i}", error=rms_error)
+        for got, want in zip(_flat(calls["onednn"](*args)), _flat(calls["reference"](*args))):
+            assert (got - want).abs().max() <= 1e-3 * want.abs().max()
     t = time.perf_counter()
     alternate()  # warm-up (oneDNN's primitives) that also sizes the rounds
     seconds = float(os.environ.get("DIP_BENCH_SECONDS") or 4.0)
@@ -143,12 +137,6 @@ def test_patch_detailer_onednn_side_by_side(benchmark, mode, m):
         f"{name} {t:.1f} ms ({info['gflops'][name]:.0f} GFLOP/s)" for name, t in ms.items())
         + f"; onednn is {info['speedup_vs_reference']:.2f}x reference, {info['speedup_vs_op_reference']:.2f}x "
         "op_reference")
-
-
-def _to_double(value):
-    if isinstance(value, torch.Tensor):
-        return value.double()
-    return type(value)(_to_double(v) for v in value)
 
 
 def _flat(result):
