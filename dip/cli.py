@@ -29,7 +29,7 @@ from .checkpoint import check_output, remove_stale_temporaries, write_json
 from .distributed import check_device, leave_process_group, setup_distributed
 from .errors import TrainingDiverged, UserError
 from .graph_sampler import GraphSampler
-from .models import CONFIGS
+from .models import CONFIGS, HEADS
 from .train import load_config, train
 from .train.preemption import EXIT_STOPPED
 
@@ -465,8 +465,12 @@ def demo_parser() -> ArgumentParser:
                              "hour on 2 cores)")
     preset.add_argument("--full", action="store_true", help="full-scale GPU version: 256x256, DiP-B/16 backbone")
     p.add_argument("--robustness", action="store_true",
-                   help="run the configuration once per numerics perturbation (2 threads, eager head, 1-ulp initial "
+                   help="run the configuration once per numerics perturbation (2 threads, reference head, 1-ulp initial "
                         "weights) and check that verdict and margins hold; writes robustness.json")
+    p.add_argument("--heads", nargs="?", const=",".join(demo.ABLATION_HEADS), type=_head_list,
+                   help="the paper's head ablation (Table 2) as a CPU proxy: the experiment once per output head "
+                        f"(comma-separated, default {','.join(demo.ABLATION_HEADS)}), same backbone, draws and steps, "
+                        f"on photos {','.join(demo.ABLATION_PHOTOS)} unless --photos or --image; writes ablation.json")
     p.add_argument("--photos", type=lambda s: tuple(v.strip() for v in s.split(",") if v.strip()),
                    help=f"comma-separated bundled photos: {','.join(demo.PHOTOS)}")
     p.add_argument("--image", help="your own photo (any size and format PIL reads; centre-cropped to --image-size)")
@@ -493,7 +497,7 @@ def _demo_model_arguments(p: ArgumentParser):
     p.add_argument("--lr", type=float)
     p.add_argument("--warmup-steps", type=int, help="steps of linear learning-rate warm-up")
     p.add_argument("--lr-schedule", choices=demo.LR_SCHEDULES,
-                   help="after warm-up: cosine decay to 0 (default) or constant")
+                   help="after warm-up: constant (default) or a cosine decay to 0 at the last step")
     p.add_argument("--ema", type=float, help="EMA decay of the sampled weights (0 = raw weights)")
     p.add_argument("--head-init", choices=demo.HEAD_INITS, help="DiP head's convolutions: he (default) or PyTorch's default")
     p.add_argument("--rope-only", dest="absolute_positions", action="store_false", default=None,
@@ -505,6 +509,15 @@ def _demo_model_arguments(p: ArgumentParser):
     p.add_argument("--sample-steps", type=int, help="Euler steps per sample")
     p.add_argument("--noises", type=int, help="samples per checkpoint, one per starting noise (default 8)")
     p.add_argument("--init-ulps", type=int, help="move every initial weight this many float32 ulps (numerics check)")
+
+
+def _head_list(text: str) -> Tuple[str, ...]:
+    heads = tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
+    unknown = [h for h in heads if h not in HEADS]
+    if unknown or len(heads) < 2:
+        raise argparse.ArgumentTypeError(f"--heads takes at least 2 comma-separated heads from {','.join(HEADS)}, "
+                                         f"got {text!r}")
+    return heads
 
 
 def _int_list(flag: str):
@@ -531,20 +544,31 @@ def demo_config_from_args(args) -> "demo.DemoConfig":
         overrides["checkpoints"] = tuple(sorted({max(1, n * 2 // 5), max(1, n * 7 // 10), n}))
     if args.robustness and "out" not in overrides:
         overrides["out"] = "demo_out_robustness"
+    if args.heads and "out" not in overrides:
+        overrides["out"] = "demo_out_ablation"
     cfg = replace(cfg, **overrides, progress=not args.no_progress)
     return cfg.validate()
 
 
 def _demo(argv):
-    args = demo_parser().parse_args(argv)
+    parser = demo_parser()
+    args = parser.parse_args(argv)
+    if args.heads and args.robustness:
+        parser.error("--heads and --robustness are separate experiments: give one of them")
     if args.report:
         print(demo.report_markdown(demo.load_report(args.report)))
         return 0
     if args.update_docs:
-        changed = docs.write([s for s in docs.SECTIONS if s.name.startswith("demo ")])
+        demo_sections = {name for name, *_ in demo.docs.SECTIONS}
+        changed = docs.write([s for s in docs.SECTIONS if s.name in demo_sections])
         print(f"updated {', '.join(changed) or 'nothing (already current)'}")
         return 0
     cfg = demo_config_from_args(args)
+    if args.heads:
+        report = demo.run_ablation(demo.ablation_config(cfg, photos_given=args.photos is not None), args.heads)
+        print(demo.ablation_table(report))
+        print(f"wrote {os.path.join(cfg.out, 'ablation.json')}")
+        return 0
     if args.robustness:
         result = demo.run_robustness(cfg)
         print(demo.robustness_table(result))

@@ -24,14 +24,16 @@ patches drawn in the wrong place are counted and named on their own (:func:`misp
 
 The parts: ``config`` (DemoConfig, presets), ``metrics``, ``experiment`` (the models and one run),
 ``runner`` (worker processes, the results file), ``report`` (verdict, tables), ``figure`` (demo.png,
-curves.png), ``robustness`` and ``docs`` (docs/demo.md's tables and the README's summary, rendered
+curves.png), ``robustness``, ``ablation`` (the paper's head ablation as a CPU proxy: ``--heads``) and ``docs`` (docs/demo.md's tables and the README's summary, rendered
 from the committed results and written by dip.docs).
 The command line is ``dip-demo`` (dip.cli).
 """
 from .config import (DOCS, HEAD_BACKENDS, HEAD_INITS, LAYOUT_POOL, LAYOUT_PSNR_MIN, LR_SCHEDULES, MODELS, ONEDNN, PHOTOS, PRESETS, REFERENCE,
                      REPO, RESULTS, ROBUSTNESS_RESULTS, DemoConfig)
+from .ablation import (ABLATION_HEADS, ABLATION_PHOTOS, ABLATION_RESULTS, HEAD_LABELS, PAPER_FID, ablation_config,
+                       ablation_table, run_ablation)
 from . import docs
-from .experiment import (AbsolutePositions, build_demo_model, he_init_, head_sensitivity, perturb_ulps_, run_one,
+from .experiment import (AbsolutePositions, build_demo_model, he_init_, head_sensitivity, perturb_ulps_, run_one, seeded_model,
                          train_and_sample)
 from .figure import detail_window, make_curves, make_figure
 from .metrics import (high_frequency_ratio, high_frequency_share, layout_psnr, load_target, misplaced_patches,

@@ -38,7 +38,7 @@ class DemoConfig:
     hidden_size: int = 768         # >= 3*16*16, so the DiT final layer can emit any patch (see dip.demo)
     depth: int = 2
     num_heads: int = 12
-    steps: int = 400
+    steps: int = 300
     batch_size: int = 4
     lr: float = 1e-3
     warmup_steps: int = 20
@@ -47,8 +47,8 @@ class DemoConfig:
     head_init: str = "he"          # DiP's head convolutions: "he" (see he_init_) or PyTorch's "default"
     absolute_positions: bool = True  # both backbones get fixed absolute positions (see AbsolutePositions)
     t_mean: Optional[float] = None  # logit-normal mean of the training times; None: see training_t_mean
-    checkpoints: Sequence[int] = (100, 200, 400)
-    sample_steps: int = 50
+    checkpoints: Sequence[int] = (150, 300)
+    sample_steps: int = 25
     noises: int = 8                # samples per checkpoint, one per starting noise: the verdict is on their median
     seeds: Sequence[int] = (0, 1)
     photos: Sequence[str] = ("astronaut",)
@@ -139,7 +139,7 @@ class DemoConfig:
 
 PRESETS = {
     "default": {},
-    "thorough": dict(image_size=128, steps=600, batch_size=2, checkpoints=(150, 300, 600),
+    "thorough": dict(image_size=128, steps=600, batch_size=2, checkpoints=(150, 300, 600), sample_steps=50,
                      photos=("astronaut", "coffee", "chelsea"), out="demo_out_thorough"),
     "full": dict(image_size=256, hidden_size=768, depth=12, num_heads=12, steps=3000, batch_size=16, lr=2e-4,
                  warmup_steps=100, ema=0.999, checkpoints=(500, 1500, 3000), sample_steps=100, seeds=(0,),

@@ -5,6 +5,7 @@ import json
 import os
 from typing import Callable, List, Tuple
 
+from .ablation import ABLATION_RESULTS, ablation_table
 from .config import REPO, RESULTS, ROBUSTNESS_RESULTS
 from .report import load_report, readme_summary, report_markdown
 from .robustness import robustness_table
@@ -16,6 +17,11 @@ def _relative(path: str) -> str:
 
 def committed_robustness() -> dict:
     with open(ROBUSTNESS_RESULTS) as f:
+        return json.load(f)
+
+
+def committed_ablation() -> dict:
+    with open(ABLATION_RESULTS) as f:
         return json.load(f)
 
 
@@ -34,5 +40,7 @@ SECTIONS: List[Tuple[str, str, List[str], Callable[[], str]]] = [
     ("demo robustness", "docs/demo.md", [_relative(ROBUSTNESS_RESULTS)],
      lambda: robustness_table(committed_robustness())),
     ("demo thorough", "docs/demo.md", [_relative(RESULTS["thorough"])], _report_section("thorough")),
+    ("demo ablation", "docs/demo.md", [_relative(ABLATION_RESULTS)], lambda: ablation_table(committed_ablation())),
+    ("ablation summary", "README.md", [_relative(ABLATION_RESULTS)], lambda: ablation_table(committed_ablation())),
     ("demo summary", "README.md", [_relative(RESULTS["default"]), _relative(ROBUSTNESS_RESULTS)], committed_summary),
 ]

@@ -70,6 +70,21 @@ def build_demo_model(cfg: DemoConfig, head: str):
     return model
 
 
+def seeded_model(cfg: DemoConfig, head: str, seed: int):
+    """The model with output ``head`` and the initial backbone of ``seed``, the same for every head.
+    Seeding alone would not do: DiP's constructor initialises the embedders after building the head,
+    whose own initialisation has drawn from the random stream by then."""
+    torch.manual_seed(seed)
+    reference = build_demo_model(cfg, "none")
+    if head == "none":
+        return reference
+    model = build_demo_model(cfg, head)
+    backbone = {k: v for k, v in reference.state_dict().items() if not k.startswith("head.")}
+    missing, unexpected = model.load_state_dict(backbone, strict=False)
+    assert not unexpected and all(k.startswith("head.") for k in missing), (missing, unexpected)
+    return model
+
+
 @torch.no_grad()
 def perturb_ulps_(model: torch.nn.Module, ulps: int):
     """Moves every nonzero parameter ``ulps`` float32 ulps away from zero: the smallest change of the
@@ -105,12 +120,13 @@ def _sample_checkpoint(cfg: DemoConfig, ema: EMA, model, sampler, seed: int) -> 
 
 def train_and_sample(cfg: DemoConfig, head: str, target: torch.Tensor, seed: int = 0,
                      on_step: Optional[Callable[[int, float], None]] = None) -> dict:
-    """Overfit one model (``head`` "none" or "patch_detailer") on ``target``. Returns {"losses": the
-    training loss of every step, "checkpoints": {step: {"samples": (noises, 3, S, S) CPU tensor,
-    "loss": mean loss since the previous checkpoint}}}. ``on_step(step, loss)`` follows each step."""
+    """Overfit one model (with output ``head``, see dip.models.HEADS) on ``target``. Returns {"losses":
+    the training loss of every step, "checkpoints": {step: {"samples": (noises, 3, S, S) CPU tensor,
+    "loss": mean loss since the previous checkpoint}}, "train_cpu_seconds": this process's CPU time
+    outside sampling}. ``on_step(step, loss)`` follows each step."""
+    cpu0 = time.process_time()
     device = device_of(cfg.device)
-    torch.manual_seed(seed)  # the same initial backbone for both heads
-    model = build_demo_model(cfg, head).to(device)
+    model = seeded_model(cfg, head, seed).to(device)
     perturb_ulps_(model, cfg.init_ulps)
     sampler = build_demo_model(cfg, head).to(device).requires_grad_(False)
     ema = EMA(model, cfg.ema_decay(0))  # the trainer's EMA; the demo ramps its decay (cfg.ema_decay)
@@ -140,9 +156,11 @@ def train_and_sample(cfg: DemoConfig, head: str, target: torch.Tensor, seed: int
             on_step(step, losses[-1])
         if step in cfg.checkpoints:
             since = max([0] + [s for s in checkpoints])
+            sampling0 = time.process_time()
             checkpoints[step] = {"samples": _sample_checkpoint(cfg, ema, model, sampler, seed),
                                  "loss": float(np.mean(losses[since:]))}
-    return {"losses": losses, "checkpoints": checkpoints}
+            cpu0 += time.process_time() - sampling0
+    return {"losses": losses, "checkpoints": checkpoints, "train_cpu_seconds": time.process_time() - cpu0}
 
 
 def run_one(cfg: DemoConfig, source: str, seed: int,

@@ -15,7 +15,7 @@ from .runner import config_dict, cpu_model, run_demo
 PERTURBATIONS = {
     "reference": ("the configuration as given (oneDNN head, one thread per worker process)", {}),
     "2 threads": ("one process with 2 threads: other reduction orders in the matrix products", dict(jobs=1, threads=2)),
-    "eager head": ("the head's reference implementation in place of the oneDNN one", dict(head_backend=REFERENCE)),
+    "reference head": ("the head's reference implementation in place of the oneDNN one", dict(head_backend=REFERENCE)),
     "1-ulp weights": ("every initial weight moved 1 float32 ulp away from zero", dict(init_ulps=1)),
 }
 MARGIN_NAMES = ("psnr_margin", "hf_margin")

@@ -28,7 +28,8 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _worker_setup(threads: int, head_backend: str, queue):
+def worker_setup(threads: int, head_backend: str, queue=None):
+    """A worker process's torch threads, head backend and progress queue (None: no progress messages)."""
     torch.set_num_threads(threads)
     dip_kernels.set_backend(head_backend, op="patch_detailer")
     global _progress_queue
@@ -94,7 +95,7 @@ def _in_workers(cfg: DemoConfig, runs, jobs: int, threads: int, bars: _Bars) -> 
     # spawned workers start a fresh interpreter with this process's environment (PYTHONPATH included)
     ctx = torch.multiprocessing.get_context("spawn")
     queue = ctx.Manager().Queue()
-    with ctx.Pool(jobs, initializer=_worker_setup, initargs=(threads, cfg.resolved_head_backend(), queue)) as pool:
+    with ctx.Pool(jobs, initializer=worker_setup, initargs=(threads, cfg.resolved_head_backend(), queue)) as pool:
         pending = [pool.apply_async(_worker_run, (replace(cfg, progress=False), i, src, seed))
                    for i, (src, seed) in enumerate(runs)]
         while not all(p.ready() for p in pending):
