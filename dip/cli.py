@@ -25,11 +25,12 @@ import yaml
 
 from . import demo, docs, evaluate, official
 from . import sample as sampling
-from .checkpoint import check_output, remove_stale_temporaries, write_json
+from .checkpoint import check_output, holds_only_sharded, is_sharded_checkpoint, remove_stale_temporaries, write_json
 from .distributed import check_device, leave_process_group, setup_distributed
 from .errors import TrainingDiverged, UserError
 from .graph_sampler import GraphSampler
 from .models import CONFIGS
+from .sharded_checkpoint import export_single_file
 from .train import load_config, train
 from .train.preemption import EXIT_STOPPED
 
@@ -355,10 +356,13 @@ def convert_parser() -> ArgumentParser:
     p = ArgumentParser(prog="dip-convert", description=(
         "Convert official DiP weights (NJU-PCALab/DiP: a PyTorch Lightning .ckpt, or a state dict) into a "
         "dip-train checkpoint, which dip-sample loads with no flags and dip-train --init-from starts from. "
-        "Keeps both the EMA (ema_denoiser.) and the raw (denoiser.) weights; refuses weights with NaN or inf."))
-    p.add_argument("source", help="official checkpoint file")
+        "Keeps both the EMA (ema_denoiser.) and the raw (denoiser.) weights; refuses weights with NaN or inf. "
+        "Also makes one file of a sharded checkpoint that dip-train --parallel fsdp wrote (a step_XXXXXXXX.dcp "
+        "folder, or a run folder: its newest that verifies), read on one process."))
+    p.add_argument("source", help="official checkpoint file, or a sharded dip-train checkpoint or run folder")
     p.add_argument("output", help="dip-train checkpoint file to write")
-    p.add_argument("--model", required=True, help="the model the weights are for, e.g. DiP-XL/16")
+    p.add_argument("--model", help="the model official weights are for, e.g. DiP-XL/16 (needed for them; a "
+                                   "dip-train checkpoint names its own)")
     p.add_argument("--image-size", type=_positive_int, default=OFFICIAL_IMAGE_SIZE,
                    help=f"the resolution the weights were trained at, dip-sample's default (default "
                         f"{OFFICIAL_IMAGE_SIZE}, the released DiP-XL/16's)")
@@ -368,6 +372,13 @@ def convert_parser() -> ArgumentParser:
 
 def _convert(argv):
     args = convert_parser().parse_args(argv)
+    if is_sharded_checkpoint(args.source) or holds_only_sharded(args.source):
+        state = export_single_file(args.source, args.output, args.overwrite)
+        print(f"wrote {args.output}: the model and EMA weights of {state['exported_from']} (step {state['step']}), "
+              "for dip-sample and dip-train --init-from")
+        return 0
+    if not args.model:
+        raise ValueError("--model is needed for official weights: the model they are for, e.g. DiP-XL/16")
     state, source = official.convert(args.source, args.output, args.model, args.image_size, args.overwrite)
     kept = " and ".join(which for which, present in (("EMA", source.ema is not None), ("raw", source.raw is not None))
                         if present)
