@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import CheckpointException, FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import StorageMeta
 
@@ -63,8 +63,9 @@ class SafeMetadataReader(FileSystemReader):
             with open(path, "rb") as f:
                 metadata = _MetadataUnpickler(f).load()
         except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as err:
-            raise CheckpointError(f"{path} was refused: {err}; a sharded dip-train checkpoint holds only "
-                                  "torch.distributed.checkpoint's metadata") from None
+            self.refusal = CheckpointError(f"{path} was refused: {err}; a sharded dip-train checkpoint holds "
+                                           "only torch.distributed.checkpoint's metadata")
+            raise self.refusal from None
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -75,35 +76,27 @@ class TensorsOnlyPlanner(DefaultLoadPlanner):
     """DCP's planner, refusing a non-tensor item (DCP would ``torch.load`` it with weights_only=False)."""
 
     def load_bytes(self, read_item, value):
-        raise CheckpointError(f"{read_item.dest_index.fqn} in the checkpoint is not a tensor; a sharded "
-                              "dip-train checkpoint holds tensors only")
-
-
-def _first_failure(err: BaseException) -> BaseException:
-    # DCP collects every rank's exception into one CheckpointException
-    failures = getattr(err, "failures", None)
-    if isinstance(failures, dict) and failures:
-        first = next(iter(failures.values()))
-        return first if isinstance(first, BaseException) else err
-    return err
+        self.refusal = CheckpointError(f"{read_item.dest_index.fqn} in the checkpoint is not a tensor; a sharded "
+                                       "dip-train checkpoint holds tensors only")
+        raise self.refusal
 
 
 def load_tensors(tensors: Dict[str, Any], path: str):
     """Read the checkpoint folder ``path`` into ``tensors`` in place (every rank calls this with its
     own shards as DTensors, or whole tensors; without a process group, one process reads all)."""
     distributed = dist.is_available() and dist.is_initialized()
+    reader, planner = SafeMetadataReader(path), TensorsOnlyPlanner()
     try:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.filterwarnings("ignore", message=".*load in a single process", category=UserWarning)
-            dcp.load(tensors, storage_reader=SafeMetadataReader(path), planner=TensorsOnlyPlanner(),
-                     no_dist=not distributed)
-    except Exception as err:  # whatever the files make DCP raise, the checkpoint is at fault
-        cause = _first_failure(err)
-        if isinstance(cause, CheckpointError):
-            raise cause from None
-        lines = str(cause).strip().splitlines()
+            dcp.load(tensors, storage_reader=reader, planner=planner, no_dist=not distributed)
+    except (Exception, CheckpointException) as err:  # whatever the files make DCP raise, they are at fault
+        refusal = getattr(reader, "refusal", None) or getattr(planner, "refusal", None)
+        if refusal is not None:  # DCP passes an exception on as text, in its own
+            raise refusal from None
+        lines = str(err).strip().splitlines()
         raise CheckpointError(f"{path} could not be read into this run's model: "
-                              f"{lines[-1] if lines else type(cause).__name__}") from None
+                              f"{lines[-1] if lines else type(err).__name__}") from None
 
 
 def nonfinite_shards(tensors: Dict[str, torch.Tensor]) -> List[str]:

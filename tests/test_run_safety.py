@@ -13,6 +13,7 @@ import errno
 import fcntl
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -1112,3 +1113,101 @@ def test_the_run_safety_page_and_the_help_state_the_exit_status_of_a_stop():
     assert f"status **{EXIT_STOPPED}**" in page and f"| {EXIT_STOPPED} | stopped by a stop signal" in page
     assert f"default `{','.join(DEFAULT_STOP_SIGNALS)}`" in page and "--signal=USR1@120" in page
     assert f"{EXIT_STOPPED} stopped by a signal of --stop-signals" in cli.train_parser().epilog
+
+
+# ----------------------------------------------------------------------------- issue 23, item 3: FSDP2 checkpoints in shards
+def _fsdp_train(data, out, steps, *extra, kill_at=None):
+    proc = _start_training(data, out, steps, "--parallel", "fsdp", *extra, torchrun=True, kill_at=kill_at)
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
+def _assert_same_state(a, b, optimizer=True):
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        for name in a[part]:
+            assert torch.equal(a[part][name], b[part][name]), (part, name)
+    if optimizer:
+        for pid, moments in a["optimizer"]["state"].items():
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(moments[key], b["optimizer"]["state"][pid][key]), (pid, key)
+
+
+def _rehash_sharded(folder):
+    """dip-state.pt with the checksums of the folder's files as they are now (as a forger would)."""
+    path = os.path.join(folder, ckpt.SHARDED_STATE)
+    state = ckpt.load_checkpoint(path)
+    state["files"] = {name: ckpt.file_sha256(os.path.join(folder, name)) for name in state["files"]}
+    os.unlink(path)
+    ckpt.write_checkpoint(state, path)
+
+
+def test_fsdp_checkpoints_are_shards_that_resume_on_one_process(trained, tmp_path, capsys):
+    data, _ = trained
+    sharded, whole = str(tmp_path / "sharded"), str(tmp_path / "whole")
+    # two processes under FSDP2, stopped by a signal after step 3: every checkpoint a folder with one shard per rank
+    code, err = _fsdp_train(data, sharded, 6, "--ckpt-interval", "2", kill_at="step:3:TERM")
+    assert code == 1 and "exitcode  : 75" in err, err
+    assert sorted(os.listdir(sharded)) == [".dip-train.lock", "metrics.jsonl", "step_00000002.dcp", "step_00000003.dcp"]
+    shards = os.path.join(sharded, "step_00000003.dcp")
+    assert sorted(os.listdir(shards)) == [".metadata", "__0_0.distcp", "__1_0.distcp", ckpt.SHARDED_STATE]
+    # the same run to step 3: its last checkpoint is the whole state in one file, as under DDP
+    code, err = _fsdp_train(data, whole, 3, "--ckpt-interval", "2")
+    assert code == 0 and os.listdir(os.path.join(whole, "step_00000002.dcp")), err
+    reference = ckpt.load_checkpoint(whole)
+    assert reference["step"] == 3 and reference["world_size"] == 2
+
+    # one file made of the shards on one process holds the very weights
+    code, _, err = _call(cli.convert_main, [sharded, tmp_path / "one.pt"], capsys)
+    assert code == 0 and "step_00000003.dcp (step 3)" in _, err
+    _assert_same_state(ckpt.load_checkpoint(str(tmp_path / "one.pt")), reference, optimizer=False)
+    code, _, err = _call(cli.sample_main, [sharded, *SAMPLE_ARGS], capsys)
+    _assert_one_line(err, code, ("sharded", f"dip-convert {sharded} OUT.pt"), "dip-sample")
+
+    # a flipped byte in a shard: the checkpoint before is used, and that is said; a shard missing
+    from dip.errors import CheckpointError
+    corrupt = str(tmp_path / "corrupt")
+    shutil.copytree(sharded, corrupt)
+    with open(os.path.join(corrupt, "step_00000003.dcp", "__1_0.distcp"), "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0x10]))
+    state, used, refusals = ckpt.load_newest_good(corrupt)
+    assert used.endswith("step_00000002.dcp") and state["step"] == 2
+    assert refusals == [f"{corrupt}/step_00000003.dcp is corrupt: the sha256 of __1_0.distcp does not match "
+                        "(flipped or lost bytes); use an older checkpoint"]
+    os.unlink(os.path.join(corrupt, "step_00000002.dcp", "__0_0.distcp"))
+    with pytest.raises(CheckpointError, match="step_00000003.dcp is corrupt"):
+        ckpt.load_newest_good(corrupt)
+    with pytest.raises(CheckpointError, match="step_00000002.dcp is incomplete"):
+        ckpt.verify_sharded_checkpoint(os.path.join(corrupt, "step_00000002.dcp"))
+
+    # resumed on one process, from the shards and from the whole file: the same run, to the bit; a
+    # killed save's temporary folder goes
+    os.makedirs(os.path.join(sharded, ".step_00000004.dcp.dip-abcd1234.tmp"))
+    for out in (sharded, whole):
+        code, printed, err = _call(cli.train_main, _train_cli(data, out, "--steps", "4", "--resume"), capsys)
+        assert code == 0 and "at step 3" in printed, printed + err
+    assert "removed 1 temporary files" in printed or _temporaries(sharded) == []
+    _assert_same_state(ckpt.load_checkpoint(sharded), ckpt.load_checkpoint(whole))
+    assert _numbered(sharded) == ["step_00000003.dcp", "step_00000004.pt"]  # --keep-last 2, across both kinds
+
+
+def test_a_crafted_sharded_checkpoint_runs_no_code(trained, tmp_path, capsys):
+    from dip.sharded_checkpoint import make_temporary_folder
+    # a sharded checkpoint's .metadata is a pickle that torch.distributed.checkpoint loads as it is
+    marker = tmp_path / "ran"
+    folder = str(tmp_path / "run" / "step_00000001.dcp")
+    os.makedirs(folder)
+    torch.save({"x": torch.zeros(1)}, os.path.join(folder, "__0_0.distcp"))
+    with open(os.path.join(folder, ".metadata"), "wb") as f:
+        pickle.dump(RunsACommand(marker), f)
+    model_config = ckpt.load_checkpoint(trained[1])["model_config"]
+    ckpt.write_checkpoint({"model_config": model_config, "step": 1, "files": {".metadata": "", "__0_0.distcp": ""}},
+                          os.path.join(folder, ckpt.SHARDED_STATE))
+    _rehash_sharded(folder)
+    code, _, err = _call(cli.convert_main, [folder, tmp_path / "out.pt"], capsys)
+    _assert_one_line(err, code, ("was refused", "system"), "dip-convert")
+    assert not marker.exists() and not (tmp_path / "out.pt").exists()
+    assert make_temporary_folder(str(tmp_path), 7).split(os.sep)[-1].startswith(".step_00000007.dcp.dip-")
