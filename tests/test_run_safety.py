@@ -1145,17 +1145,23 @@ def _rehash_sharded(folder):
 def test_fsdp_checkpoints_are_shards_that_resume_on_one_process(trained, tmp_path, capsys):
     data, _ = trained
     sharded, whole = str(tmp_path / "sharded"), str(tmp_path / "whole")
-    # two processes under FSDP2, stopped by a signal after step 3: every checkpoint a folder with one shard per rank
-    code, err = _fsdp_train(data, sharded, 6, "--ckpt-interval", "2", kill_at="step:3:TERM")
+    # two processes under FSDP2, stopped by a signal after step 3: every checkpoint a folder with one
+    # shard per rank, written behind the training
+    code, err = _fsdp_train(data, sharded, 6, "--ckpt-interval", "2", "--async-save", kill_at="step:3:TERM")
     assert code == 1 and "exitcode  : 75" in err, err
     assert sorted(os.listdir(sharded)) == [".dip-train.lock", "metrics.jsonl", "step_00000002.dcp", "step_00000003.dcp"]
     shards = os.path.join(sharded, "step_00000003.dcp")
     assert sorted(os.listdir(shards)) == [".metadata", "__0_0.distcp", "__1_0.distcp", ckpt.SHARDED_STATE]
-    # the same run to step 3: its last checkpoint is the whole state in one file, as under DDP
+    # the same run to step 3, saving in the foreground: its last checkpoint is the whole state in one
+    # file, as under DDP; the shards of step 2 are the same as those written behind the training
     code, err = _fsdp_train(data, whole, 3, "--ckpt-interval", "2")
-    assert code == 0 and os.listdir(os.path.join(whole, "step_00000002.dcp")), err
+    assert code == 0, err
     reference = ckpt.load_checkpoint(whole)
     assert reference["step"] == 3 and reference["world_size"] == 2
+    from dip.sharded_checkpoint import export_single_file
+    step_2 = [export_single_file(os.path.join(out, "step_00000002.dcp"), str(tmp_path / f"{i}.pt"))
+              for i, out in enumerate((sharded, whole))]
+    _assert_same_state(*step_2, optimizer=False)
 
     # one file made of the shards on one process holds the very weights
     code, _, err = _call(cli.convert_main, [sharded, tmp_path / "one.pt"], capsys)
