@@ -210,6 +210,11 @@ def _train(argv):
                   f"{result['checkpoint']}; continue with --resume (exit status {EXIT_STOPPED})", file=sys.stderr,
                   flush=True)
         return EXIT_STOPPED
+    if result.get("already_finished"):
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"the run in {cfg.out} is already finished at step {result['step']} (--steps {cfg.steps}); "
+                  f"nothing to do, nothing written (checkpoint {result['checkpoint']})")
+        return 0
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"finished at step {result['step']}, loss {result['loss']:.4f}; checkpoint {result['checkpoint']}")
         if result["unreadable_images"]:

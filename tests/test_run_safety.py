@@ -1012,6 +1012,16 @@ def test_runs_that_would_do_nothing_are_refused_or_said(run_copy, tmp_path, caps
     _assert_one_line(err, code, ("steps must be >= 1",), "dip-train")
     code, _, err = _call(cli.train_main, _train_cli(data, out, "--steps", "1", "--resume"), capsys)
     _assert_one_line(err, code, ("--steps 1 is below", "(2)"), "dip-train")
+    # a requeued job of a finished run: said, exit 0, nothing written
+    def contents():
+        return {name: (_file_bytes(os.path.join(out, name)), os.stat(os.path.join(out, name)).st_mtime_ns)
+                for name in os.listdir(out) if name != ".dip-train.lock"}
+    before = contents()
+    for steps in (["--steps", "2"], []):
+        code, printed, err = _call(cli.train_main, _train_cli(data, out, *steps, "--resume"), capsys)
+        assert code == 0 and err == "" and "loss" not in printed, printed + err
+        assert f"the run in {out} is already finished at step 2 (--steps 2); nothing to do" in printed, printed
+    assert contents() == before
 
 
 def test_an_image_size_the_model_cannot_take_names_the_flag_before_any_work(trained, tmp_path, capsys):

@@ -409,6 +409,10 @@ class Run:
     # -- the loop
     def train(self, cleanup: contextlib.ExitStack, on_step=None) -> Dict[str, Any]:
         cfg, env = self.cfg, self.env
+        if self.start_step == cfg.steps:  # a requeued job of a run that is done: nothing to do, nothing written
+            return {"step": self.start_step, "loss": None, "checkpoint": self.resume_path, "unreadable_images": 0,
+                    "model": self.trainer.model if not env.distributed else None, "stopped_by": None,
+                    "already_finished": True}
         # on the main rank, before any step, so a bad reference or missing network fails at once
         with torch.random.fork_rng(devices=[]):  # set up once per process: a resumed run must not draw more
             fid_meter = agree(env, self.training_fid, main_only=True) if cfg.fid_interval else None
