@@ -1227,3 +1227,21 @@ def test_a_crafted_sharded_checkpoint_runs_no_code(trained, tmp_path, capsys):
     _assert_one_line(err, code, ("was refused", "system"), "dip-convert")
     assert not marker.exists() and not (tmp_path / "out.pt").exists()
     assert make_temporary_folder(str(tmp_path), 7).split(os.sep)[-1].startswith(".step_00000007.dcp.dip-")
+
+
+def test_sigterm_to_torchrun_reaches_every_rank_with_loader_workers(trained, tmp_path):
+    # as a scheduler signals the launcher: torchrun forwards SIGTERM to its workers and waits for them
+    data, _ = trained
+    out = str(tmp_path / "run")
+    proc = _start_training(data, out, 400, "--parallel", "fsdp", "--num-workers", "1", "--ckpt-interval", "1000",
+                           torchrun=True)
+    _wait_for_step(out, 3, proc)
+    os.kill(proc.pid, signal.SIGTERM)  # the torchrun agent only
+    _, err = proc.communicate(timeout=120)
+    # torchrun itself exits 1 on a signal; the workers' line says the run was saved (docs/run-safety.md)
+    assert proc.returncode == 1 and "SignalException" in err, err
+    saved = ckpt.checkpoint_step(ckpt.numbered_checkpoints(out)[0])
+    assert f"dip-train: stopped by SIGTERM after step {saved}, which is saved in" in err, err
+    assert saved == _strict_metrics(os.path.join(out, "metrics.jsonl"))[-1]["step"] < 400  # 0 steps lost
+    assert ckpt.verify_sharded_checkpoint(ckpt.numbered_checkpoints(out)[0])["step"] == saved
+    assert _temporaries(out) == [] and not any(n.startswith(".step_") for n in os.listdir(out))
