@@ -116,15 +116,21 @@ def train_parser() -> ArgumentParser:
         "that holds another run, a resume with incompatible settings, a disk full while saving, ...); "
         "3 stopped because the loss or gradient norm was not finite (no non-finite weights are saved; the "
         "last checkpoint is left as it was); 75 stopped by a signal of --stop-signals (SLURM, Kubernetes) after "
-        "saving the last completed step: run the same command with --resume to continue (docs/run-safety.md)."))
+        "saving the last completed step: run the same command with --resume to continue (docs/run-safety.md). "
+        "Under torchrun, torchrun itself exits 1 when a worker exits 75 or when it is signalled; the workers' "
+        "line 'dip-train: stopped by' on stderr tells a requeue script that the run was saved. Give torchrun "
+        "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 for SLURM's USR1 and a --shutdown-timeout "
+        "longer than a checkpoint takes."))
     p.add_argument("config", help=f"a model name ({', '.join(CONFIGS)}) or a YAML file of TrainConfig fields "
                                   "(configs/ holds the paper's recipes)")
     p.add_argument("--data", help="image folder: one subfolder per class, or images directly (unconditional)")
     p.add_argument("--out", help="run folder for checkpoints, metrics.jsonl and samples")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="resume from a checkpoint file or run folder; without a value, from <out>/latest.pt. "
-                        "On a new or empty --out, --resume starts the run (so one command both starts and "
-                        "continues it); on an --out that holds a run but no latest.pt it is an error. Settings "
+                   help="resume from a checkpoint file or run folder; without a value, from <out>/latest.pt "
+                        "(or, under --parallel fsdp, its newest sharded step_XXXXXXXX.dcp that verifies, on any "
+                        "number of processes). On a new or empty --out, --resume starts the run (so one command both "
+                        "starts and continues it), and on a run already at --steps it does nothing and exits 0; on "
+                        "an --out that holds step_*.pt files but no latest.pt it is an error. Settings "
                         "that change what the checkpoint means (model, objective, image size, batch size, seed, "
                         "data classes, REPA) must match it; others (steps, lr, intervals, ...) may change")
     p.add_argument("--overwrite", action="store_true", default=None,
@@ -139,7 +145,11 @@ def train_parser() -> ArgumentParser:
     p.add_argument("--image-size", type=_positive_int)
     p.add_argument("--lr", type=float)
     p.add_argument("--objective", choices=("flow", "ddpm"))
-    p.add_argument("--parallel", choices=("ddp", "fsdp"))
+    p.add_argument("--parallel", choices=("ddp", "fsdp"),
+                   help="under torchrun: ddp (default; each checkpoint one file, written by rank 0) or fsdp (FSDP2: "
+                        "parameters, optimizer and EMA sharded; each checkpoint a folder step_XXXXXXXX.dcp in which "
+                        "every process writes its own shard, resumable on another number of processes; the last "
+                        "step's is one file, and dip-convert makes one of any other)"),
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"))
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--head", help="model head: patch_detailer (DiP; also unet), none (DiT-only), mlp, coord_mlp, attention")
@@ -155,7 +165,8 @@ def train_parser() -> ArgumentParser:
     p.add_argument("--ckpt-minutes", type=float, help="also save a checkpoint when this many minutes passed since "
                                                       "the last one (default 0: by --ckpt-interval steps only)")
     p.add_argument("--keep-last", type=_positive_int, help="checkpoints to keep, the newest included (default 2: "
-                                                           "latest.pt and the one before, as step_XXXXXXXX.pt)")
+                                                           "latest.pt and the one before, as step_XXXXXXXX.pt; "
+                                                           "under fsdp the step_XXXXXXXX.dcp folders count too)")
     p.add_argument("--async-save", action="store_true", default=None,
                    help="write checkpoints in the background from a copy in host memory (as much again as the "
                         "model, EMA and optimizer state), so training does not wait for the disk")
