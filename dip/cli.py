@@ -105,22 +105,25 @@ def _positive_int(text: str) -> int:
 
 
 # ----------------------------------------------------------------------------- dip-train
+TRAIN_EPILOG = (
+    "The run folder (--out) is never silently replaced: if it holds a run (latest.pt, step_*.pt or .dcp, "
+    "metrics.jsonl, samples/), dip-train refuses to start unless --resume or --overwrite is given, and "
+    "a second dip-train cannot use it while one runs (a lock the OS drops when the process dies). "
+    "Exit status: 0 done; 2 a user error, on one line (bad arguments, corrupt checkpoint, a run folder "
+    "that holds another run, a resume with incompatible settings, a disk full while saving, ...); "
+    "3 stopped because the loss or gradient norm was not finite (no non-finite weights are saved; the "
+    "last checkpoint is left as it was); 75 stopped by a signal of --stop-signals (SLURM, Kubernetes) after "
+    "saving the last completed step: run the same command with --resume to continue (docs/run-safety.md). "
+    "Under torchrun, torchrun itself exits 1 when a worker exits 75 or when it is signalled; the workers' "
+    "line 'dip-train: stopped by' on stderr tells a requeue script that the run was saved. Give torchrun "
+    "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 for SLURM's USR1 and a --shutdown-timeout "
+    "longer than a checkpoint takes.")
+
+
 def train_parser() -> ArgumentParser:
     p = ArgumentParser(prog="dip-train", description=(
         "Train DiP. Runs as one process, or under torchrun for several GPUs / nodes "
-        "(e.g. torchrun --nproc_per_node 8 -m dip.cli train DiP-XL/16 --data ...)."), epilog=(
-        "The run folder (--out) is never silently replaced: if it holds a run (latest.pt, step_*.pt, "
-        "metrics.jsonl, samples/), dip-train refuses to start unless --resume or --overwrite is given, and "
-        "a second dip-train cannot use it while one runs (a lock the OS drops when the process dies). "
-        "Exit status: 0 done; 2 a user error, on one line (bad arguments, corrupt checkpoint, a run folder "
-        "that holds another run, a resume with incompatible settings, a disk full while saving, ...); "
-        "3 stopped because the loss or gradient norm was not finite (no non-finite weights are saved; the "
-        "last checkpoint is left as it was); 75 stopped by a signal of --stop-signals (SLURM, Kubernetes) after "
-        "saving the last completed step: run the same command with --resume to continue (docs/run-safety.md). "
-        "Under torchrun, torchrun itself exits 1 when a worker exits 75 or when it is signalled; the workers' "
-        "line 'dip-train: stopped by' on stderr tells a requeue script that the run was saved. Give torchrun "
-        "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 for SLURM's USR1 and a --shutdown-timeout "
-        "longer than a checkpoint takes."))
+        "(e.g. torchrun --nproc_per_node 8 -m dip.cli train DiP-XL/16 --data ...)."), epilog=TRAIN_EPILOG)
     p.add_argument("config", help=f"a model name ({', '.join(CONFIGS)}) or a YAML file of TrainConfig fields "
                                   "(configs/ holds the paper's recipes)")
     p.add_argument("--data", help="image folder: one subfolder per class, or images directly (unconditional)")

@@ -1123,6 +1123,10 @@ def test_the_run_safety_page_and_the_help_state_the_exit_status_of_a_stop():
     assert f"status **{EXIT_STOPPED}**" in page and f"| {EXIT_STOPPED} | stopped by a stop signal" in page
     assert f"default `{','.join(DEFAULT_STOP_SIGNALS)}`" in page and "--signal=USR1@120" in page
     assert f"{EXIT_STOPPED} stopped by a signal of --stop-signals" in cli.train_parser().epilog
+    # torchrun passes no worker's status on and forwards only the signals it is told to
+    forwarded = "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+    assert forwarded in page and "--shutdown-timeout" in page and "dip-train: stopped by" in page
+    assert forwarded in cli.train_parser().epilog and "'dip-train: stopped by'" in cli.train_parser().epilog
 
 
 # ----------------------------------------------------------------------------- issue 23, item 3: FSDP2 checkpoints in shards
