@@ -158,9 +158,18 @@ def init_weights(cfg: TrainConfig, resume_path: Optional[str]):
     if not cfg.init_from:
         return None, None
     if resume_path:
-        return None, int(official.read_checkpoint(resume_path).state["model_config"]["num_classes"])
+        return None, int(_resumed_model_config(resume_path)["num_classes"])
     init = official.read_init_weights(cfg.init_from)
     return init, init.num_classes
+
+
+def _resumed_model_config(resume_path: str) -> Dict[str, Any]:
+    if not os.path.isdir(resume_path):
+        return official.read_checkpoint(resume_path).state["model_config"]
+    # sharded checkpoints (a run folder's, or one): each one's dip-state.pt names the run's model
+    found = [resume_path] if ckpt.is_sharded_checkpoint(resume_path) else \
+        [p for p in ckpt.numbered_checkpoints(resume_path) if ckpt.is_sharded_checkpoint(p)]
+    return ckpt.load_checkpoint(os.path.join(found[0], ckpt.SHARDED_STATE))["model_config"]
 
 
 def prepare(cfg: TrainConfig, resume_path: Optional[str], dataset, is_main: bool):
