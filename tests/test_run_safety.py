@@ -1156,13 +1156,22 @@ def _rehash_sharded(folder):
     ckpt.write_checkpoint(state, path)
 
 
-def test_fsdp_checkpoints_are_shards_that_resume_on_one_process(trained, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def fsdp_stopped(trained, tmp_path_factory):
+    """A run of two processes under FSDP2 (to step 6), stopped by a signal after step 3."""
+    data, _ = trained
+    out = str(tmp_path_factory.mktemp("fsdp") / "run")
+    code, err = _fsdp_train(data, out, 6, "--ckpt-interval", "2", "--async-save", kill_at="step:3:TERM")
+    assert code == 1 and "exitcode  : 75" in err, err
+    return out
+
+
+def test_fsdp_checkpoints_are_shards_that_resume_on_one_process(trained, fsdp_stopped, tmp_path, capsys):
     data, _ = trained
     sharded, whole = str(tmp_path / "sharded"), str(tmp_path / "whole")
     # two processes under FSDP2, stopped by a signal after step 3: every checkpoint a folder with one
-    # shard per rank, written behind the training
-    code, err = _fsdp_train(data, sharded, 6, "--ckpt-interval", "2", "--async-save", kill_at="step:3:TERM")
-    assert code == 1 and "exitcode  : 75" in err, err
+    # shard per rank, written behind the training (--async-save)
+    shutil.copytree(fsdp_stopped, sharded)
     assert sorted(os.listdir(sharded)) == [".dip-train.lock", "metrics.jsonl", "step_00000002.dcp", "step_00000003.dcp"]
     shards = os.path.join(sharded, "step_00000003.dcp")
     assert sorted(os.listdir(shards)) == [".metadata", "__0_0.distcp", "__1_0.distcp", ckpt.SHARDED_STATE]
@@ -1233,15 +1242,17 @@ def test_a_crafted_sharded_checkpoint_runs_no_code(trained, tmp_path, capsys):
     assert make_temporary_folder(str(tmp_path), 7).split(os.sep)[-1].startswith(".step_00000007.dcp.dip-")
 
 
-def test_sigterm_to_torchrun_reaches_every_rank_with_loader_workers(trained, tmp_path):
-    # as a scheduler signals the launcher: torchrun forwards SIGTERM to its workers and waits for them
+def test_sigterm_to_torchrun_reaches_every_rank_with_loader_workers(trained, fsdp_stopped, tmp_path):
+    # the FSDP2 run requeued on two processes (--parallel is the run's own), then signalled as a
+    # scheduler signals the launcher: torchrun forwards SIGTERM to its workers and waits for them
     data, _ = trained
     out = str(tmp_path / "run")
-    proc = _start_training(data, out, 400, "--parallel", "fsdp", "--num-workers", "1", "--ckpt-interval", "1000",
-                           torchrun=True)
-    _wait_for_step(out, 3, proc)
+    shutil.copytree(fsdp_stopped, out)
+    proc = _start_training(data, out, 400, "--num-workers", "1", "--ckpt-interval", "1000", "--resume", torchrun=True)
+    _wait_for_step(out, 5, proc)
     os.kill(proc.pid, signal.SIGTERM)  # the torchrun agent only
-    _, err = proc.communicate(timeout=120)
+    printed, err = proc.communicate(timeout=120)
+    assert "resumed from" in printed and "step_00000003.dcp at step 3" in printed, printed + err
     # torchrun itself exits 1 on a signal; the workers' line says the run was saved (docs/run-safety.md)
     assert proc.returncode == 1 and "SignalException" in err, err
     saved = ckpt.checkpoint_step(ckpt.numbered_checkpoints(out)[0])

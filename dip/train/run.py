@@ -100,18 +100,35 @@ def run_identity(cfg: TrainConfig, model_config, dataset) -> Dict[str, Any]:
             "classes": list(classes) if classes is not None else None}
 
 
-def load_resume_state(path, cfg, model_config, dataset, is_main) -> Dict[str, Any]:
+def verify_sharded_together(env: DistEnv) -> Callable[[str], Dict[str, Any]]:
+    """ckpt.verify_sharded_checkpoint with every rank reading its share of the files; a refusal on
+    any rank is every rank's (all ranks call it for the same folders, in the same order)."""
+    def verify(path: str) -> Dict[str, Any]:
+        state, refusal = None, None
+        try:
+            state = ckpt.verify_sharded_checkpoint(path, (env.rank, env.world_size))
+        except CheckpointError as err:
+            refusal = str(err)
+        refusals = [r for r in gather_objects(refusal, env) if r]
+        if refusals:
+            raise CheckpointError(refusals[0])
+        return state
+    return verify
+
+
+def load_resume_state(path, cfg, model_config, dataset, env: DistEnv) -> Dict[str, Any]:
     """The checkpoint at ``path``, refused (CheckpointError, one line) when the run it was written
     under cannot be continued with ``cfg``; the allowed changes are printed on the main rank."""
+    is_main, verify_sharded = env.is_main, verify_sharded_together(env)
     run_folder = os.path.dirname(path) if os.path.basename(path) == ckpt.LATEST else \
         path if os.path.isdir(path) and not ckpt.is_sharded_checkpoint(path) else None
     if run_folder is not None:  # a run folder's newest checkpoint: an older one if it does not verify
-        state, used, refusals = ckpt.load_newest_good(run_folder)
+        state, used, refusals = ckpt.load_newest_good(run_folder, verify_sharded=verify_sharded)
         if refusals and is_main:
             print(f"resume: {'; '.join(refusals)}; resuming from {used}, the newest that verifies", flush=True)
         path = used
     else:
-        state = ckpt.verify_sharded_checkpoint(path) if ckpt.is_sharded_checkpoint(path) else ckpt.load_checkpoint(path)
+        state = verify_sharded(path) if ckpt.is_sharded_checkpoint(path) else ckpt.load_checkpoint(path)
     parts = ("optimizer_param_groups",) if "sharded" in state else ("model", "ema", "optimizer")
     for key in ("step", "data") + parts:
         if key not in state:
@@ -172,7 +189,7 @@ def _resumed_model_config(resume_path: str) -> Dict[str, Any]:
     return ckpt.load_checkpoint(os.path.join(found[0], ckpt.SHARDED_STATE))["model_config"]
 
 
-def prepare(cfg: TrainConfig, resume_path: Optional[str], dataset, is_main: bool):
+def prepare(cfg: TrainConfig, resume_path: Optional[str], dataset, env: DistEnv):
     """(dataset, its number of classes, the model overrides, the resume state or None, the init
     weights or None): everything read before the model is built."""
     data = dataset if dataset is not None else build_dataset(cfg)
@@ -188,7 +205,7 @@ def prepare(cfg: TrainConfig, resume_path: Optional[str], dataset, is_main: bool
     if cfg.image_size % model_config["patch_size"]:
         raise ValueError(f"--image-size {cfg.image_size} must be a multiple of {cfg.model}'s patch size "
                          f"{model_config['patch_size']}")
-    state = load_resume_state(resume_path, cfg, model_config, data, is_main) if resume_path else None
+    state = load_resume_state(resume_path, cfg, model_config, data, env) if resume_path else None
     return data, n_classes, overrides, state, init
 
 
@@ -225,17 +242,17 @@ class Run:
         self.saved_step = None  # the step of the last checkpoint this process wrote or took part in
         self.saved_at = time.monotonic()  # when it was written (or the run started), for ckpt_minutes
         self.writer = ckpt.BackgroundWriter()  # at most one write in flight; async_save: behind the training
-        # under FSDP2 every rank writes its shard of each checkpoint (dip.sharded_checkpoint); behind
-        # the training, the writes' collectives run on a process group of their own
-        self.sharded = cfg.parallel == "fsdp" and env.distributed
-        self.checkpoint_group = dist.new_group(backend="gloo") if self.sharded and cfg.async_save else None
         if env.is_main and folder.removed_temporaries:
             print(f"removed {len(folder.removed_temporaries)} temporary files a killed run left in {cfg.out}",
                   flush=True)
         # every rank scans the data and reads the checkpoint; an error on one stops them all
         self.dataset, self.num_classes, overrides, state, init = agree(
-            env, lambda: prepare(cfg, resume_path, dataset, env.is_main))
+            env, lambda: prepare(cfg, resume_path, dataset, env))
         model = build_run_model(cfg, overrides, init, env)
+        # (cfg as a resumed run left it) under FSDP2 every rank writes its shard of each checkpoint
+        # (dip.sharded_checkpoint); behind the training, the writes' collectives have a process group of their own
+        self.sharded = cfg.parallel == "fsdp" and env.distributed
+        self.checkpoint_group = dist.new_group(backend="gloo") if self.sharded and cfg.async_save else None
         self.trainer = Trainer(cfg, model, env)
         if init is not None:
             self._report_init(init)
