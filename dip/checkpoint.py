@@ -39,7 +39,8 @@ from .errors import CheckpointError, OutputWriteError
 from .models import DiPConfig, build_model, state_dict_mismatches
 
 LATEST = "latest.pt"
-SHARDED_STATE = "dip-state.pt"  # in a sharded checkpoint folder: the run's state and the files' checksums
+SHARDED_SUFFIX = ".dcp"  # a sharded checkpoint is the folder step_XXXXXXXX.dcp
+SHARDED_STATE = "dip-state.pt"  # in it: the run's state and the files' checksums
 CHECKSUM_KEY = "checksum"
 # the temporary files atomic_write makes (and a killed process leaves behind); the marker keeps
 # the cleanup at the next start away from anybody else's temporaries
@@ -264,8 +265,8 @@ def checkpoint_step(path: str) -> int:
 
 
 def is_sharded_checkpoint(path: str) -> bool:
-    return os.path.isdir(path) and NUMBERED.match(os.path.basename(os.path.normpath(path))) is not None \
-        and os.path.basename(os.path.normpath(path)).endswith(".dcp")
+    name = os.path.basename(os.path.normpath(path))
+    return os.path.isdir(path) and NUMBERED.match(name) is not None and name.endswith(SHARDED_SUFFIX)
 
 
 def holds_only_sharded(folder: str) -> bool:

@@ -34,7 +34,6 @@ from .distributed import DistEnv, local_shard
 from .errors import CheckpointError
 from .models import DiPConfig, build_model
 
-SUFFIX = ".dcp"
 _DCP_METADATA = "torch.distributed.checkpoint.metadata"
 # what DCP pickles into .metadata: its own plain record classes, torch.Size and the names of dtypes
 # and layouts; rebuilding any of these calls no function of the file's choosing
@@ -106,7 +105,8 @@ def nonfinite_shards(tensors: Dict[str, torch.Tensor]) -> List[str]:
 
 def make_temporary_folder(out_dir: str, step: int) -> str:
     """The temporary folder (rank 0 makes it) that the checkpoint of ``step`` is written into."""
-    tmp = tempfile.mkdtemp(prefix=f".step_{step:08d}{SUFFIX}{ckpt.TEMP_MARKER}", suffix=".tmp", dir=out_dir)
+    prefix = f".step_{step:08d}{ckpt.SHARDED_SUFFIX}{ckpt.TEMP_MARKER}"
+    tmp = tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=out_dir)
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary folder
     return tmp
 
@@ -127,10 +127,10 @@ def _commit(tmp: str, state: Dict[str, Any], out_dir: str, step: int, keep: Dict
     if before_rename is not None:
         before_rename()
     ckpt.keep_latest_as_numbered(out_dir)
-    final = os.path.join(out_dir, f"step_{step:08d}{SUFFIX}")
+    final = os.path.join(out_dir, f"step_{step:08d}{ckpt.SHARDED_SUFFIX}")
     replaced = None
     if os.path.exists(final):  # the same step saved before (a run resumed from an older checkpoint)
-        replaced = tempfile.mkdtemp(prefix=f".step_{step:08d}{SUFFIX}{ckpt.TEMP_MARKER}", suffix=".tmp", dir=out_dir)
+        replaced = make_temporary_folder(out_dir, step)
         os.replace(final, os.path.join(replaced, "old"))
     os.replace(tmp, final)
     ckpt.fsync_dir(out_dir)

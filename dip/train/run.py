@@ -4,7 +4,9 @@
 Data order is a pure function of ``(seed, epoch)`` (dip.data.ResumableBatchSampler) and a
 checkpoint holds every RNG state, so a resumed run repeats an uninterrupted one exactly.
 The run folder is locked and never silently replaced, a resume must match the checkpoint's run
-settings, and nothing non-finite is ever saved: see dip.run_folder and dip.checkpoint.
+settings, and nothing non-finite is ever saved: see dip.run_folder and dip.checkpoint. Under FSDP2
+every rank writes its own shard of each checkpoint (dip.sharded_checkpoint) but the last, and a
+sharded checkpoint resumes on any number of processes.
 """
 import contextlib
 import dataclasses
@@ -381,7 +383,7 @@ class Run:
         self.writer.submit(finish)
         if not cfg.async_save:
             agree(env, self.writer.wait)
-        return self._saved(step, os.path.join(cfg.out, f"step_{step:08d}{sharded.SUFFIX}"))
+        return self._saved(step, os.path.join(cfg.out, f"step_{step:08d}{ckpt.SHARDED_SUFFIX}"))
 
     def _saved(self, step: int, path: str) -> str:
         self.saved_step, self.saved_at = step, time.monotonic()
