@@ -1239,6 +1239,17 @@ def test_a_crafted_sharded_checkpoint_runs_no_code(trained, tmp_path, capsys):
     code, _, err = _call(cli.convert_main, [folder, tmp_path / "out.pt"], capsys)
     _assert_one_line(err, code, ("was refused", "system"), "dip-convert")
     assert not marker.exists() and not (tmp_path / "out.pt").exists()
+    # and a non-tensor item, which torch.distributed.checkpoint would read with torch.load(weights_only=False)
+    from dip.errors import CheckpointError
+    from dip.sharded_checkpoint import load_tensors
+    import torch.distributed.checkpoint as dcp
+    items = str(tmp_path / "items")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+        dcp.save({"notes": RunsACommand(marker), "w": torch.ones(2)}, checkpoint_id=items, no_dist=True)
+    with pytest.raises(CheckpointError, match="notes in the checkpoint is not a tensor"):
+        load_tensors({"notes": torch.zeros(1), "w": torch.zeros(2)}, items)
+    assert not marker.exists()
     assert make_temporary_folder(str(tmp_path), 7).split(os.sep)[-1].startswith(".step_00000007.dcp.dip-")
 
 
