@@ -1271,3 +1271,26 @@ def test_sigterm_to_torchrun_reaches_every_rank_with_loader_workers(trained, fsd
     assert saved == _strict_metrics(os.path.join(out, "metrics.jsonl"))[-1]["step"] < 400  # 0 steps lost
     assert ckpt.verify_sharded_checkpoint(ckpt.numbered_checkpoints(out)[0])["step"] == saved
     assert _temporaries(out) == [] and not any(n.startswith(".step_") for n in os.listdir(out))
+
+
+def test_a_sharded_checkpoint_after_single_files_keeps_latest_pt_the_newest(tmp_path):
+    # a run saved in one file (one process) and then in shards (FSDP2 on several): latest.pt goes
+    # once the newer sharded checkpoint is in place, and stays in the rotation as step_XXXXXXXX.pt
+    from dip.distributed import DistEnv
+    from dip.sharded_checkpoint import finish_save, make_temporary_folder
+    out = str(tmp_path)
+    ckpt.save_checkpoint({"step": 5, "w": torch.ones(2)}, out, 5, keep_last=1)
+    assert _numbered(out) == [] and os.path.isfile(os.path.join(out, "latest.pt"))
+
+    def save_sharded(step, keep_last):
+        tmp = make_temporary_folder(out, step)
+        (tmp_path / os.path.basename(tmp) / ".metadata").write_bytes(b"as torch.distributed.checkpoint writes it")
+        keep = {"keep_numbered": False, "keep_last": keep_last, "milestone_every": 0}
+        return finish_save(tmp, {"step": step}, out, step, DistEnv(), keep)
+
+    assert save_sharded(6, keep_last=2) == os.path.join(out, "step_00000006.dcp")
+    assert _numbered(out) == ["step_00000005.pt", "step_00000006.dcp"] and "latest.pt" not in os.listdir(out)
+    state, used, refusals = ckpt.load_newest_good(out)
+    assert used.endswith("step_00000006.dcp") and state["step"] == 6 and refusals == []
+    save_sharded(7, keep_last=1)
+    assert _numbered(out) == ["step_00000007.dcp"] and _temporaries(out) == []
