@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.metadata import StorageMeta
 
 from . import checkpoint as ckpt
 from .distributed import DistEnv, local_shard
-from .errors import CheckpointError
+from .errors import CheckpointError, OutputWriteError
 from .models import DiPConfig, build_model
 
 _DCP_METADATA = "torch.distributed.checkpoint.metadata"
@@ -159,13 +159,33 @@ def finish_save(tmp: str, state: Dict[str, Any], out_dir: str, step: int, env: D
     return _commit(tmp, {**state, "files": files}, out_dir, step, keep, before_rename)
 
 
+def _write_failed(err: BaseException, tmp: str) -> OutputWriteError:
+    # DCP raises every rank's failure, as text, on every rank: its last line names the cause
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    return OutputWriteError(f"could not write the checkpoint {tmp}: {lines[-1] if lines else type(err).__name__}; "
+                            "the previous checkpoints were left as they were")
+
+
 def start_writing(tensors: Dict[str, Any], tmp: str, group=None, background: bool = False) -> Optional[Future]:
     """Every rank's shards of ``tensors`` into ``tmp``; ``background``: copied to host memory first
     and written by ``dcp.async_save`` (returns its future), so training goes on meanwhile."""
-    if background:
-        return dcp.async_save(tensors, checkpoint_id=tmp, process_group=group)
-    dcp.save(tensors, checkpoint_id=tmp, process_group=group)
+    try:
+        if background:
+            return dcp.async_save(tensors, checkpoint_id=tmp, process_group=group)
+        dcp.save(tensors, checkpoint_id=tmp, process_group=group)
+    except (OSError, CheckpointException) as err:
+        raise _write_failed(err, tmp) from None
     return None
+
+
+def wait_for_writing(written: Optional[Future], tmp: str):
+    """The end of a background write that start_writing began (its failure as OutputWriteError)."""
+    if written is None:
+        return
+    try:
+        written.result()
+    except (OSError, CheckpointException) as err:
+        raise _write_failed(err, tmp) from None
 
 
 # ----------------------------------------------------------------------------- one file for sampling

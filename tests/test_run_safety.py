@@ -1294,3 +1294,10 @@ def test_a_sharded_checkpoint_after_single_files_keeps_latest_pt_the_newest(tmp_
     assert used.endswith("step_00000006.dcp") and state["step"] == 6 and refusals == []
     save_sharded(7, keep_last=1)
     assert _numbered(out) == ["step_00000007.dcp"] and _temporaries(out) == []
+    # a write that fails (here: no folder to write into) is one line, and leaves the checkpoints as they were
+    from dip.errors import OutputWriteError
+    from dip.sharded_checkpoint import start_writing
+    with warnings.catch_warnings(), pytest.raises(OutputWriteError, match="could not write the checkpoint .*Not a dir"):
+        warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+        start_writing({"w": torch.ones(2)}, os.path.join(out, "step_00000007.dcp", ".metadata", "x"))
+    assert _numbered(out) == ["step_00000007.dcp"] and ckpt.load_newest_good(out)[0]["step"] == 7

@@ -375,8 +375,7 @@ class Run:
         written = sharded.start_writing(tensors, tmp, group, background=cfg.async_save)
 
         def finish():
-            if written is not None:
-                written.result()
+            sharded.wait_for_writing(written, tmp)
             sharded.finish_save(tmp, run_state, cfg.out, step, env, keep, group,
                                 before_rename=lambda: kill_point("checkpoint", step))
 
