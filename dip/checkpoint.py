@@ -11,6 +11,13 @@ in it (every tensor's dtype, shape and bytes, every other value's type and repr,
 :func:`load_checkpoint` recomputes it, so a flipped or truncated byte gives a
 :class:`dip.errors.CheckpointError` instead of weights that silently train to NaN. Only rank 0 should
 call :func:`save_checkpoint`; the trainer gathers what it needs from the other ranks first.
+
+A sharded checkpoint (FSDP2, see dip.sharded_checkpoint) is a folder ``step_XXXXXXXX.dcp``: the
+torch.distributed.checkpoint files (one ``.distcp`` shard per rank and ``.metadata``) and
+``dip-state.pt``, a checkpoint dict as above with the run's other state and the sha256 of every
+file of the folder, written last. :func:`verify_sharded_checkpoint` checks them all. The numbered
+checkpoints of a run folder (``step_XXXXXXXX.pt`` files and ``.dcp`` folders) rotate together, and
+``latest.pt``, when there is one, is always the newest.
 """
 import contextlib
 import hashlib
@@ -19,6 +26,7 @@ import math
 import os
 import random
 import re
+import shutil
 import tempfile
 import threading
 import warnings
@@ -31,6 +39,8 @@ from .errors import CheckpointError, OutputWriteError
 from .models import DiPConfig, build_model, state_dict_mismatches
 
 LATEST = "latest.pt"
+SHARDED_SUFFIX = ".dcp"  # a sharded checkpoint is the folder step_XXXXXXXX.dcp
+SHARDED_STATE = "dip-state.pt"  # in it: the run's state and the files' checksums
 CHECKSUM_KEY = "checksum"
 # the temporary files atomic_write makes (and a killed process leaves behind); the marker keeps
 # the cleanup at the next start away from anybody else's temporaries
@@ -40,7 +50,7 @@ TEMP_PATTERN = re.compile(r"^\..+" + re.escape(TEMP_MARKER) + r"[a-z0-9_]{8}\.tm
 LEGACY_TEMP_PATTERN = re.compile(r"^\.(latest\.pt|step_\d{8}\.pt)\.[a-z0-9_]{8}\.tmp$")
 
 
-def _fsync_dir(path: str):
+def fsync_dir(path: str):
     # the rename itself must reach the disk too, or a power cut could bring back the old entry
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -114,7 +124,7 @@ def atomic_write(path: str, mode: str = "wb"):
         if cause is not None:
             raise _write_failed(path, cause) from err
         raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def check_output(path: str, flag: str, overwrite: bool):
@@ -163,8 +173,12 @@ def remove_stale_temporaries(folder: str, outputs: Optional[List[str]] = None) -
     for name in names:
         ours = TEMP_PATTERN.match(name) or (outputs is None and LEGACY_TEMP_PATTERN.match(name))
         if ours and name.startswith(prefixes):
+            path = os.path.join(folder, name)
             try:
-                os.unlink(os.path.join(folder, name))
+                if os.path.isdir(path) and not os.path.islink(path):  # a sharded checkpoint's folder
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
                 removed.append(name)
             except FileNotFoundError:
                 pass
@@ -232,16 +246,33 @@ def write_checkpoint(state: Dict[str, Any], path: str, before_rename: Optional[C
     atomic_save(with_checksum(state), path, before_rename)
 
 
-NUMBERED = re.compile(r"^step_(\d{8})\.pt$")
+NUMBERED = re.compile(r"^step_(\d{8})\.(pt|dcp)$")
 
 
 def numbered_checkpoints(folder: str) -> List[str]:
-    """The ``step_XXXXXXXX.pt`` files in ``folder``, newest step first."""
+    """The numbered checkpoints in ``folder`` (``step_XXXXXXXX.pt`` files and sharded
+    ``step_XXXXXXXX.dcp`` folders), newest step first."""
     try:
         names = [n for n in os.listdir(folder) if NUMBERED.match(n)]
     except FileNotFoundError:
         return []
     return [os.path.join(folder, n) for n in sorted(names, reverse=True)]
+
+
+def checkpoint_step(path: str) -> int:
+    """The step of a numbered checkpoint, from its name."""
+    return int(NUMBERED.match(os.path.basename(path)).group(1))
+
+
+def is_sharded_checkpoint(path: str) -> bool:
+    name = os.path.basename(os.path.normpath(path))
+    return os.path.isdir(path) and NUMBERED.match(name) is not None and name.endswith(SHARDED_SUFFIX)
+
+
+def holds_only_sharded(folder: str) -> bool:
+    """Whether ``folder`` is a run folder with sharded checkpoints and no latest.pt."""
+    return os.path.isdir(folder) and not os.path.exists(os.path.join(folder, LATEST)) \
+        and any(map(is_sharded_checkpoint, numbered_checkpoints(folder)))
 
 
 def _link_or_copy(src: str, dst: str):
@@ -258,14 +289,21 @@ def _link_or_copy(src: str, dst: str):
                 f_out.write(chunk)
 
 
-def _rotate(out_dir: str, keep_last: int, milestone_every: int):
-    """Remove the numbered checkpoints beyond the ``keep_last`` newest, milestones (steps that
-    ``milestone_every`` divides) excepted. The newest is the one just written, so the last good
-    checkpoint is never removed."""
-    rotating = [p for p in numbered_checkpoints(out_dir)
-                if not (milestone_every and int(NUMBERED.match(os.path.basename(p)).group(1)) % milestone_every == 0)]
-    for path in rotating[max(keep_last, 1):]:
+def remove_checkpoint(path: str):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
         os.unlink(path)
+
+
+def rotate(out_dir: str, step: int, keep_last: int, milestone_every: int):
+    """Remove the numbered checkpoints beyond the ``keep_last`` newest (the one of ``step``, just
+    written, counts as one), milestones (steps that ``milestone_every`` divides) excepted. Only
+    checkpoints older than ``step`` go, so the last good checkpoint is never removed."""
+    older = [p for p in numbered_checkpoints(out_dir) if checkpoint_step(p) < step
+             and not (milestone_every and checkpoint_step(p) % milestone_every == 0)]
+    for path in older[max(keep_last, 1) - 1:]:
+        remove_checkpoint(path)
 
 
 def save_checkpoint(state: Dict[str, Any], out_dir: str, step: int, keep_numbered: bool = False,
@@ -281,24 +319,92 @@ def save_checkpoint(state: Dict[str, Any], out_dir: str, step: int, keep_numbere
     milestone = bool(milestone_every) and step % milestone_every == 0
     if keep_numbered or keep_last > 1 or milestone:
         _link_or_copy(latest, os.path.join(out_dir, f"step_{step:08d}.pt"))
-        if not keep_numbered:
-            _rotate(out_dir, keep_last, milestone_every)
+    if not keep_numbered:
+        rotate(out_dir, step, keep_last, milestone_every)
     return latest
 
 
-def load_newest_good(folder: str, map_location="cpu") -> Tuple[Dict[str, Any], str, List[str]]:
-    """(state, path, the refusals of newer files) of the newest checkpoint in ``folder`` that loads
-    and verifies: latest.pt, else the numbered ones from the newest. CheckpointError when none does
-    (the message is latest.pt's)."""
+def _numbered_twin(out_dir: str, latest: str) -> Optional[str]:
+    for path in numbered_checkpoints(out_dir):
+        if path.endswith(".pt") and os.path.samefile(path, latest):
+            return path
+    return None
+
+
+def keep_latest_as_numbered(out_dir: str):
+    """Before a sharded checkpoint is written: make sure ``latest.pt`` (a single file, from a run on
+    another number of processes or from before sharding) is also a numbered checkpoint, so that
+    :func:`retire_latest` can drop the name latest.pt once the newer sharded one is in place. A
+    latest.pt that does not load is left for resume to refuse."""
+    latest = os.path.join(out_dir, LATEST)
+    if not os.path.isfile(latest) or _numbered_twin(out_dir, latest):
+        return
+    try:
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            step = int(torch.load(latest, map_location="cpu", weights_only=True, mmap=True)["step"])
+    except Exception:  # unreadable or not ours: resume refuses it and falls back, saying so
+        return
+    _link_or_copy(latest, os.path.join(out_dir, f"step_{step:08d}.pt"))
+
+
+def retire_latest(out_dir: str):
+    """Once a sharded checkpoint is in place, ``latest.pt`` is no longer the newest: it goes, its
+    numbered twin (see keep_latest_as_numbered) stays in the rotation."""
+    latest = os.path.join(out_dir, LATEST)
+    if os.path.isfile(latest) and _numbered_twin(out_dir, latest):
+        os.unlink(latest)
+        fsync_dir(out_dir)
+
+
+def load_newest_good(folder: str, map_location="cpu", verify_sharded: Optional[Callable[[str], Dict[str, Any]]] = None
+                     ) -> Tuple[Dict[str, Any], str, List[str]]:
+    """(state, path, the refusals of newer ones) of the newest checkpoint in ``folder`` that loads
+    and verifies: latest.pt, else the numbered ones from the newest (a sharded one's state is its
+    dip-state.pt, checked by ``verify_sharded``, default :func:`verify_sharded_checkpoint`).
+    CheckpointError when none does (the message is the newest's)."""
     refusals: List[str] = []
     for path in [os.path.join(folder, LATEST)] + numbered_checkpoints(folder):
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             continue
         try:
+            if is_sharded_checkpoint(path):
+                return (verify_sharded or verify_sharded_checkpoint)(path), path, refusals
             return load_checkpoint(path, map_location), path, refusals
         except CheckpointError as err:
             refusals.append(str(err))
     raise CheckpointError(refusals[0] if refusals else f"{folder} holds no checkpoint")
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_sharded_checkpoint(path: str, part: Tuple[int, int] = (0, 1)) -> Dict[str, Any]:
+    """The state in a sharded checkpoint folder's dip-state.pt (with ``"sharded"``: the folder),
+    after checking its checksum and that the folder holds exactly the files it lists, each with its
+    sha256 (``part=(i, n)``: only every n-th file from the i-th, so that n processes share the
+    reading). CheckpointError (one line) for a folder that is incomplete or corrupt."""
+    state_path = os.path.join(path, SHARDED_STATE)
+    if not os.path.isfile(state_path):
+        raise CheckpointError(f"{path} is incomplete: it has no {SHARDED_STATE} (its save did not finish)")
+    state = load_checkpoint(state_path)
+    files = state.get("files")
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(f"{state_path} lists no files: it is not a sharded dip-train checkpoint")
+    present = sorted(set(os.listdir(path)) - {SHARDED_STATE})
+    if present != sorted(files):
+        missing = sorted(set(files) - set(present)) or sorted(set(present) - set(files))
+        raise CheckpointError(f"{path} is incomplete or foreign: its files differ from the list in "
+                              f"{SHARDED_STATE} (e.g. {missing[0]})")
+    for name, digest in sorted(files.items())[part[0]::part[1]]:
+        if file_sha256(os.path.join(path, name)) != digest:
+            raise CheckpointError(f"{path} is corrupt: the sha256 of {name} does not match (flipped or lost "
+                                  "bytes); use an older checkpoint")
+    return {**state, "sharded": path}
 
 
 def cpu_snapshot(obj: Any) -> Any:
@@ -342,7 +448,11 @@ class BackgroundWriter:
 
 
 def resolve_checkpoint(path: str) -> str:
-    """A checkpoint file, or a run folder (meaning its latest.pt)."""
+    """A checkpoint file, or a run folder (meaning its latest.pt). A sharded checkpoint, or a run
+    folder that holds only sharded ones, is refused with the dip-convert line that makes a file of it."""
+    if is_sharded_checkpoint(path) or holds_only_sharded(path):
+        raise CheckpointError(f"{path} holds sharded (FSDP2) checkpoints, not a single file; make one with "
+                              f"dip-convert {path} OUT.pt")
     if os.path.isdir(path):
         path = os.path.join(path, LATEST)
     if not os.path.isfile(path):

@@ -25,11 +25,12 @@ import yaml
 
 from . import demo, docs, evaluate, official
 from . import sample as sampling
-from .checkpoint import check_output, remove_stale_temporaries, write_json
+from .checkpoint import check_output, holds_only_sharded, is_sharded_checkpoint, remove_stale_temporaries, write_json
 from .distributed import check_device, leave_process_group, setup_distributed
 from .errors import TrainingDiverged, UserError
 from .graph_sampler import GraphSampler
 from .models import CONFIGS, HEADS
+from .sharded_checkpoint import export_single_file
 from .train import load_config, train
 from .train.preemption import EXIT_STOPPED
 
@@ -104,26 +105,35 @@ def _positive_int(text: str) -> int:
 
 
 # ----------------------------------------------------------------------------- dip-train
+TRAIN_EPILOG = (
+    "The run folder (--out) is never silently replaced: if it holds a run (latest.pt, step_*.pt or .dcp, "
+    "metrics.jsonl, samples/), dip-train refuses to start unless --resume or --overwrite is given, and "
+    "a second dip-train cannot use it while one runs (a lock the OS drops when the process dies). "
+    "Exit status: 0 done; 2 a user error, on one line (bad arguments, corrupt checkpoint, a run folder "
+    "that holds another run, a resume with incompatible settings, a disk full while saving, ...); "
+    "3 stopped because the loss or gradient norm was not finite (no non-finite weights are saved; the "
+    "last checkpoint is left as it was); 75 stopped by a signal of --stop-signals (SLURM, Kubernetes) after "
+    "saving the last completed step: run the same command with --resume to continue (docs/run-safety.md). "
+    "Under torchrun, torchrun itself exits 1 when a worker exits 75 or when it is signalled; the workers' "
+    "line 'dip-train: stopped by' on stderr tells a requeue script that the run was saved. Give torchrun "
+    "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 for SLURM's USR1 and a --shutdown-timeout "
+    "longer than a checkpoint takes.")
+
+
 def train_parser() -> ArgumentParser:
     p = ArgumentParser(prog="dip-train", description=(
         "Train DiP. Runs as one process, or under torchrun for several GPUs / nodes "
-        "(e.g. torchrun --nproc_per_node 8 -m dip.cli train DiP-XL/16 --data ...)."), epilog=(
-        "The run folder (--out) is never silently replaced: if it holds a run (latest.pt, step_*.pt, "
-        "metrics.jsonl, samples/), dip-train refuses to start unless --resume or --overwrite is given, and "
-        "a second dip-train cannot use it while one runs (a lock the OS drops when the process dies). "
-        "Exit status: 0 done; 2 a user error, on one line (bad arguments, corrupt checkpoint, a run folder "
-        "that holds another run, a resume with incompatible settings, a disk full while saving, ...); "
-        "3 stopped because the loss or gradient norm was not finite (no non-finite weights are saved; the "
-        "last checkpoint is left as it was); 75 stopped by a signal of --stop-signals (SLURM, Kubernetes) after "
-        "saving the last completed step: run the same command with --resume to continue (docs/run-safety.md)."))
+        "(e.g. torchrun --nproc_per_node 8 -m dip.cli train DiP-XL/16 --data ...)."), epilog=TRAIN_EPILOG)
     p.add_argument("config", help=f"a model name ({', '.join(CONFIGS)}) or a YAML file of TrainConfig fields "
                                   "(configs/ holds the paper's recipes)")
     p.add_argument("--data", help="image folder: one subfolder per class, or images directly (unconditional)")
     p.add_argument("--out", help="run folder for checkpoints, metrics.jsonl and samples")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="resume from a checkpoint file or run folder; without a value, from <out>/latest.pt. "
-                        "On a new or empty --out, --resume starts the run (so one command both starts and "
-                        "continues it); on an --out that holds a run but no latest.pt it is an error. Settings "
+                   help="resume from a checkpoint file or run folder; without a value, from <out>/latest.pt "
+                        "(or, under --parallel fsdp, its newest sharded step_XXXXXXXX.dcp that verifies, on any "
+                        "number of processes). On a new or empty --out, --resume starts the run (so one command both "
+                        "starts and continues it), and on a run already at --steps it does nothing and exits 0; on "
+                        "an --out that holds step_*.pt files but no latest.pt it is an error. Settings "
                         "that change what the checkpoint means (model, objective, image size, batch size, seed, "
                         "data classes, REPA) must match it; others (steps, lr, intervals, ...) may change")
     p.add_argument("--overwrite", action="store_true", default=None,
@@ -138,7 +148,11 @@ def train_parser() -> ArgumentParser:
     p.add_argument("--image-size", type=_positive_int)
     p.add_argument("--lr", type=float)
     p.add_argument("--objective", choices=("flow", "ddpm"))
-    p.add_argument("--parallel", choices=("ddp", "fsdp"))
+    p.add_argument("--parallel", choices=("ddp", "fsdp"),
+                   help="under torchrun: ddp (default; each checkpoint one file, written by rank 0) or fsdp (FSDP2: "
+                        "parameters, optimizer and EMA sharded; each checkpoint a folder step_XXXXXXXX.dcp in which "
+                        "every process writes its own shard, resumable on another number of processes; the last "
+                        "step's is one file, and dip-convert makes one of any other)"),
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"))
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--head", help="model head: patch_detailer (DiP; also unet), none (DiT-only), mlp, coord_mlp, attention")
@@ -154,7 +168,8 @@ def train_parser() -> ArgumentParser:
     p.add_argument("--ckpt-minutes", type=float, help="also save a checkpoint when this many minutes passed since "
                                                       "the last one (default 0: by --ckpt-interval steps only)")
     p.add_argument("--keep-last", type=_positive_int, help="checkpoints to keep, the newest included (default 2: "
-                                                           "latest.pt and the one before, as step_XXXXXXXX.pt)")
+                                                           "latest.pt and the one before, as step_XXXXXXXX.pt; "
+                                                           "under fsdp the step_XXXXXXXX.dcp folders count too)")
     p.add_argument("--async-save", action="store_true", default=None,
                    help="write checkpoints in the background from a copy in host memory (as much again as the "
                         "model, EMA and optimizer state), so training does not wait for the disk")
@@ -209,6 +224,11 @@ def _train(argv):
                   f"{result['checkpoint']}; continue with --resume (exit status {EXIT_STOPPED})", file=sys.stderr,
                   flush=True)
         return EXIT_STOPPED
+    if result.get("already_finished"):
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"the run in {cfg.out} is already finished at step {result['step']} (--steps {cfg.steps}); "
+                  f"nothing to do, nothing written (checkpoint {result['checkpoint']})")
+        return 0
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"finished at step {result['step']}, loss {result['loss']:.4f}; checkpoint {result['checkpoint']}")
         if result["unreadable_images"]:
@@ -355,10 +375,13 @@ def convert_parser() -> ArgumentParser:
     p = ArgumentParser(prog="dip-convert", description=(
         "Convert official DiP weights (NJU-PCALab/DiP: a PyTorch Lightning .ckpt, or a state dict) into a "
         "dip-train checkpoint, which dip-sample loads with no flags and dip-train --init-from starts from. "
-        "Keeps both the EMA (ema_denoiser.) and the raw (denoiser.) weights; refuses weights with NaN or inf."))
-    p.add_argument("source", help="official checkpoint file")
+        "Keeps both the EMA (ema_denoiser.) and the raw (denoiser.) weights; refuses weights with NaN or inf. "
+        "Also makes one file of a sharded checkpoint that dip-train --parallel fsdp wrote (a step_XXXXXXXX.dcp "
+        "folder, or a run folder: its newest that verifies), read on one process."))
+    p.add_argument("source", help="official checkpoint file, or a sharded dip-train checkpoint or run folder")
     p.add_argument("output", help="dip-train checkpoint file to write")
-    p.add_argument("--model", required=True, help="the model the weights are for, e.g. DiP-XL/16")
+    p.add_argument("--model", help="the model official weights are for, e.g. DiP-XL/16 (needed for them; a "
+                                   "dip-train checkpoint names its own)")
     p.add_argument("--image-size", type=_positive_int, default=OFFICIAL_IMAGE_SIZE,
                    help=f"the resolution the weights were trained at, dip-sample's default (default "
                         f"{OFFICIAL_IMAGE_SIZE}, the released DiP-XL/16's)")
@@ -368,6 +391,13 @@ def convert_parser() -> ArgumentParser:
 
 def _convert(argv):
     args = convert_parser().parse_args(argv)
+    if is_sharded_checkpoint(args.source) or holds_only_sharded(args.source):
+        state = export_single_file(args.source, args.output, args.overwrite)
+        print(f"wrote {args.output}: the model and EMA weights of {state['exported_from']} (step {state['step']}), "
+              "for dip-sample and dip-train --init-from")
+        return 0
+    if not args.model:
+        raise ValueError("--model is needed for official weights: the model they are for, e.g. DiP-XL/16")
     state, source = official.convert(args.source, args.output, args.model, args.image_size, args.overwrite)
     kept = " and ".join(which for which, present in (("EMA", source.ema is not None), ("raw", source.raw is not None))
                         if present)

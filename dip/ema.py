@@ -24,6 +24,11 @@ class EMA:
         params = [local_shard(p.detach()).float() for _, p in model.named_parameters()]
         torch._foreach_lerp_([local_shard(s) for s in self.shadow], params, 1.0 - self.decay)
 
+    def shadow_by_name(self) -> Dict[str, torch.Tensor]:
+        """The live EMA tensors by parameter name (this rank's shards under FSDP2), for a sharded
+        checkpoint to save or load in place."""
+        return dict(zip(self.names, self.shadow))
+
     def full_state_dict(self, model: torch.nn.Module, is_main: bool = True) -> Optional[Dict[str, torch.Tensor]]:
         """A complete model state dict (EMA parameters, the model's buffers) on the main rank."""
         ema = dict(zip(self.names, self.shadow))

@@ -28,7 +28,7 @@ from .errors import OutputWriteError, RunFolderError
 LOCK_NAME = ".dip-train.lock"
 METRICS_NAME = "metrics.jsonl"
 SAMPLES_DIR = "samples"
-NUMBERED_CHECKPOINT = re.compile(r"^step_\d{8}\.pt$")
+NUMBERED_CHECKPOINT = ckpt.NUMBERED  # step_XXXXXXXX.pt files and sharded step_XXXXXXXX.dcp folders
 SAMPLE_GRID = re.compile(r"^step_\d{8}\.png$")
 # the fault-injection tests set this to "<point>:<step>" to SIGKILL the trainer at that point
 KILL_AT_ENV = "DIP_TEST_KILL_AT"
@@ -135,14 +135,18 @@ class RunFolder:
             latest = os.path.join(self.path, ckpt.LATEST)
             if os.path.isfile(latest):
                 return latest
+            if any(ckpt.is_sharded_checkpoint(os.path.join(self.path, name)) for name in held):
+                return self.path  # the newest of its sharded checkpoints that verifies
             if any(NUMBERED_CHECKPOINT.match(name) for name in held):
                 raise RunFolderError(f"--resume: {self.path} holds a run ({listing}) but no {ckpt.LATEST} to "
                                      "resume from; pass --resume CHECKPOINT, or --overwrite to start again")
             # a run that ended before its first checkpoint (preemption, bad data) left only its log
             # and grids: nothing to continue, so the requeued command starts it again
             return None
-        path = ckpt.resolve_checkpoint(resume)
-        if held and os.path.realpath(os.path.dirname(path)) != os.path.realpath(self.path):
+        whole_run = ckpt.holds_only_sharded(resume)  # resumed from its newest sharded checkpoint that verifies
+        path = resume if whole_run or ckpt.is_sharded_checkpoint(resume) else ckpt.resolve_checkpoint(resume)
+        run_of_path = path if whole_run else os.path.dirname(os.path.normpath(path))
+        if held and os.path.realpath(run_of_path) != os.path.realpath(self.path):
             raise RunFolderError(f"{self.path} holds a run ({listing}); resuming {path} of another folder into it "
                                  "would mix two runs: choose a new --out")
         return path
@@ -151,7 +155,7 @@ class RunFolder:
         """Remove what a previous run left here (for ``overwrite``, once the new run is set up)."""
         for name in self.run_files():
             if name != SAMPLES_DIR + "/":
-                os.unlink(os.path.join(self.path, name))
+                ckpt.remove_checkpoint(os.path.join(self.path, name))
         samples = os.path.join(self.path, SAMPLES_DIR)
         if os.path.isdir(samples):
             for name in os.listdir(samples):

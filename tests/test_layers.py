@@ -29,7 +29,7 @@ DIP_LAYERS = [
     ["dip.models", "dip.data", "dip.diffusion", "dip.flops"],
     ["dip.checkpoint"],               # the checkpoint format, and a model from a checkpoint
     ["dip.distributed", "dip.run_folder"],
-    ["dip.ema", "dip.sample"],
+    ["dip.ema", "dip.sample", "dip.sharded_checkpoint"],
     ["dip.graph_sampler", "dip.evaluate", "dip.official"],
     ["dip.train.config", "dip.train.preemption"],
     ["dip.train.step"],

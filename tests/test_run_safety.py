@@ -13,6 +13,7 @@ import errno
 import fcntl
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -1011,6 +1012,16 @@ def test_runs_that_would_do_nothing_are_refused_or_said(run_copy, tmp_path, caps
     _assert_one_line(err, code, ("steps must be >= 1",), "dip-train")
     code, _, err = _call(cli.train_main, _train_cli(data, out, "--steps", "1", "--resume"), capsys)
     _assert_one_line(err, code, ("--steps 1 is below", "(2)"), "dip-train")
+    # a requeued job of a finished run: said, exit 0, nothing written
+    def contents():
+        return {name: (_file_bytes(os.path.join(out, name)), os.stat(os.path.join(out, name)).st_mtime_ns)
+                for name in os.listdir(out) if name != ".dip-train.lock"}
+    before = contents()
+    for steps in (["--steps", "2"], []):
+        code, printed, err = _call(cli.train_main, _train_cli(data, out, *steps, "--resume"), capsys)
+        assert code == 0 and err == "" and "loss" not in printed, printed + err
+        assert f"the run in {out} is already finished at step 2 (--steps 2); nothing to do" in printed, printed
+    assert contents() == before
 
 
 def test_an_image_size_the_model_cannot_take_names_the_flag_before_any_work(trained, tmp_path, capsys):
@@ -1112,3 +1123,181 @@ def test_the_run_safety_page_and_the_help_state_the_exit_status_of_a_stop():
     assert f"status **{EXIT_STOPPED}**" in page and f"| {EXIT_STOPPED} | stopped by a stop signal" in page
     assert f"default `{','.join(DEFAULT_STOP_SIGNALS)}`" in page and "--signal=USR1@120" in page
     assert f"{EXIT_STOPPED} stopped by a signal of --stop-signals" in cli.train_parser().epilog
+    # torchrun passes no worker's status on and forwards only the signals it is told to
+    forwarded = "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+    assert forwarded in page and "--shutdown-timeout" in page and "dip-train: stopped by" in page
+    assert forwarded in cli.train_parser().epilog and "'dip-train: stopped by'" in cli.train_parser().epilog
+
+
+# ----------------------------------------------------------------------------- issue 23, item 3: FSDP2 checkpoints in shards
+def _fsdp_train(data, out, steps, *extra, kill_at=None):
+    proc = _start_training(data, out, steps, "--parallel", "fsdp", *extra, torchrun=True, kill_at=kill_at)
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
+def _assert_same_state(a, b, optimizer=True):
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        for name in a[part]:
+            assert torch.equal(a[part][name], b[part][name]), (part, name)
+    if optimizer:
+        for pid, moments in a["optimizer"]["state"].items():
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(moments[key], b["optimizer"]["state"][pid][key]), (pid, key)
+
+
+def _rehash_sharded(folder):
+    """dip-state.pt with the checksums of the folder's files as they are now (as a forger would)."""
+    path = os.path.join(folder, ckpt.SHARDED_STATE)
+    state = ckpt.load_checkpoint(path)
+    state["files"] = {name: ckpt.file_sha256(os.path.join(folder, name)) for name in state["files"]}
+    os.unlink(path)
+    ckpt.write_checkpoint(state, path)
+
+
+@pytest.fixture(scope="module")
+def fsdp_stopped(trained, tmp_path_factory):
+    """A run of two processes under FSDP2 (to step 6), stopped by a signal after step 3."""
+    data, _ = trained
+    out = str(tmp_path_factory.mktemp("fsdp") / "run")
+    code, err = _fsdp_train(data, out, 6, "--ckpt-interval", "2", "--async-save", kill_at="step:3:TERM")
+    assert code == 1 and "exitcode  : 75" in err, err
+    return out
+
+
+def test_fsdp_checkpoints_are_shards_that_resume_on_one_process(trained, fsdp_stopped, tmp_path, capsys):
+    data, _ = trained
+    sharded, whole = str(tmp_path / "sharded"), str(tmp_path / "whole")
+    # two processes under FSDP2, stopped by a signal after step 3: every checkpoint a folder with one
+    # shard per rank, written behind the training (--async-save)
+    shutil.copytree(fsdp_stopped, sharded)
+    assert sorted(os.listdir(sharded)) == [".dip-train.lock", "metrics.jsonl", "step_00000002.dcp", "step_00000003.dcp"]
+    shards = os.path.join(sharded, "step_00000003.dcp")
+    assert sorted(os.listdir(shards)) == [".metadata", "__0_0.distcp", "__1_0.distcp", ckpt.SHARDED_STATE]
+    # the same run to step 3, saving in the foreground: its last checkpoint is the whole state in one
+    # file, as under DDP; the shards of step 2 are the same as those written behind the training
+    code, err = _fsdp_train(data, whole, 3, "--ckpt-interval", "2")
+    assert code == 0, err
+    reference = ckpt.load_checkpoint(whole)
+    assert reference["step"] == 3 and reference["world_size"] == 2
+    from dip.sharded_checkpoint import export_single_file
+    step_2 = [export_single_file(os.path.join(out, "step_00000002.dcp"), str(tmp_path / f"{i}.pt"))
+              for i, out in enumerate((sharded, whole))]
+    _assert_same_state(*step_2, optimizer=False)
+
+    # one file made of the shards on one process holds the very weights
+    code, _, err = _call(cli.convert_main, [sharded, tmp_path / "one.pt"], capsys)
+    assert code == 0 and "step_00000003.dcp (step 3)" in _, err
+    _assert_same_state(ckpt.load_checkpoint(str(tmp_path / "one.pt")), reference, optimizer=False)
+    code, _, err = _call(cli.sample_main, [sharded, *SAMPLE_ARGS], capsys)
+    _assert_one_line(err, code, ("sharded", f"dip-convert {sharded} OUT.pt"), "dip-sample")
+
+    # a flipped byte in a shard: the checkpoint before is used, and that is said; a shard missing
+    from dip.errors import CheckpointError
+    corrupt = str(tmp_path / "corrupt")
+    shutil.copytree(sharded, corrupt)
+    with open(os.path.join(corrupt, "step_00000003.dcp", "__1_0.distcp"), "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0x10]))
+    state, used, refusals = ckpt.load_newest_good(corrupt)
+    assert used.endswith("step_00000002.dcp") and state["step"] == 2
+    assert refusals == [f"{corrupt}/step_00000003.dcp is corrupt: the sha256 of __1_0.distcp does not match "
+                        "(flipped or lost bytes); use an older checkpoint"]
+    os.unlink(os.path.join(corrupt, "step_00000002.dcp", "__0_0.distcp"))
+    with pytest.raises(CheckpointError, match="step_00000003.dcp is corrupt"):
+        ckpt.load_newest_good(corrupt)
+    with pytest.raises(CheckpointError, match="step_00000002.dcp is incomplete"):
+        ckpt.verify_sharded_checkpoint(os.path.join(corrupt, "step_00000002.dcp"))
+
+    # resumed on one process, from the shards and from the whole file: the same run, to the bit; a
+    # killed save's temporary folder goes
+    os.makedirs(os.path.join(sharded, ".step_00000004.dcp.dip-abcd1234.tmp"))
+    for out in (sharded, whole):
+        code, printed, err = _call(cli.train_main, _train_cli(data, out, "--steps", "4", "--resume"), capsys)
+        assert code == 0 and "at step 3" in printed, printed + err
+    assert "removed 1 temporary files" in printed or _temporaries(sharded) == []
+    _assert_same_state(ckpt.load_checkpoint(sharded), ckpt.load_checkpoint(whole))
+    assert _numbered(sharded) == ["step_00000003.dcp", "step_00000004.pt"]  # --keep-last 2, across both kinds
+
+
+def test_a_crafted_sharded_checkpoint_runs_no_code(trained, tmp_path, capsys):
+    from dip.sharded_checkpoint import make_temporary_folder
+    # a sharded checkpoint's .metadata is a pickle that torch.distributed.checkpoint loads as it is
+    marker = tmp_path / "ran"
+    folder = str(tmp_path / "run" / "step_00000001.dcp")
+    os.makedirs(folder)
+    torch.save({"x": torch.zeros(1)}, os.path.join(folder, "__0_0.distcp"))
+    with open(os.path.join(folder, ".metadata"), "wb") as f:
+        pickle.dump(RunsACommand(marker), f)
+    model_config = ckpt.load_checkpoint(trained[1])["model_config"]
+    ckpt.write_checkpoint({"model_config": model_config, "step": 1, "files": {".metadata": "", "__0_0.distcp": ""}},
+                          os.path.join(folder, ckpt.SHARDED_STATE))
+    _rehash_sharded(folder)
+    code, _, err = _call(cli.convert_main, [folder, tmp_path / "out.pt"], capsys)
+    _assert_one_line(err, code, ("was refused", "system"), "dip-convert")
+    assert not marker.exists() and not (tmp_path / "out.pt").exists()
+    # and a non-tensor item, which torch.distributed.checkpoint would read with torch.load(weights_only=False)
+    from dip.errors import CheckpointError
+    from dip.sharded_checkpoint import load_tensors
+    import torch.distributed.checkpoint as dcp
+    items = str(tmp_path / "items")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+        dcp.save({"notes": RunsACommand(marker), "w": torch.ones(2)}, checkpoint_id=items, no_dist=True)
+    with pytest.raises(CheckpointError, match="notes in the checkpoint is not a tensor"):
+        load_tensors({"notes": torch.zeros(1), "w": torch.zeros(2)}, items)
+    assert not marker.exists()
+    assert make_temporary_folder(str(tmp_path), 7).split(os.sep)[-1].startswith(".step_00000007.dcp.dip-")
+
+
+def test_sigterm_to_torchrun_reaches_every_rank_with_loader_workers(trained, fsdp_stopped, tmp_path):
+    # the FSDP2 run requeued on two processes (--parallel is the run's own), then signalled as a
+    # scheduler signals the launcher: torchrun forwards SIGTERM to its workers and waits for them
+    data, _ = trained
+    out = str(tmp_path / "run")
+    shutil.copytree(fsdp_stopped, out)
+    proc = _start_training(data, out, 400, "--num-workers", "1", "--ckpt-interval", "1000", "--resume", torchrun=True)
+    _wait_for_step(out, 5, proc)
+    os.kill(proc.pid, signal.SIGTERM)  # the torchrun agent only
+    printed, err = proc.communicate(timeout=120)
+    assert "resumed from" in printed and "step_00000003.dcp at step 3" in printed, printed + err
+    # torchrun itself exits 1 on a signal; the workers' line says the run was saved (docs/run-safety.md)
+    assert proc.returncode == 1 and "SignalException" in err, err
+    saved = ckpt.checkpoint_step(ckpt.numbered_checkpoints(out)[0])
+    assert f"dip-train: stopped by SIGTERM after step {saved}, which is saved in" in err, err
+    assert saved == _strict_metrics(os.path.join(out, "metrics.jsonl"))[-1]["step"] < 400  # 0 steps lost
+    assert ckpt.verify_sharded_checkpoint(ckpt.numbered_checkpoints(out)[0])["step"] == saved
+    assert _temporaries(out) == [] and not any(n.startswith(".step_") for n in os.listdir(out))
+
+
+def test_a_sharded_checkpoint_after_single_files_keeps_latest_pt_the_newest(tmp_path):
+    # a run saved in one file (one process) and then in shards (FSDP2 on several): latest.pt goes
+    # once the newer sharded checkpoint is in place, and stays in the rotation as step_XXXXXXXX.pt
+    from dip.distributed import DistEnv
+    from dip.sharded_checkpoint import finish_save, make_temporary_folder
+    out = str(tmp_path)
+    ckpt.save_checkpoint({"step": 5, "w": torch.ones(2)}, out, 5, keep_last=1)
+    assert _numbered(out) == [] and os.path.isfile(os.path.join(out, "latest.pt"))
+
+    def save_sharded(step, keep_last):
+        tmp = make_temporary_folder(out, step)
+        (tmp_path / os.path.basename(tmp) / ".metadata").write_bytes(b"as torch.distributed.checkpoint writes it")
+        keep = {"keep_numbered": False, "keep_last": keep_last, "milestone_every": 0}
+        return finish_save(tmp, {"step": step}, out, step, DistEnv(), keep)
+
+    assert save_sharded(6, keep_last=2) == os.path.join(out, "step_00000006.dcp")
+    assert _numbered(out) == ["step_00000005.pt", "step_00000006.dcp"] and "latest.pt" not in os.listdir(out)
+    state, used, refusals = ckpt.load_newest_good(out)
+    assert used.endswith("step_00000006.dcp") and state["step"] == 6 and refusals == []
+    save_sharded(7, keep_last=1)
+    assert _numbered(out) == ["step_00000007.dcp"] and _temporaries(out) == []
+    # a write that fails (here: no folder to write into) is one line, and leaves the checkpoints as they were
+    from dip.errors import OutputWriteError
+    from dip.sharded_checkpoint import start_writing
+    with warnings.catch_warnings(), pytest.raises(OutputWriteError, match="could not write the checkpoint .*Not a dir"):
+        warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+        start_writing({"w": torch.ones(2)}, os.path.join(out, "step_00000007.dcp", ".metadata", "x"))
+    assert _numbered(out) == ["step_00000007.dcp"] and ckpt.load_newest_good(out)[0]["step"] == 7

@@ -4,7 +4,9 @@
 Data order is a pure function of ``(seed, epoch)`` (dip.data.ResumableBatchSampler) and a
 checkpoint holds every RNG state, so a resumed run repeats an uninterrupted one exactly.
 The run folder is locked and never silently replaced, a resume must match the checkpoint's run
-settings, and nothing non-finite is ever saved: see dip.run_folder and dip.checkpoint.
+settings, and nothing non-finite is ever saved: see dip.run_folder and dip.checkpoint. Under FSDP2
+every rank writes its own shard of each checkpoint (dip.sharded_checkpoint) but the last, and a
+sharded checkpoint resumes on any number of processes.
 """
 import contextlib
 import dataclasses
@@ -24,6 +26,7 @@ from torch.utils.data import DataLoader
 from .. import checkpoint as ckpt
 from .. import official
 from .. import sample as sampling
+from .. import sharded_checkpoint as sharded
 from ..data import CountReadFailures, ImageFolderDataset, ResumableBatchSampler, advance_position, collate
 from ..distributed import DistEnv, agree, broadcast, gather_objects, leave_process_group, setup_distributed
 from ..errors import CheckpointError, TrainingDiverged
@@ -99,17 +102,37 @@ def run_identity(cfg: TrainConfig, model_config, dataset) -> Dict[str, Any]:
             "classes": list(classes) if classes is not None else None}
 
 
-def load_resume_state(path, cfg, model_config, dataset, is_main) -> Dict[str, Any]:
+def verify_sharded_together(env: DistEnv) -> Callable[[str], Dict[str, Any]]:
+    """ckpt.verify_sharded_checkpoint with every rank reading its share of the files; a refusal on
+    any rank is every rank's (all ranks call it for the same folders, in the same order)."""
+    def verify(path: str) -> Dict[str, Any]:
+        state, refusal = None, None
+        try:
+            state = ckpt.verify_sharded_checkpoint(path, (env.rank, env.world_size))
+        except CheckpointError as err:
+            refusal = str(err)
+        refusals = [r for r in gather_objects(refusal, env) if r]
+        if refusals:
+            raise CheckpointError(refusals[0])
+        return state
+    return verify
+
+
+def load_resume_state(path, cfg, model_config, dataset, env: DistEnv) -> Dict[str, Any]:
     """The checkpoint at ``path``, refused (CheckpointError, one line) when the run it was written
     under cannot be continued with ``cfg``; the allowed changes are printed on the main rank."""
-    if os.path.basename(path) == ckpt.LATEST:  # a run folder's: an older one if it does not verify
-        state, used, refusals = ckpt.load_newest_good(os.path.dirname(path))
+    is_main, verify_sharded = env.is_main, verify_sharded_together(env)
+    run_folder = os.path.dirname(path) if os.path.basename(path) == ckpt.LATEST else \
+        path if os.path.isdir(path) and not ckpt.is_sharded_checkpoint(path) else None
+    if run_folder is not None:  # a run folder's newest checkpoint: an older one if it does not verify
+        state, used, refusals = ckpt.load_newest_good(run_folder, verify_sharded=verify_sharded)
         if refusals and is_main:
             print(f"resume: {'; '.join(refusals)}; resuming from {used}, the newest that verifies", flush=True)
         path = used
     else:
-        state = ckpt.load_checkpoint(path)
-    for key in ("model", "ema", "optimizer", "step", "data"):
+        state = verify_sharded(path) if ckpt.is_sharded_checkpoint(path) else ckpt.load_checkpoint(path)
+    parts = ("optimizer_param_groups",) if "sharded" in state else ("model", "ema", "optimizer")
+    for key in ("step", "data") + parts:
         if key not in state:
             raise CheckpointError(f"{path} is not a checkpoint dip-train can resume (it has no {key!r}); "
                                   "to start a new run from its weights, use --init-from")
@@ -154,12 +177,21 @@ def init_weights(cfg: TrainConfig, resume_path: Optional[str]):
     if not cfg.init_from:
         return None, None
     if resume_path:
-        return None, int(official.read_checkpoint(resume_path).state["model_config"]["num_classes"])
+        return None, int(_resumed_model_config(resume_path)["num_classes"])
     init = official.read_init_weights(cfg.init_from)
     return init, init.num_classes
 
 
-def prepare(cfg: TrainConfig, resume_path: Optional[str], dataset, is_main: bool):
+def _resumed_model_config(resume_path: str) -> Dict[str, Any]:
+    if not os.path.isdir(resume_path):
+        return official.read_checkpoint(resume_path).state["model_config"]
+    # sharded checkpoints (a run folder's, or one): each one's dip-state.pt names the run's model
+    found = [resume_path] if ckpt.is_sharded_checkpoint(resume_path) else \
+        [p for p in ckpt.numbered_checkpoints(resume_path) if ckpt.is_sharded_checkpoint(p)]
+    return ckpt.load_checkpoint(os.path.join(found[0], ckpt.SHARDED_STATE))["model_config"]
+
+
+def prepare(cfg: TrainConfig, resume_path: Optional[str], dataset, env: DistEnv):
     """(dataset, its number of classes, the model overrides, the resume state or None, the init
     weights or None): everything read before the model is built."""
     data = dataset if dataset is not None else build_dataset(cfg)
@@ -175,7 +207,7 @@ def prepare(cfg: TrainConfig, resume_path: Optional[str], dataset, is_main: bool
     if cfg.image_size % model_config["patch_size"]:
         raise ValueError(f"--image-size {cfg.image_size} must be a multiple of {cfg.model}'s patch size "
                          f"{model_config['patch_size']}")
-    state = load_resume_state(resume_path, cfg, model_config, data, is_main) if resume_path else None
+    state = load_resume_state(resume_path, cfg, model_config, data, env) if resume_path else None
     return data, n_classes, overrides, state, init
 
 
@@ -217,8 +249,12 @@ class Run:
                   flush=True)
         # every rank scans the data and reads the checkpoint; an error on one stops them all
         self.dataset, self.num_classes, overrides, state, init = agree(
-            env, lambda: prepare(cfg, resume_path, dataset, env.is_main))
+            env, lambda: prepare(cfg, resume_path, dataset, env))
         model = build_run_model(cfg, overrides, init, env)
+        # (cfg as a resumed run left it) under FSDP2 every rank writes its shard of each checkpoint
+        # (dip.sharded_checkpoint); behind the training, the writes' collectives have a process group of their own
+        self.sharded = cfg.parallel == "fsdp" and env.distributed
+        self.checkpoint_group = dist.new_group(backend="gloo") if self.sharded and cfg.async_save else None
         self.trainer = Trainer(cfg, model, env)
         if init is not None:
             self._report_init(init)
@@ -242,7 +278,10 @@ class Run:
     def _restore(self, state: Dict[str, Any]):
         env, dataset = self.env, self.dataset
         self.resume_path = state["loaded_from"]
-        self.trainer.load_full_state(state, self.resume_path)
+        if "sharded" in state:  # written in shards, read in this run's: any number of processes
+            self.trainer.load_sharded_state(state)
+        else:
+            self.trainer.load_full_state(state, self.resume_path)
         self.start_step = int(state["step"])
         if self.start_step > self.cfg.steps:
             raise CheckpointError(f"--steps {self.cfg.steps} is below the step of {self.resume_path} "
@@ -272,30 +311,45 @@ class Run:
                           prefetch_factor=2 if cfg.num_workers > 0 else None)
 
     # -- outputs
-    def save(self, step: int) -> str:
-        """A checkpoint of ``step`` (every rank takes part; rank 0 writes it)."""
-        cfg, env, trainer = self.cfg, self.env, self.trainer
+    def _run_state(self, step: int) -> Dict[str, Any]:
+        """What a checkpoint holds besides the weights and moments (a collective: every rank's RNG)."""
+        cfg, env = self.cfg, self.env
         gathered = gather_objects((ckpt.capture_rng_state(), self.unreadable), env)
+        return {
+            "step": step,
+            "data": {"epoch": self.epoch, "index": self.index, "seed": cfg.seed,
+                     "dataset_size": len(self.dataset), "global_batch": cfg.global_batch},
+            "unreadable_images": sum(g[1] for g in gathered),
+            "rng": [g[0] for g in gathered],
+            "config": dataclasses.asdict(cfg),
+            "model_config": self.identity["model_config"],
+            "classes": self.identity["classes"],
+            "num_classes": self.num_classes,
+            "world_size": env.world_size,
+            "nonfinite_skipped": self.trainer.nonfinite_skipped,
+        }
+
+    def _nonfinite(self, step: int, bad) -> TrainingDiverged:
+        return TrainingDiverged(f"step {step}: the weights hold NaN or infinity ({bad[0]}); nothing was saved, "
+                                f"{_kept(self.latest)}")
+
+    def save(self, step: int) -> str:
+        """A checkpoint of ``step`` (every rank takes part). Under FSDP2 every rank writes its shard
+        (dip.sharded_checkpoint), except at the last step: then, as under DDP and on one process,
+        rank 0 writes the whole state as one file, which dip-sample reads."""
+        cfg, env, trainer = self.cfg, self.env, self.trainer
+        if self.sharded:
+            agree(env, self.writer.wait)  # the write in flight first, its error on every rank
+            if step != cfg.steps:
+                return self._save_sharded(step)
+        run_state = self._run_state(step)
         state = trainer.full_state()
 
         def write():
             bad = ckpt.nonfinite_tensors(state["model"]) + ckpt.nonfinite_tensors(state["ema"])
             if bad:
-                raise TrainingDiverged(f"step {step}: the weights hold NaN or infinity ({bad[0]}); nothing was saved, "
-                                       f"{_kept(self.latest)}")
-            state.update({
-                "step": step,
-                "data": {"epoch": self.epoch, "index": self.index, "seed": cfg.seed,
-                         "dataset_size": len(self.dataset), "global_batch": cfg.global_batch},
-                "unreadable_images": sum(g[1] for g in gathered),
-                "rng": [g[0] for g in gathered],
-                "config": dataclasses.asdict(cfg),
-                "model_config": self.identity["model_config"],
-                "classes": self.identity["classes"],
-                "num_classes": self.num_classes,
-                "world_size": env.world_size,
-                "nonfinite_skipped": trainer.nonfinite_skipped,
-            })
+                raise self._nonfinite(step, bad)
+            state.update(run_state)
             snapshot = ckpt.cpu_snapshot(state) if cfg.async_save else state
             self.writer.submit(lambda: ckpt.save_checkpoint(
                 snapshot, cfg.out, step, keep_numbered=cfg.keep_numbered_ckpts, keep_last=cfg.keep_last,
@@ -304,14 +358,41 @@ class Run:
                 self.writer.wait()
 
         agree(env, write, main_only=True)
+        return self._saved(step, os.path.join(cfg.out, ckpt.LATEST))
+
+    def _save_sharded(self, step: int) -> str:
+        cfg, env = self.cfg, self.env
+        tensors, param_groups = self.trainer.sharded_state()
+        bad = sharded.nonfinite_shards(tensors["model"]) + sharded.nonfinite_shards(tensors["ema"])
+        found = [names[0] for names in gather_objects(bad[:1], env) if names]
+        if found:  # on every rank alike
+            raise self._nonfinite(step, found)
+        run_state = {**self._run_state(step), "optimizer_param_groups": param_groups}
+        tmp = broadcast(agree(env, lambda: sharded.make_temporary_folder(cfg.out, step), main_only=True), env)
+        keep = {"keep_numbered": cfg.keep_numbered_ckpts, "keep_last": cfg.keep_last,
+                "milestone_every": cfg.milestone_every}
+        group = self.checkpoint_group
+        written = sharded.start_writing(tensors, tmp, group, background=cfg.async_save)
+
+        def finish():
+            sharded.wait_for_writing(written, tmp)
+            sharded.finish_save(tmp, run_state, cfg.out, step, env, keep, group,
+                                before_rename=lambda: kill_point("checkpoint", step))
+
+        self.writer.submit(finish)
+        if not cfg.async_save:
+            agree(env, self.writer.wait)
+        return self._saved(step, os.path.join(cfg.out, f"step_{step:08d}{ckpt.SHARDED_SUFFIX}"))
+
+    def _saved(self, step: int, path: str) -> str:
         self.saved_step, self.saved_at = step, time.monotonic()
-        self.latest = os.path.join(cfg.out, ckpt.LATEST)
-        trainer.kept = _kept(self.latest)
+        self.latest = path
+        self.trainer.kept = _kept(self.latest)
         return self.latest
 
     def finish_saves(self):
         """Wait for the checkpoint write in flight (async_save), its error on every rank."""
-        agree(self.env, self.writer.wait, main_only=True)
+        agree(self.env, self.writer.wait, main_only=not self.sharded)
 
     def _save_time_due(self) -> bool:
         return bool(self.cfg.ckpt_minutes) and time.monotonic() - self.saved_at >= 60 * self.cfg.ckpt_minutes
@@ -355,6 +436,10 @@ class Run:
     # -- the loop
     def train(self, cleanup: contextlib.ExitStack, on_step=None) -> Dict[str, Any]:
         cfg, env = self.cfg, self.env
+        if self.start_step == cfg.steps:  # a requeued job of a run that is done: nothing to do, nothing written
+            return {"step": self.start_step, "loss": None, "checkpoint": self.resume_path, "unreadable_images": 0,
+                    "model": self.trainer.model if not env.distributed else None, "stopped_by": None,
+                    "already_finished": True}
         # on the main rank, before any step, so a bad reference or missing network fails at once
         with torch.random.fork_rng(devices=[]):  # set up once per process: a resumed run must not draw more
             fid_meter = agree(env, self.training_fid, main_only=True) if cfg.fid_interval else None

@@ -9,9 +9,11 @@ The optimizer is fused AdamW on CUDA, the autocast bf16, and the EMA update one
 """
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 
 from ..diffusion import drop_labels
 from ..distributed import (DistEnv, any_rank_nonfinite, average_gradients, fully_shard_fn, is_dtensor,
@@ -20,6 +22,7 @@ from ..distributed import (DistEnv, any_rank_nonfinite, average_gradients, fully
 from ..ema import EMA
 from ..errors import TrainingDiverged
 from ..run_folder import kill_point
+from ..sharded_checkpoint import load_tensors
 from .config import TrainConfig
 from .step import (build_objective, build_repa, compile_fn, compile_for_sharding, draw_loss_inputs, lr_at,
                    make_loss_fn, step_generator)
@@ -164,4 +167,35 @@ class Trainer:
         load_optimizer_full_state_dict(self.optimizer, state["optimizer"])
         if self.repa is not None and state.get("repa_projector") is not None:
             self.repa.projector.load_state_dict(state["repa_projector"])
+        self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
+
+    # -- the state a sharded checkpoint holds (dip.sharded_checkpoint)
+    def _optimized_modules(self) -> torch.nn.Module:
+        # every module whose parameters the optimizer holds, so each moment gets its parameter's name
+        parts = {"model": self.model}
+        if self.repa is not None:
+            parts["repa_projector"] = self.repa.projector
+        return torch.nn.ModuleDict(parts)
+
+    def sharded_state(self) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+        """(tensors, param groups): this rank's shards of the model, optimizer moments and EMA
+        (DTensors under FSDP2, whole tensors otherwise), as torch.distributed.checkpoint saves them;
+        the optimizer's param groups as plain values."""
+        optimizer = get_optimizer_state_dict(self._optimized_modules(), self.optimizer)
+        tensors = {"model": get_model_state_dict(self.model), "optimizer": optimizer["state"],
+                   "ema": self.ema.shadow_by_name()}
+        if self.repa is not None:
+            tensors["repa_projector"] = self.repa.projector.state_dict()
+        return tensors, optimizer["param_groups"]
+
+    def load_sharded_state(self, state: Dict[str, Any]):
+        """Resume from a sharded checkpoint (``state``: its dip-state.pt), resharded to this run's
+        processes; the EMA is read in place."""
+        tensors, _ = self.sharded_state()
+        load_tensors(tensors, state["sharded"])
+        set_model_state_dict(self.model, tensors["model"])
+        set_optimizer_state_dict(self._optimized_modules(), self.optimizer,
+                                 {"state": tensors["optimizer"], "param_groups": state["optimizer_param_groups"]})
+        if self.repa is not None:
+            self.repa.projector.load_state_dict(tensors["repa_projector"])
         self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
