@@ -218,8 +218,9 @@ def _robustness_sentence(robustness: Optional[dict], config: dict) -> str:
     if robustness is None:
         return ""
     perturbed = [r for r in robustness["rows"] if r["perturbation"] != "reference"]
-    kept = sum(r["same_verdict"] and r["in_spread"] for r in perturbed)
+    verdict = sum(r["same_verdict"] for r in perturbed)
+    spread_kept = sum(r["same_verdict"] and r["in_spread"] for r in perturbed)
     names = ", ".join(k for k in robustness["perturbations"] if k != "reference")
     which = "this configuration" if robustness.get("config") == config else "a reduced configuration"
-    return (f" Under other numerics ({names}), {kept} of {len(perturbed)} runs of {which} keep their verdict with "
-            "their margins inside the reference's spread.")
+    return (f" Under other numerics ({names}), {verdict} of {len(perturbed)} runs of {which} keep their verdict, "
+            f"{spread_kept} of them with both margins inside the reference's spread.")
