@@ -69,6 +69,23 @@ def _single_threaded_numpy_blas():
         set_(old)
 
 
+@pytest.fixture(autouse=True)
+def _backends_left_as_found():
+    """A test that changes an op's backend without restoring it fails here, not in whichever later test
+    dispatches that op (the choice is process-wide)."""
+    before = {op: dip_kernels.get_backend(op) for op in dip_kernels.OPS}
+    threads = torch.get_num_threads()
+    yield
+    after = {op: dip_kernels.get_backend(op) for op in dip_kernels.OPS}
+    changed = {op: (before[op], after[op]) for op in before if before[op] != after[op]}
+    for op, (name, _) in changed.items():
+        dip_kernels.set_backend(name, op=op)
+    left_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    assert not changed, f"the test left backends changed (op: (before, after)): {changed}"
+    assert left_threads == threads, f"the test left torch's threads at {left_threads}, was {threads}"
+
+
 @pytest.fixture
 def backend():
     """Use as ``backend("triton", op)``; restores every op's previous backend afterwards."""

@@ -21,7 +21,7 @@ from ..models import HEAD_ABLATION
 from .config import DOCS, DemoConfig
 from .experiment import build_demo_model, train_and_sample
 from .metrics import METRICS, load_target, noise_metrics, source_name
-from .runner import config_dict, cpu_model, head_implementation, usable_cores, worker_setup
+from .runner import config_dict, cpu_model, head_implementation, in_process_settings, usable_cores, worker_setup
 
 ABLATION_HEADS = tuple(HEAD_ABLATION)  # the paper's Table 2, in its order
 HEAD_LABELS = {head: label for head, (label, _) in HEAD_ABLATION.items()}
@@ -63,11 +63,11 @@ def _run_tasks(cfg: DemoConfig, tasks, jobs: int, threads: int) -> List[dict]:
     bar = tqdm(total=len(tasks), desc="ablation runs", disable=not cfg.progress, dynamic_ncols=True)
     try:
         if jobs == 1:
-            worker_setup(threads, cfg.resolved_head_backend(), None)
             results = []
-            for task in tasks:
-                results.append(run_head(cfg, *task))
-                bar.update()
+            with in_process_settings(threads, cfg.resolved_head_backend()):
+                for task in tasks:
+                    results.append(run_head(cfg, *task))
+                    bar.update()
             return results
         ctx = torch.multiprocessing.get_context("spawn")
         with ctx.Pool(jobs, initializer=worker_setup, initargs=(threads, cfg.resolved_head_backend(), None)) as pool:

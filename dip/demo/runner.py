@@ -1,5 +1,6 @@
 """Runs every (photo, seed) of a demo, in worker processes when there are several cores and runs, and
 writes its figure and results file."""
+import contextlib
 import os
 import queue as queue_module
 import time
@@ -34,6 +35,20 @@ def worker_setup(threads: int, head_backend: str, queue=None):
     dip_kernels.set_backend(head_backend, op="patch_detailer")
     global _progress_queue
     _progress_queue = queue
+
+
+@contextlib.contextmanager
+def in_process_settings(threads: int, head_backend: str):
+    """worker_setup's threads and head backend for runs in this process, restored afterwards (the caller's
+    process, a test's included, keeps its own)."""
+    old_threads, old_backend = torch.get_num_threads(), dip_kernels.get_backend("patch_detailer")
+    torch.set_num_threads(threads)
+    dip_kernels.set_backend(head_backend, op="patch_detailer")
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old_threads)
+        dip_kernels.set_backend(old_backend, op="patch_detailer")
 
 
 def _worker_run(cfg: DemoConfig, index: int, source: str, seed: int) -> dict:
@@ -80,15 +95,9 @@ class _Bars:
 
 
 def _in_process(cfg: DemoConfig, runs, threads: int, bars: _Bars) -> List[dict]:
-    old_threads, old_backend = torch.get_num_threads(), dip_kernels.get_backend("patch_detailer")
-    torch.set_num_threads(threads)
-    dip_kernels.set_backend(cfg.resolved_head_backend(), op="patch_detailer")
-    try:
+    with in_process_settings(threads, cfg.resolved_head_backend()):
         return [run_one(cfg, src, seed, lambda name, step, loss, i=i: bars.update(i, name, step, loss))
                 for i, (src, seed) in enumerate(runs)]
-    finally:
-        torch.set_num_threads(old_threads)
-        dip_kernels.set_backend(old_backend, op="patch_detailer")
 
 
 def _in_workers(cfg: DemoConfig, runs, jobs: int, threads: int, bars: _Bars) -> List[dict]:
