@@ -59,7 +59,7 @@ define install_extension
 endef
 
 demo: setup
-	$(VENV)/bin/dip-demo --out demo_out
+	$(VENV)/bin/dip-demo --out demo_out --overwrite
 
 # The CMake check builds the CPU sources only: compiling the CUDA sources again would re-prove the
 # compile that setup.py has just ptxas-checked, for minutes of nvcc (`make build-cmake` does it all).

@@ -514,6 +514,8 @@ def demo_parser() -> ArgumentParser:
     p.add_argument("--threads", type=int, help="torch threads per worker (default: the cores shared out among them)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results already in --out (demo.json, ablation.json or robustness.json)")
     p.add_argument("--report", metavar="DEMO_JSON", help="print the tables of a finished run's demo.json and exit")
     p.add_argument("--update-docs", "--update-readme", dest="update_docs", action="store_true",
                    help="regenerate docs/demo.md's tables and README.md's demo summary from the committed results "
@@ -533,7 +535,7 @@ def _demo_model_arguments(p: ArgumentParser):
     p.add_argument("--rope-only", dest="absolute_positions", action="store_false", default=None,
                    help="no absolute position embedding: the backbones know positions through RoPE only, as the "
                         "paper's model does")
-    p.add_argument("--t-mean", type=float, help="logit-normal mean of the training times (default -ln(image size / 64))")
+    p.add_argument("--t-mean", type=float, help=f"logit-normal mean of the training times (default {demo.T_MEAN_64} - ln(image size / 64))")
     p.add_argument("--checkpoints", type=_int_list("--checkpoints"),
                    help="comma-separated steps at which to sample, e.g. 75,150,300")
     p.add_argument("--sample-steps", type=int, help="Euler steps per sample")
@@ -594,6 +596,8 @@ def _demo(argv):
         print(f"updated {', '.join(changed) or 'nothing (already current)'}")
         return 0
     cfg = demo_config_from_args(args)
+    result_file = "ablation.json" if args.heads else "robustness.json" if args.robustness else "demo.json"
+    check_output(os.path.join(cfg.out, result_file), "--out", args.overwrite)
     if args.heads:
         report = demo.run_ablation(demo.ablation_config(cfg, photos_given=args.photos is not None), args.heads)
         print(demo.ablation_table(report))

@@ -24,3 +24,14 @@ def test_small_demo_holds_under_numerics_perturbations(tmp_path):
         saved = demo.load_report(str(tmp_path / name.replace(" ", "-") / "demo.json"))
         assert saved["head_backend"] == overrides.get("head_backend", demo.ONEDNN)
         assert saved["timing"]["threads"] == overrides.get("threads", 1)
+    # the table and the README's sentence give the largest move of a median margin
+    assert f"moved by {demo.report.largest_move(rows):.2f} dB at most" in demo.robustness_table(result)
+
+
+def test_largest_move_is_against_each_runs_own_reference():
+    rows = [{"perturbation": "reference", "photo": "a", "seed": 0, "psnr_margin": 8.0},
+            {"perturbation": "reference", "photo": "a", "seed": 1, "psnr_margin": 5.0},
+            {"perturbation": "x", "photo": "a", "seed": 0, "psnr_margin": 7.5},
+            {"perturbation": "x", "photo": "a", "seed": 1, "psnr_margin": 5.75}]
+    assert demo.report.largest_move(rows) == 0.75
+    assert demo.report.largest_move(rows[:2]) == 0.0

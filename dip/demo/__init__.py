@@ -29,7 +29,7 @@ from the committed results and written by dip.docs).
 The command line is ``dip-demo`` (dip.cli).
 """
 from .config import (DOCS, HEAD_BACKENDS, HEAD_INITS, LAYOUT_POOL, LAYOUT_PSNR_MIN, LR_SCHEDULES, MODELS, ONEDNN, PHOTOS, PRESETS, REFERENCE,
-                     REPO, RESULTS, ROBUSTNESS_RESULTS, DemoConfig)
+                     REPO, RESULTS, ROBUSTNESS_RESULTS, T_MEAN_64, DemoConfig)
 from .ablation import (ABLATION_HEADS, ABLATION_PHOTOS, ABLATION_RESULTS, HEAD_LABELS, PAPER_FID, ablation_config,
                        ablation_table, run_ablation)
 from . import docs

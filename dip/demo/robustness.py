@@ -8,7 +8,7 @@ from typing import Dict, List, Optional
 
 from ..checkpoint import write_json
 from .config import REFERENCE, DemoConfig
-from .report import final_metrics, load_report
+from .report import final_metrics, largest_move, load_report
 from .runner import config_dict, cpu_model, run_demo
 
 # name: (what it changes, DemoConfig overrides). "reference" is the configuration as given.
@@ -115,6 +115,7 @@ def robustness_table(result: dict) -> str:
     lines += ["", (f"{'Holds' if result['holds'] else 'Does not hold'}: {sum(r['same_verdict'] for r in perturbed)} of "
                    f"{len(perturbed)} perturbed runs keep the reference's verdict and "
                    f"{sum(r['in_spread'] for r in perturbed)} of {len(perturbed)} keep both median margins inside "
-                   f"the reference's spread over its samples ({quartiles} of {len(perturbed)} inside its quartiles). "
+                   f"the reference's spread over its samples ({quartiles} of {len(perturbed)} inside its quartiles); "
+                   f"the median PSNR margins moved by {largest_move(result['rows']):.2f} dB at most. "
                    f"{cpu:.0f} CPU-s in all on {result['timing']['cpu_model']}.")]
     return "\n".join(lines)
