@@ -15,8 +15,8 @@ PATCH = 16  # pixels per patch side, the backbone's token
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina")
 HEAD_INITS = ("he", "default")
 # the logit-normal mean of the training times at 64x64: most steps at high noise, where a model learns
-# the layout. Measured (docs/demo.md): at mean 0 DiT-only needs 250 to 300 steps to draw the photo's
-# layout, at -1.2 about 150, while DiP's samples stay sharp.
+# the layout, so DiT-only draws it in fewer steps while DiP's samples stay sharp (docs/demo.md's recipe
+# scan, docs/demo/recipe-scan/, has the measurements)
 T_MEAN_64 = -1.2
 # the detailer's backends by name; "cpu" and "eager", their former names, are still accepted
 ONEDNN, REFERENCE = "onednn", "reference"

@@ -38,17 +38,27 @@ def worker_setup(threads: int, head_backend: str, queue=None):
 
 
 @contextlib.contextmanager
-def in_process_settings(threads: int, head_backend: str):
-    """worker_setup's threads and head backend for runs in this process, restored afterwards (the caller's
-    process, a test's included, keeps its own)."""
-    old_threads, old_backend = torch.get_num_threads(), dip_kernels.get_backend("patch_detailer")
-    torch.set_num_threads(threads)
-    dip_kernels.set_backend(head_backend, op="patch_detailer")
+def _head_backend(name: str):
+    """The head op's backend set to ``name`` for the block, the process's own choice restored after it."""
+    old = dip_kernels.get_backend("patch_detailer")
+    dip_kernels.set_backend(name, op="patch_detailer")
     try:
         yield
     finally:
+        dip_kernels.set_backend(old, op="patch_detailer")
+
+
+@contextlib.contextmanager
+def in_process_settings(threads: int, head_backend: str):
+    """worker_setup's threads and head backend for runs in this process, restored afterwards (the caller's
+    process, a test's included, keeps its own)."""
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with _head_backend(head_backend):
+            yield
+    finally:
         torch.set_num_threads(old_threads)
-        dip_kernels.set_backend(old_backend, op="patch_detailer")
 
 
 def _worker_run(cfg: DemoConfig, index: int, source: str, seed: int) -> dict:
@@ -133,12 +143,8 @@ def run_all(cfg: DemoConfig) -> Tuple[List[dict], int, int]:
 
 def head_implementation(cfg: DemoConfig) -> str:
     """The implementation that ran the head op: the backend resolved for the run's device."""
-    old = dip_kernels.get_backend("patch_detailer")
-    try:
-        dip_kernels.set_backend(cfg.resolved_head_backend(), op="patch_detailer")
+    with _head_backend(cfg.resolved_head_backend()):
         return dip_kernels.backends.resolve("patch_detailer", device_of(cfg.device))
-    finally:
-        dip_kernels.set_backend(old, op="patch_detailer")
 
 
 def _load_average() -> Optional[float]:
