@@ -142,7 +142,12 @@ def _check_same_result(calls, args, m):
     longest sum. A weight gradient sums m * 16 * 16 products, and float32 rounding of a length-n sum
     is bounded by n * eps times the sum of the terms' magnitudes (Higham); PyTorch's own float32
     convolution backward reaches 9e-4 of the largest element at m = 64 on some inputs, so comparing
-    the two float32 results with each other (their errors add) is no fixed-tolerance matter."""
+    the two float32 results with each other (their errors add) is no fixed-tolerance matter.
+    No rounding bound covers a max-pool whose two largest inputs are within float32 rounding of each
+    other: float32 and float64 can pick different ones, which sends one channel of one patch's
+    gradient to another pixel (measured: 1 input in 30 at m = 64, one output channel of enc4's weight
+    gradient, 5e-3 of its largest element). So the elements beyond the bound may make up at most one
+    output channel's worth; a wrong kernel is off nearly everywhere."""
     bound = m * PATCH * PATCH * torch.finfo(torch.float32).eps
     exact = [a.detach().double().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor)
              else [w.detach().double().requires_grad_(w.requires_grad) for w in a] for a in args]
@@ -151,8 +156,11 @@ def _check_same_result(calls, args, m):
         with providers.op_backend("patch_detailer", "onednn" if name == "onednn" else "reference"):
             got = _flat(calls[name](*args))
         for i, (g, w) in enumerate(zip(got, want)):
-            err = (g.double() - w).abs().max().item() / w.abs().max().item()
-            assert err <= bound, f"{name}: result {i} {tuple(g.shape)} is {err:.1e} off float64 (bound {bound:.1e})"
+            off = (g.double() - w).abs() > bound * w.abs().max()
+            allowed = g.numel() // g.shape[0] if g.dim() > 1 else 0
+            assert off.sum().item() <= allowed, (
+                f"{name}: result {i} {tuple(g.shape)} has {off.sum().item()} elements more than {bound:.1e} of its "
+                f"largest off float64 (at most {allowed}, one output channel, allowed)")
 
 
 def _flat(result):
